@@ -1,0 +1,219 @@
+"""Environment wrappers that log each step's metrics, aligned with that step's activations.
+
+The row logged for step ``t`` holds the observation the policy saw at ``t`` (so it lines up with
+the activations of the forward on it), the action taken, the reward it earned, and the
+terminated/truncated flags; then the step counter moves to ``t + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import gymnasium
+import numpy as np
+
+__all__ = ["StepInfo", "StepLogger", "wrap_env", "MAX_OBS_COLUMNS"]
+
+MAX_OBS_COLUMNS = 256  # larger observations (images) are not logged unless named
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a user metric callable sees for one env at one step."""
+
+    obs: Any
+    action: Any
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: Mapping[str, Any]
+    index: int
+
+
+def _space_columns(space: Any, prefix: str, names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        names = list(names)
+        size = int(np.prod(space.shape)) if getattr(space, "shape", None) else None
+        if size is not None and size != len(names):
+            raise ValueError(f"{prefix}_names has {len(names)} names but the {prefix} space has {size} components")
+        return names
+    if isinstance(space, gymnasium.spaces.Discrete):
+        return [prefix]
+    shape, dtype = getattr(space, "shape", None), getattr(space, "dtype", None)
+    if not shape or dtype is None or not np.issubdtype(dtype, np.number):
+        return []
+    size = int(np.prod(shape))
+    if size > MAX_OBS_COLUMNS:
+        return []
+    return [prefix] if size == 1 and prefix == "action" else [f"{prefix}_{i}" for i in range(size)]
+
+
+class StepLogger:
+    """Turns batched step results of ``n_envs`` envs into metric rows and episode records."""
+
+    def __init__(
+        self,
+        handle: Any,
+        n_envs: int,
+        observation_space: Any,
+        action_space: Any,
+        *,
+        obs_names: Sequence[str] | None = None,
+        metrics: Mapping[str, Callable[[StepInfo], float]] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.n_envs = n_envs
+        self.obs_cols = _space_columns(observation_space, "obs", obs_names)
+        self.act_cols = _space_columns(action_space, "action", None)
+        self.metrics = dict(metrics or {})
+        for name, fn in self.metrics.items():
+            if not callable(fn):
+                raise TypeError(f"metric {name!r} is not callable")
+        self.names = [*self.obs_cols, *self.act_cols, "reward", "terminated", "truncated", *self.metrics]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"metric names collide: {self.names}")
+        self.ep_return = np.zeros(n_envs)
+        self.ep_length = np.zeros(n_envs, dtype=np.int64)
+
+    def log(self, obs: Any, actions: Any, rewards: Any, terminated: Any, truncated: Any, infos: Sequence[Mapping]) -> None:
+        n = self.n_envs
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(n)
+        terminated = np.asarray(terminated, dtype=bool).reshape(n)
+        truncated = np.asarray(truncated, dtype=bool).reshape(n)
+        row = np.empty((n, len(self.names)), dtype=np.float64)
+        c = 0
+        if self.obs_cols:
+            k = len(self.obs_cols)
+            row[:, :k] = np.asarray(obs, dtype=np.float64).reshape(n, k)
+            c = k
+        if self.act_cols:
+            k = len(self.act_cols)
+            row[:, c : c + k] = np.asarray(actions, dtype=np.float64).reshape(n, k)
+            c += k
+        row[:, c] = rewards
+        row[:, c + 1] = terminated
+        row[:, c + 2] = truncated
+        c += 3
+        if self.metrics:
+            obs_a = np.asarray(obs)
+            act_a = np.asarray(actions)
+            for i in range(n):
+                info = infos[i] if i < len(infos) else {}
+                si = StepInfo(obs_a[i], act_a[i] if act_a.ndim else act_a, float(rewards[i]), bool(terminated[i]), bool(truncated[i]), info, i)
+                for j, fn in enumerate(self.metrics.values()):
+                    row[i, c + j] = float(fn(si))
+        self.handle.log_rows(self.names, row)
+        self.ep_return += rewards
+        self.ep_length += 1
+        for i in np.nonzero(terminated | truncated)[0]:
+            self.handle.end_episode(int(i), float(self.ep_return[i]), int(self.ep_length[i]), bool(terminated[i]), bool(truncated[i]))
+            self.ep_return[i] = 0.0
+            self.ep_length[i] = 0
+        self.handle.advance()
+
+    def reset_env(self, i: int | None = None) -> None:
+        if i is None:
+            self.ep_return[:] = 0.0
+            self.ep_length[:] = 0
+        else:
+            self.ep_return[i] = 0.0
+            self.ep_length[i] = 0
+
+
+class MetricsWrapper(gymnasium.Wrapper):
+    """Single-env wrapper: one metric row per step."""
+
+    def __init__(self, env: gymnasium.Env, handle: Any, *, obs_names: Sequence[str] | None, metrics: Mapping | None) -> None:
+        super().__init__(env)
+        self.logger = StepLogger(handle, 1, env.observation_space, env.action_space, obs_names=obs_names, metrics=metrics)
+        self._obs: Any = None
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+        obs, info = self.env.reset(**kwargs)
+        self._obs = obs
+        self.logger.reset_env()
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.logger.log(np.asarray(self._obs)[None], np.asarray(action)[None], [reward], [terminated], [truncated], [info])
+        self._obs = obs
+        return obs, reward, terminated, truncated, info
+
+
+class VectorMetricsWrapper(gymnasium.vector.VectorWrapper):
+    """Gymnasium vector-env wrapper: one metric row per env per step.
+
+    With the default next-step autoreset, the step after an env finished only resets it; that
+    step's row is still logged, but it does not count toward the new episode's return and length.
+    """
+
+    def __init__(self, env: Any, handle: Any, *, obs_names: Sequence[str] | None, metrics: Mapping | None) -> None:
+        super().__init__(env)
+        self.logger = StepLogger(
+            handle, env.num_envs, env.single_observation_space, env.single_action_space, obs_names=obs_names, metrics=metrics
+        )
+        self._obs: Any = None
+        self._resetting = np.zeros(env.num_envs, dtype=bool)
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+        obs, info = self.env.reset(**kwargs)
+        self._obs = obs
+        self._resetting[:] = False
+        self.logger.reset_env()
+        return obs, info
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        n = self.num_envs
+        per_env = [{k: v[i] for k, v in infos.items() if not k.startswith("_") and hasattr(v, "__len__") and len(v) == n} for i in range(n)]
+        self.logger.log(self._obs, actions, rewards, terminated, truncated, per_env)
+        for i in np.nonzero(self._resetting)[0]:
+            self.logger.reset_env(int(i))
+        self._resetting = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+        self._obs = obs
+        return obs, rewards, terminated, truncated, infos
+
+
+def _sb3_vec_wrapper(env: Any, handle: Any, *, obs_names: Sequence[str] | None, metrics: Mapping | None) -> Any:
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class SB3VecMetricsWrapper(VecEnvWrapper):
+        """stable-baselines3 VecEnv wrapper: one metric row per env per step (SB3 resets envs itself)."""
+
+        def __init__(self, venv: Any) -> None:
+            super().__init__(venv)
+            self.logger = StepLogger(handle, venv.num_envs, venv.observation_space, venv.action_space, obs_names=obs_names, metrics=metrics)
+            self._obs: Any = None
+            self._actions: Any = None
+
+        def reset(self) -> Any:
+            obs = self.venv.reset()
+            self._obs = obs
+            self.logger.reset_env()
+            return obs
+
+        def step_async(self, actions: Any) -> None:
+            self._actions = actions
+            self.venv.step_async(actions)
+
+        def step_wait(self) -> Any:
+            obs, rewards, dones, infos = self.venv.step_wait()
+            truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos])
+            terminated = np.asarray(dones, dtype=bool) & ~truncated
+            self.logger.log(self._obs, self._actions, rewards, terminated, truncated, infos)
+            self._obs = obs
+            return obs, rewards, dones, infos
+
+    return SB3VecMetricsWrapper(env)
+
+
+def wrap_env(handle: Any, env: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping | None = None) -> Any:
+    if isinstance(env, gymnasium.vector.VectorEnv):
+        return VectorMetricsWrapper(env, handle, obs_names=obs_names, metrics=metrics)
+    if hasattr(env, "step_async") and hasattr(env, "step_wait") and hasattr(env, "num_envs"):
+        return _sb3_vec_wrapper(env, handle, obs_names=obs_names, metrics=metrics)
+    if isinstance(env, gymnasium.Env):
+        return MetricsWrapper(env, handle, obs_names=obs_names, metrics=metrics)
+    raise TypeError(f"cannot wrap {type(env).__name__}: expected a gymnasium Env, a gymnasium vector env or an SB3 VecEnv")

@@ -1,0 +1,54 @@
+"""A stable-baselines3 callback: stream only rollout forwards while ``model.learn()`` runs.
+
+SB3 runs the policy twice per sample: once to act during the rollout and again, with
+gradients, during the update. The hooks are paused outside rollouts, so only acting forwards
+are streamed, each aligned with that step's observations, actions and rewards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from agent_side.envwrap import StepLogger
+
+__all__ = ["make_callback"]
+
+
+def make_callback(handle: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class InterlatentCallback(BaseCallback):
+        def _on_training_start(self) -> None:
+            env = self.training_env
+            self.step_logger = StepLogger(
+                handle, env.num_envs, env.observation_space, env.action_space, obs_names=obs_names, metrics=metrics
+            )
+            handle.paused = True
+
+        def _on_rollout_start(self) -> None:
+            handle.paused = False
+
+        def _on_rollout_end(self) -> None:
+            handle.paused = True
+            handle.flush()
+
+        def _on_step(self) -> bool:
+            loc = self.locals
+            # The observation the policy acted on: on-policy algorithms keep it as obs_tensor;
+            # off-policy ones have not yet replaced _last_obs when callbacks run.
+            obs = loc.get("obs_tensor")
+            obs = obs.cpu().numpy() if obs is not None else self.model._last_obs
+            actions = loc.get("clipped_actions", loc.get("actions"))
+            infos = loc.get("infos", [])
+            dones = np.asarray(loc.get("dones"), dtype=bool)
+            truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos]) if infos else np.zeros_like(dones)
+            self.step_logger.log(obs, actions, loc.get("rewards"), dones & ~truncated, truncated, infos)
+            return True
+
+        def _on_training_end(self) -> None:
+            handle.paused = False
+            handle.flush()
+
+    return InterlatentCallback()

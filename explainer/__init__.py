@@ -1,0 +1,1 @@
+"""The asynchronous LLM explainer worker (see the explainer issue); nothing here yet."""

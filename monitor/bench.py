@@ -1,0 +1,154 @@
+"""``interlatent bench``: speed measured side by side in one run, reported as ratios.
+
+``hook``: the SB3 CartPole predict+step loop plain, attached with no monitor, and attached to a
+live monitor, in interleaved rounds (A B C A B C ...), so drift of a noisy machine hits every
+variant alike; the median of the per-round ratios is reported with min and max. Then the
+monitor's ingest rate: bare ``wire.decode`` (the decode limit), the monitor's full per-frame
+work in-process, and end to end over a socket from a sending process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["bench_hook", "bench_ingest"]
+
+INGEST_WIDTH = 64
+INGEST_ROWS = 64  # rows per frame: the agent side's default flush size
+
+
+def _loop(model: Any, env: Any, steps: int) -> float:
+    obs, _ = env.reset(seed=0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        action, _ = model.predict(obs, deterministic=True)
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    return steps / (time.perf_counter() - t0)
+
+
+def _ratios(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict[str, Any]:
+    """Steps/s of plain, attached-no-monitor and attached-with-monitor loops, interleaved."""
+    import gymnasium as gym
+
+    import agent_side
+    from monitor.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
+    from monitor.embedded import EmbeddedRedis
+    from monitor.services import Services
+
+    model = make_ppo()
+    live_ep = f"tcp://127.0.0.1:{_free_port()}"
+    dead_ep = f"tcp://127.0.0.1:{_free_port()}"  # nobody binds it
+    plain, nomon, live = [], [], []
+    with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
+        with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp)):
+            env = gym.make("CartPole-v1")
+            _loop(model, env, warmup)
+            for _ in range(rounds):
+                plain.append(_loop(model, env, steps))
+                with agent_side.attach(model.policy, DEMO_TAPS, run="bench-nomon", endpoint=dead_ep) as tap:
+                    nomon.append(_loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps))
+                with agent_side.attach(model.policy, DEMO_TAPS, run="bench-live", endpoint=live_ep) as tap:
+                    if not tap.wait_for_monitor(10):
+                        raise RuntimeError("benchmark monitor did not connect")
+                    live.append(_loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps))
+                    live_drops = tap.counters()["drops"]
+    return {
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "taps": DEMO_TAPS,
+        "steps_per_s": {"plain": statistics.median(plain), "attached_no_monitor": statistics.median(nomon),
+                        "attached_monitor": statistics.median(live)},
+        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon)]),
+        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live)]),
+        "drops_last_live_round": live_drops,
+    }
+
+
+def _frames(n: int) -> list[list[bytes]]:
+    from agent_side import wire
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((INGEST_ROWS, INGEST_WIDTH)).astype(np.float32)
+    pos = np.zeros((INGEST_ROWS, 2), dtype=np.int64)
+    out = []
+    for i in range(n):
+        pos[:, 0] = np.arange(i * INGEST_ROWS, (i + 1) * INGEST_ROWS)
+        out.append([bytes(p) for p in wire.encode_act("bench-ingest", "p0", i, 0, "layer:out", data, pos)])
+    return out
+
+
+def _sender(endpoint: str, n: int) -> None:
+    import zmq
+
+    frames = _frames(n)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 100_000)
+    s.connect(endpoint)
+    for parts in frames:
+        s.send_multipart(parts)  # blocking: this measures the monitor, nothing may drop
+    s.close(linger=-1)
+    ctx.term()
+
+
+def bench_ingest(*, frames: int = 5000) -> dict[str, Any]:
+    """Rows/s: bare decode, the monitor's in-process handling, and end to end over a socket."""
+    from agent_side import wire
+    from monitor.embedded import EmbeddedRedis
+    from monitor.ingest import Monitor
+    from monitor.store import Store, connect
+
+    msgs = _frames(frames)
+    t0 = time.perf_counter()
+    for parts in msgs:
+        wire.decode(parts)
+    decode_rps = frames * INGEST_ROWS / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
+        store = Store(connect(url))
+        mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+        t0 = time.perf_counter()
+        for parts in msgs:
+            mon.handle(parts)
+        mon.flush()
+        handle_rps = frames * INGEST_ROWS / (time.perf_counter() - t0)
+        store.r.flushdb()
+        mon.runs.clear()
+
+        ctx = mp.get_context("spawn")
+        p = ctx.Process(target=_sender, args=(mon.endpoint, frames))
+        p.start()
+        first = mon.run(max_frames=1, idle_exit_s=30)  # start the clock at the first frame
+        t0 = time.perf_counter()
+        res = mon.run(max_frames=frames - 1, idle_exit_s=10)
+        socket_rps = res.rows / (time.perf_counter() - t0)
+        p.join()
+        mon.close()
+    return {
+        "width": INGEST_WIDTH, "rows_per_frame": INGEST_ROWS, "frames": frames, "dtype": "float32",
+        "decode_rows_per_s": decode_rps, "monitor_rows_per_s": handle_rps, "socket_rows_per_s": socket_rps,
+        "monitor_vs_decode": handle_rps / decode_rps, "rejected": res.rejected, "received": first.frames + res.frames,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

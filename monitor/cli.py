@@ -1,0 +1,228 @@
+"""The ``interlatent`` command. Settings come from flags or the environment here, and only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent_side.attach import DEFAULT_ENDPOINT
+from monitor.embedded import default_data_dir
+from monitor.store import ConfigError, Store, connect, resolve_redis_url
+
+log = logging.getLogger("interlatent")
+
+
+@dataclass
+class Settings:
+    redis_url: str | None
+    endpoint: str
+    data_dir: Path
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        return cls(
+            redis_url=getattr(args, "redis", None) or os.environ.get("INTERLATENT_REDIS_URL") or None,
+            endpoint=getattr(args, "endpoint", None) or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT,
+            data_dir=Path(getattr(args, "data_dir", None) or default_data_dir()),
+        )
+
+    def store(self) -> Store:
+        return Store(connect(resolve_redis_url(self.redis_url, self.data_dir)))
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.services import Services
+
+    _sigterm_as_interrupt()
+    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint)
+    try:
+        services.start()
+        print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}")
+        print("attach an agent with agent_side.attach(...); `interlatent status` shows what streams; Ctrl-C stops")
+        return services.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        services.stop()
+
+
+def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.ingest import Monitor
+
+    _pin_threads(1)
+    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms)
+    signal.signal(signal.SIGTERM, lambda *_: mon.stop())
+    signal.signal(signal.SIGINT, lambda *_: mon.stop())
+    try:
+        res = mon.run(max_frames=args.max_frames, idle_exit_s=args.idle_exit_s)
+    finally:
+        mon.close()
+    log.info("monitor done: %d frames, %d rows, rejected %s", res.frames, res.rows, res.rejected)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, s: Settings) -> int:
+    st = s.store().status()
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    mon = st["monitor"]
+    print(f"monitor: {'alive' if mon['alive'] else 'not running'}" + (f"; rejected {mon['rejected']}" if mon["rejected"] else ""))
+    if not st["runs"]:
+        print("no runs yet: attach an agent with agent_side.attach(...)")
+    for r in st["runs"]:
+        print(f"run {r['run']}: steps {r['steps']}, drops {r['drops']}, gaps {r['gaps']}, episodes {r['episodes']}"
+              f" (mean return {r['return_mean_100']:.1f}), last seen {r['last_seen_s']:.1f}s ago")
+        for tap, t in r["taps"].items():
+            print(f"  {tap:<40} width {t['width']:>6}  rows {t['rows']:>10}")
+        if r["metrics"]:
+            print(f"  metrics: {', '.join(r['metrics'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
+    import agent_side
+    from monitor.demo import DEMO_RUN, DEMO_TAPS, demo_policy, run_agent
+    from monitor.services import Services
+
+    _pin_threads(1)
+    _sigterm_as_interrupt()
+    steps = args.steps if args.steps is not None else (2000 if args.headless else None)
+    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs")
+    try:
+        model = demo_policy(s.data_dir, progress=print)
+        services.start()
+        store = Store(connect(services.redis_url))
+        print(f"redis {services.redis_url}; monitor on {s.endpoint}; logs in {s.data_dir / 'logs'}")
+
+        def tick(n: int, returns: list[float]) -> None:
+            for r in store.status()["runs"]:
+                if r["run"] == DEMO_RUN:
+                    taps = ", ".join(f"{t} w{v['width']} rows {v['rows']}" for t, v in r["taps"].items())
+                    print(f"step {n}: monitor sees steps {r['steps']}, episodes {r['episodes']}"
+                          f" (mean return {r['return_mean_100']:.1f}), drops {r['drops']}; {taps}")
+
+        with agent_side.attach(model.policy, DEMO_TAPS, run=DEMO_RUN, endpoint=s.endpoint) as tap:
+            tap.wait_for_monitor(10)
+            print(f"streaming {DEMO_TAPS} of the PPO CartPole policy as run {DEMO_RUN!r}"
+                  + ("" if steps else "; Ctrl-C stops"))
+            returns = run_agent(model, tap, steps=steps, on_tick=tick)
+            sent = tap.counters()
+        time.sleep(0.5)  # one monitor flush
+        tick(steps or 0, returns)
+        print(f"done: {len(returns)} episodes, agent sent {sent['sent']} messages, dropped {sent['drops']} records")
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        services.stop()
+
+
+def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
+    from monitor import bench
+
+    _pin_threads(args.threads)
+    if args.what == "hook":
+        res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
+        if not args.json:
+            _print_hook_table(res)
+        print(json.dumps(res))
+    return 0
+
+
+def _print_hook_table(res: dict[str, Any]) -> None:
+    h, i = res["hook"], res["ingest"]
+    sps = h["steps_per_s"]
+    print(f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
+          f"torch threads {h['threads']}, taps {', '.join(h['taps'])}")
+    print(f"  {'variant':<22}{'steps/s':>10}{'ratio (median [min, max])':>34}")
+    print(f"  {'plain':<22}{sps['plain']:>10.0f}{'1.000':>34}")
+    for name, key in (("attached, no monitor", "ratio_no_monitor"), ("attached, live monitor", "ratio_monitor")):
+        r = h[key]
+        v = sps["attached_no_monitor" if key == "ratio_no_monitor" else "attached_monitor"]
+        print(f"  {name:<22}{v:>10.0f}{r['median']:>16.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+    print(f"monitor ingest, {i['width']}-wide {i['dtype']} rows, {i['rows_per_frame']} rows/frame:")
+    print(f"  bare decode        {i['decode_rows_per_s']:>12,.0f} rows/s")
+    print(f"  monitor in-process {i['monitor_rows_per_s']:>12,.0f} rows/s ({i['monitor_vs_decode']:.2f} of decode)")
+    print(f"  over a socket      {i['socket_rows_per_s']:>12,.0f} rows/s")
+
+
+def _pin_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="interlatent", description="Watch the minds of running agents.")
+    p.add_argument("--log-level", default=os.environ.get("INTERLATENT_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser, endpoint: bool = False) -> None:
+        sp.add_argument("--redis", help="Redis URL (default $INTERLATENT_REDIS_URL, else the embedded one of `interlatent up`)")
+        sp.add_argument("--data-dir", help="where the embedded Redis and caches live (default $INTERLATENT_DATA_DIR or ~/.interlatent)")
+        if endpoint:
+            sp.add_argument("--endpoint", help=f"ZeroMQ endpoint the monitor binds (default $INTERLATENT_ENDPOINT or {DEFAULT_ENDPOINT})")
+
+    sp = sub.add_parser("up", help="start Redis (embedded unless --redis) and the monitor; Ctrl-C stops all")
+    common(sp, endpoint=True)
+    sp.set_defaults(fn=cmd_up)
+
+    sp = sub.add_parser("monitor", help="run the monitor's receive loop")
+    common(sp, endpoint=True)
+    sp.add_argument("--flush-ms", type=float, default=200.0, help="how often state is written to Redis")
+    sp.add_argument("--max-frames", type=int, help="exit after this many frames (stop-when-done mode)")
+    sp.add_argument("--idle-exit-s", type=float, help="exit after this many seconds without a frame")
+    sp.set_defaults(fn=cmd_monitor)
+
+    sp = sub.add_parser("status", help="what is streaming: runs, taps, rows, drops, gaps, rejects")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("demo", help="start the services and stream a CartPole PPO agent into them")
+    common(sp, endpoint=True)
+    sp.add_argument("--headless", action="store_true", help="run --steps steps (default 2000), print, and exit")
+    sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C, or 2000 with --headless)")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("bench", help="measure overheads side by side")
+    common(sp)
+    sp.add_argument("what", choices=["hook"], help="hook: agent overhead of attaching, and monitor ingest")
+    sp.add_argument("--json", action="store_true", help="print only the JSON line")
+    sp.add_argument("--rounds", type=int, default=7)
+    sp.add_argument("--steps", type=int, default=2000)
+    sp.add_argument("--threads", type=int, default=1, help="torch threads for the agent loop (stated in the output)")
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args, Settings.from_args(args))
+    except ConfigError as e:
+        print(f"interlatent: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The monitor's receive loop: bind, validate every frame, keep per-run state, write it to Redis.
+
+Many agents connect to one bound PULL socket. A bad frame is counted under its reason, logged
+(rate-limited) and skipped; the loop never stops for one. Run state is written to Redis every
+``flush_ms`` and restored from Redis the first time a run shows up, so a restarted monitor
+continues counting (and counts the frames it lost as sequence gaps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import zmq
+
+from agent_side.attach import DEFAULT_ENDPOINT
+from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
+from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
+from monitor.store import Store, service_ident
+
+__all__ = ["Monitor", "MonitorResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MonitorResult:
+    frames: int
+    rows: int
+    rejected: dict[str, int]
+    elapsed_s: float
+
+
+class Monitor:
+    """Receive frames on ``endpoint`` and keep every run's live state in Redis.
+
+    ``run()`` returns after ``max_frames`` accepted-or-rejected frames, after ``idle_exit_s``
+    without any, or when ``stop()`` is called: the stop-when-done modes tests use.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        endpoint: str = DEFAULT_ENDPOINT,
+        flush_ms: float = 200.0,
+        health_ttl_s: float = 5.0,
+        rcvhwm: int = 10_000,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.store = store
+        self.endpoint = endpoint
+        self.limits = limits
+        self._flush_s = flush_ms / 1000.0
+        self._health_ttl_s = health_ttl_s
+        self.ident = service_ident()
+        self.runs: dict[str, RunState] = {}
+        self.rejected: Counter[str] = Counter()
+        self._rejected_unsaved: Counter[str] = Counter()
+        self._reject_logged: dict[str, float] = {}
+        self.frames = 0
+        self.rows = 0
+        self.lag_s = 0.0
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, limits.frame_bytes)
+        self._sock.bind(endpoint)
+        if endpoint.endswith(":0") or endpoint.endswith(":*"):
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("monitor listening on %s", self.endpoint)
+
+    # -- one message ----------------------------------------------------------------------------
+    def handle(self, parts: list[Any], now: float | None = None) -> bool:
+        """Validate and apply one multipart message; False if it was rejected."""
+        now = time.time() if now is None else now
+        self.frames += 1
+        try:
+            frame = decode(parts, self.limits)
+            st = self.runs.get(frame.run)
+            if st is None:
+                st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS) or RunState(run=frame.run)
+                self.runs[frame.run] = st
+            st.update(frame, now)
+        except (WireError, RejectFrame) as e:
+            self._reject(e.reason, str(e))
+            return False
+        except redis.RedisError as e:
+            self._reject("store_unavailable", f"cannot load run state: {e}")
+            return False
+        self.rows += frame.rows
+        self.lag_s = max(0.0, now - frame.t)
+        return True
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.rejected[reason] += 1
+        self._rejected_unsaved[reason] += 1
+        now = time.monotonic()
+        if now - self._reject_logged.get(reason, -1e9) >= 1.0:
+            self._reject_logged[reason] = now
+            log.warning("rejected frame (%s, %d so far): %s", reason, self.rejected[reason], message[:200])
+
+    # -- writing --------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write dirty runs, reject counts and the health key to Redis.
+
+        If Redis is unreachable the state stays in memory (still dirty) and the next flush retries.
+        """
+        try:
+            for st in self.runs.values():
+                if st.dirty:
+                    self.store.write_run(st)
+            self.store.add_rejected(dict(self._rejected_unsaved))
+            self._rejected_unsaved.clear()
+            self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
+        except redis.RedisError as e:
+            now = time.monotonic()
+            if now - self._reject_logged.get("_redis", -1e9) >= 5.0:
+                self._reject_logged["_redis"] = now
+                log.warning("cannot write to Redis, keeping state in memory: %s", e)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "kind": "monitor", "id": self.ident, "pid": os.getpid(), "host": socket.gethostname(),
+            "endpoint": self.endpoint, "started": self.started, "frames": self.frames, "rows": self.rows,
+            "rejected": sum(self.rejected.values()), "lag_s": round(self.lag_s, 4), "runs": len(self.runs),
+            "time": time.time(),
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, *, max_frames: int | None = None, idle_exit_s: float | None = None, batch: int = 256) -> MonitorResult:
+        t0 = time.monotonic()
+        last_msg = t0
+        next_flush = t0
+        f0, r0 = self.frames, self.rows
+        poller_ms = int(min(self._flush_s, 0.1) * 1000) or 1
+        while not self._stop.is_set():
+            if self._sock.poll(poller_ms):
+                for _ in range(batch):
+                    try:
+                        parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle([p.buffer for p in parts])
+                    if max_frames is not None and self.frames - f0 >= max_frames:
+                        break
+                last_msg = time.monotonic()
+            now = time.monotonic()
+            if now >= next_flush:
+                self.flush()
+                next_flush = now + self._flush_s
+            if max_frames is not None and self.frames - f0 >= max_frames:
+                break
+            if idle_exit_s is not None and now - last_msg >= idle_exit_s:
+                break
+        self.flush()
+        return MonitorResult(self.frames - f0, self.rows - r0, dict(self.rejected), time.monotonic() - t0)
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return (thread-safe)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        try:
+            self.store.clear_heartbeat("monitor", self.ident)
+        except Exception:  # Redis may already be gone at shutdown
+            log.debug("could not clear heartbeat", exc_info=True)
+        self._sock.close(linger=0)
+        self._ctx.term()

@@ -1,0 +1,57 @@
+"""Every Redis key and stream name Interlatent uses. No key strings anywhere else.
+
+Runs and taps may contain ':'; keys put them last or between fixed parts, and nothing parses
+keys back apart: the run registry ``RUNS`` lists the run names.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH",
+    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "episodes", "health",
+]
+
+PREFIX = "il:"
+RUNS = PREFIX + "runs"  # zset: run -> last seen (unix s)
+REJECTED = PREFIX + "monitor:rejected"  # hash: reason -> count, summed over monitors
+HEALTH_MATCH = PREFIX + "health:*"
+
+
+def run(name: str) -> str:
+    """Hash of a run's counters: steps, gaps, frames, first/last seen, episode figures."""
+    return f"{PREFIX}run:{name}"
+
+
+def run_taps(name: str) -> str:
+    """Hash: tap -> JSON {width, dtype, rows, frames, lead}."""
+    return f"{PREFIX}run:{name}:taps"
+
+
+def run_pubs(name: str) -> str:
+    """Hash: publisher id -> JSON {seq, drops}: where each agent process's sequence stands."""
+    return f"{PREFIX}run:{name}:pubs"
+
+
+def run_metrics(name: str) -> str:
+    """String: msgpack of the run's metric columns, their moments and recent rows."""
+    return f"{PREFIX}run:{name}:metrics"
+
+
+def tap_stats(name: str, tap: str) -> str:
+    """String: msgpack of a tap's running channel moments."""
+    return f"{PREFIX}stats:{name}:{tap}"
+
+
+def recent(name: str, tap: str) -> str:
+    """String: msgpack of a tap's most recent rows with their (step, index)."""
+    return f"{PREFIX}recent:{name}:{tap}"
+
+
+def episodes(name: str) -> str:
+    """Stream of ended episodes (capped): step, index, return, length, terminated, truncated."""
+    return f"{PREFIX}episodes:{name}"
+
+
+def health(kind: str, ident: str) -> str:
+    """String with a TTL: a live service's heartbeat (JSON)."""
+    return f"{PREFIX}health:{kind}:{ident}"

@@ -1,0 +1,138 @@
+"""What the monitor knows about one run: its taps, metrics, publishers and counters.
+
+Pure state with ``update`` methods; :mod:`monitor.store` writes it to Redis and reads it back,
+so a restarted monitor continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent_side.wire import Frame
+from monitor.stats import Moments, Recent
+
+__all__ = ["TapState", "MetricState", "RunState", "RejectFrame"]
+
+RECENT_ROWS = 512
+
+
+class RejectFrame(ValueError):
+    """A well-formed frame that does not fit the run's state (a tap whose width changed)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class TapState:
+    width: int
+    dtype: str
+    rows: int = 0
+    frames: int = 0
+    lead: list[int] = field(default_factory=list)
+    moments: Moments | None = None
+    recent: Recent | None = None
+
+    def __post_init__(self) -> None:
+        if self.moments is None:
+            self.moments = Moments(self.width)
+        if self.recent is None:
+            self.recent = Recent(RECENT_ROWS, self.width, np.float32)
+
+    def update(self, data: np.ndarray, pos: np.ndarray) -> None:
+        self.moments.update(data)
+        self.recent.update(data, pos)
+        self.rows += data.shape[0]
+        self.frames += 1
+
+    def info(self) -> dict[str, Any]:
+        return {"width": self.width, "dtype": self.dtype, "rows": self.rows, "frames": self.frames, "lead": self.lead}
+
+
+@dataclass
+class MetricState:
+    """Metric columns by name; each frame's names map into this set of columns."""
+
+    names: list[str] = field(default_factory=list)
+    rows: int = 0
+    moments: dict[str, Moments] = field(default_factory=dict)
+    recent: dict[tuple[str, ...], Recent] = field(default_factory=dict)
+
+    def update(self, names: list[str], data: np.ndarray, pos: np.ndarray) -> None:
+        for j, name in enumerate(names):
+            m = self.moments.get(name)
+            if m is None:
+                self.names.append(name)
+                m = self.moments[name] = Moments(1)
+            m.update(data[:, j : j + 1])
+        key = tuple(names)
+        ring = self.recent.get(key)
+        if ring is None:
+            ring = self.recent[key] = Recent(RECENT_ROWS, len(names), np.float64)
+        ring.update(data, pos)
+        self.rows += data.shape[0]
+
+
+@dataclass
+class RunState:
+    run: str
+    steps: int = 0
+    gaps: int = 0
+    frames: int = 0
+    episodes: int = 0
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = 0.0
+    taps: dict[str, TapState] = field(default_factory=dict)
+    metrics: MetricState = field(default_factory=MetricState)
+    pubs: dict[str, dict[str, int]] = field(default_factory=dict)  # pub -> {seq, drops}
+    returns: list[float] = field(default_factory=list)  # last 100 episode returns
+    new_episodes: list[list[float]] = field(default_factory=list)  # not yet written to Redis
+    dirty: bool = True
+
+    @property
+    def drops(self) -> int:
+        return sum(p["drops"] for p in self.pubs.values())
+
+    def sequence(self, frame: Frame) -> None:
+        """Count a gap when a publisher's sequence number jumps; refuse a repeat."""
+        p = self.pubs.get(frame.pub)
+        last = p["seq"] if p is not None else -1
+        if frame.seq <= last:
+            raise RejectFrame("stale_seq", f"seq {frame.seq} after {last} from {frame.pub}")
+        self.gaps += frame.seq - last - 1
+        self.pubs[frame.pub] = {"seq": frame.seq, "drops": frame.drops}
+
+    def check(self, frame: Frame) -> None:
+        """Refuse an activation frame whose width differs from what this tap has streamed."""
+        if frame.kind == "act":
+            tap = self.taps.get(frame.tap)
+            if tap is not None and tap.width != frame.data.shape[1]:
+                raise RejectFrame("width_changed", f"{self.run}/{frame.tap}: width {frame.data.shape[1]}, was {tap.width}")
+
+    def update(self, frame: Frame, now: float) -> None:
+        self.check(frame)
+        self.sequence(frame)
+        self.frames += 1
+        self.last_seen = now
+        self.dirty = True
+        if frame.kind == "ep":
+            self.episodes += len(frame.episodes)
+            self.returns.extend(e[2] for e in frame.episodes)
+            del self.returns[:-100]
+            self.new_episodes.extend(frame.episodes)
+            self.steps = max(self.steps, int(max(e[0] for e in frame.episodes)) + 1)
+            return
+        self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
+        if frame.kind == "act":
+            tap = self.taps.get(frame.tap)
+            if tap is None:
+                tap = self.taps[frame.tap] = TapState(width=frame.data.shape[1], dtype=frame.data.dtype.name)
+            tap.lead = frame.lead
+            tap.update(frame.data, frame.pos)
+        else:
+            self.metrics.update(frame.names, frame.data, frame.pos)

@@ -1,0 +1,225 @@
+"""Reading and writing Interlatent's shared state in Redis (keys live in :mod:`monitor.keys`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import redis
+
+from monitor import keys
+from monitor.runstate import MetricState, RunState, TapState
+from monitor.stats import Moments, Recent
+
+__all__ = ["Store", "connect", "ConfigError", "resolve_redis_url", "EPISODES_MAXLEN"]
+
+EPISODES_MAXLEN = 100_000
+
+
+class ConfigError(RuntimeError):
+    """A setting the user must fix; the message says how."""
+
+
+def resolve_redis_url(url: str | None, data_dir: Path | None) -> str:
+    """``--redis``, else ``$INTERLATENT_REDIS_URL``, else the embedded Redis of ``interlatent up``."""
+    url = url or os.environ.get("INTERLATENT_REDIS_URL")
+    if url:
+        return url
+    if data_dir is not None:
+        f = Path(data_dir) / "redis.url"
+        if f.exists():
+            return f.read_text().strip()
+    raise ConfigError(
+        "no Redis to talk to: start one with `interlatent up`, or pass --redis URL (or set INTERLATENT_REDIS_URL)"
+    )
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` that has answered a PING, or a :class:`ConfigError` saying what to do."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise ConfigError(f"cannot reach Redis at {url}: {e}; is `interlatent up` running?") from e
+    return client
+
+
+def _pack_recent(r: Recent) -> bytes:
+    data, pos = r.get()
+    return msgpack.packb(
+        {"dtype": data.dtype.name, "shape": list(data.shape), "data": data.tobytes(), "pos": pos.tobytes(), "n": r.n},
+        use_bin_type=True,
+    )
+
+
+def unpack_recent(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [n, width], pos [n, 2]) from a ``keys.recent`` value, oldest first."""
+    d = msgpack.unpackb(blob, raw=False)
+    data = np.frombuffer(d["data"], dtype=d["dtype"]).reshape(d["shape"])
+    pos = np.frombuffer(d["pos"], dtype=np.int64).reshape(-1, 2)
+    return data, pos
+
+
+def _restore_recent(blob: bytes | None, capacity: int, width: int, dtype: Any) -> Recent:
+    ring = Recent(capacity, width, dtype)
+    if blob:
+        data, pos = unpack_recent(blob)
+        if data.ndim == 2 and data.shape[1] == width:
+            ring.update(data.astype(dtype, copy=False), pos)
+    return ring
+
+
+class Store:
+    """Interlatent's view of Redis: the monitor writes through it, the CLI and panel read."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    # -- the monitor writes -------------------------------------------------------------------
+    def write_run(self, st: RunState) -> None:
+        """Write one run's registry entry, counters, taps, statistics and recent rows."""
+        p = self.r.pipeline(transaction=False)
+        p.zadd(keys.RUNS, {st.run: st.last_seen})
+        mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
+        p.hset(keys.run(st.run), mapping={
+            "steps": st.steps, "gaps": st.gaps, "frames": st.frames, "episodes": st.episodes,
+            "first_seen": st.first_seen, "last_seen": st.last_seen, "return_mean_100": mean_ret,
+            "returns": json.dumps(st.returns),
+        })
+        if st.taps:
+            p.hset(keys.run_taps(st.run), mapping={t: json.dumps(s.info()) for t, s in st.taps.items()})
+            for tap, s in st.taps.items():
+                p.set(keys.tap_stats(st.run, tap), msgpack.packb(s.moments.to_state(), use_bin_type=True))
+                p.set(keys.recent(st.run, tap), _pack_recent(s.recent))
+        if st.pubs:
+            p.hset(keys.run_pubs(st.run), mapping={k: json.dumps(v) for k, v in st.pubs.items()})
+        if st.metrics.names:
+            m = st.metrics
+            p.set(keys.run_metrics(st.run), msgpack.packb({
+                "names": m.names, "rows": m.rows,
+                "moments": {n: m.moments[n].to_state() for n in m.names},
+                "recent": [{"names": list(k), "blob": _pack_recent(r)} for k, r in m.recent.items()],
+            }, use_bin_type=True))
+        for e in st.new_episodes:
+            p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
+                                           "terminated": int(e[4]), "truncated": int(e[5])},
+                   maxlen=EPISODES_MAXLEN, approximate=True)
+        p.execute()
+        st.new_episodes = []
+        st.dirty = False
+
+    def add_rejected(self, counts: dict[str, int]) -> None:
+        if counts:
+            p = self.r.pipeline(transaction=False)
+            for reason, n in counts.items():
+                p.hincrby(keys.REJECTED, reason, n)
+            p.execute()
+
+    def heartbeat(self, kind: str, ident: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.r.set(keys.health(kind, ident), json.dumps(info), px=int(ttl_s * 1000))
+
+    def clear_heartbeat(self, kind: str, ident: str) -> None:
+        self.r.delete(keys.health(kind, ident))
+
+    # -- anyone reads -------------------------------------------------------------------------
+    def load_run(self, run: str, *, recent_rows: int) -> RunState | None:
+        """A run's state as the last monitor left it, or None for a new run."""
+        h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.run(run)).items()}
+        if not h:
+            return None
+        st = RunState(run=run, steps=int(h.get("steps", 0)), gaps=int(h.get("gaps", 0)), frames=int(h.get("frames", 0)),
+                      episodes=int(h.get("episodes", 0)), first_seen=float(h.get("first_seen", time.time())),
+                      last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")))
+        st.pubs = {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.run_pubs(run)).items()}
+        for tap_b, info_b in self.r.hgetall(keys.run_taps(run)).items():
+            tap, info = tap_b.decode(), json.loads(info_b)
+            mom = self.r.get(keys.tap_stats(run, tap))
+            ts = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
+                          moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else None,
+                          recent=_restore_recent(self.r.get(keys.recent(run, tap)), recent_rows, info["width"], np.float32))
+            st.taps[tap] = ts
+        blob = self.r.get(keys.run_metrics(run))
+        if blob:
+            d = msgpack.unpackb(blob, raw=False)
+            st.metrics = MetricState(names=d["names"], rows=d["rows"],
+                                     moments={n: Moments.from_state(s) for n, s in d["moments"].items()})
+            for item in d["recent"]:
+                st.metrics.recent[tuple(item["names"])] = _restore_recent(item["blob"], recent_rows, len(item["names"]), np.float64)
+        return st
+
+    def runs(self) -> list[str]:
+        return [r.decode() for r in self.r.zrange(keys.RUNS, 0, -1)]
+
+    def recent(self, run: str, tap: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A tap's most recent rows and their (step, index), or None."""
+        blob = self.r.get(keys.recent(run, tap))
+        return unpack_recent(blob) if blob else None
+
+    def recent_metrics(self, run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Recent metric rows keyed by column name: name -> (values [n], pos [n, 2])."""
+        blob = self.r.get(keys.run_metrics(run))
+        if not blob:
+            return {}
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for item in msgpack.unpackb(blob, raw=False)["recent"]:
+            data, pos = unpack_recent(item["blob"])
+            for j, name in enumerate(item["names"]):
+                out[name] = (data[:, j], pos)
+        return out
+
+    def tap_moments(self, run: str, tap: str) -> dict[str, Any] | None:
+        blob = self.r.get(keys.tap_stats(run, tap))
+        return Moments.from_state(msgpack.unpackb(blob, raw=False)).get() if blob else None
+
+    def health(self) -> list[dict[str, Any]]:
+        out = []
+        for k in self.r.scan_iter(match=keys.HEALTH_MATCH, count=100):
+            v = self.r.get(k)
+            if v:
+                out.append(json.loads(v))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """The document ``interlatent status --json`` prints."""
+        now = time.time()
+        health = self.health()
+        monitors = [h for h in health if h.get("kind") == "monitor"]
+        rejected = {k.decode(): int(v) for k, v in self.r.hgetall(keys.REJECTED).items()}
+        runs = []
+        for run in self.runs():
+            h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.run(run)).items()}
+            if not h:
+                continue
+            taps = {t.decode(): json.loads(v) for t, v in self.r.hgetall(keys.run_taps(run)).items()}
+            pubs = [json.loads(v) for v in self.r.hvals(keys.run_pubs(run))]
+            met = self.r.get(keys.run_metrics(run))
+            metric_names = msgpack.unpackb(met, raw=False)["names"] if met else []
+            last_seen = float(h.get("last_seen", 0.0))
+            runs.append({
+                "run": run,
+                "steps": int(h.get("steps", 0)),
+                "drops": sum(int(p.get("drops", 0)) for p in pubs),
+                "gaps": int(h.get("gaps", 0)),
+                "frames": int(h.get("frames", 0)),
+                "last_seen_s": round(max(0.0, now - last_seen), 3),
+                "publishers": len(pubs),
+                "episodes": int(h.get("episodes", 0)),
+                "return_mean_100": float(h.get("return_mean_100", 0.0)),
+                "taps": {t: {"width": v["width"], "rows": v["rows"], "frames": v["frames"], "dtype": v["dtype"]} for t, v in taps.items()},
+                "metrics": metric_names,
+            })
+        return {
+            "monitor": {"alive": bool(monitors), "rejected": rejected, "instances": monitors},
+            "services": health,
+            "runs": runs,
+        }
+
+
+def service_ident() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
