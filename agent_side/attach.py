@@ -1,15 +1,17 @@
 """``attach()``: the one call a user adds to their agent.
 
 Each tap gets a forward hook (``:out``) or a forward pre-hook (``:in``) that copies the tensor's
-rows into a per-tap buffer and returns; a buffer is sent as one frame when it holds
-``flush_rows`` rows or its oldest row is ``flush_ms`` old. While no monitor is connected the
-hooks only count what they skip. Nothing here blocks the agent.
+rows into a per-tap buffer and returns; a buffer goes out as one frame when it holds
+``flush_rows`` rows or its oldest row is ``flush_ms`` old. The hooks are on the model only while
+a monitor is connected: with nobody listening, torch runs its hook-free fast path and the agent
+pays nothing but a counter. Nothing here blocks the agent.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,71 +20,57 @@ import torch
 
 from agent_side import wire
 from agent_side.sender import Sender
-from agent_side.taps import as_rows, first_tensor, parse_tap, resolve
+from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve
 
 __all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
-_COPY_THRESHOLD = 64 * 1024
-_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64)
+_SENDABLE = (torch.float16, torch.float32, torch.float64)
+_FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big language-model forwards)
 
 
-class _Rows:
-    """A coalescing buffer of rows for one stream (a tap, or one set of metric names)."""
+class _TapRows:
+    """Pending rows of one tap: a copied array and its step per forward, joined at flush."""
 
-    __slots__ = ("buf", "n", "marks", "t0", "lead", "calls")
+    __slots__ = ("arrays", "steps", "rows", "nbytes", "t0", "lead", "calls", "width")
 
     def __init__(self) -> None:
-        self.buf: np.ndarray | None = None
-        self.n = 0
-        self.marks: list[tuple[int, int]] = []  # (step, rows) per forward or log call
+        self.arrays: list[np.ndarray] = []
+        self.steps: list[int] = []
+        self.rows = 0
+        self.nbytes = 0
         self.t0 = 0.0
         self.lead: list[int] = []
         self.calls = 0
-
-    def fits(self, arr: np.ndarray, lead: list[int]) -> bool:
-        b = self.buf
-        return (
-            b is not None
-            and b.shape[1] == arr.shape[1]
-            and b.dtype == arr.dtype
-            and self.n + arr.shape[0] <= b.shape[0]
-            and (self.n == 0 or lead == self.lead)
-        )
-
-    def add(self, arr: np.ndarray, step: int, lead: list[int], capacity: int) -> None:
-        rows = arr.shape[0]
-        b = self.buf
-        if b is None or b.shape[1] != arr.shape[1] or b.dtype != arr.dtype or b.shape[0] < rows:
-            self.buf = b = np.empty((max(capacity, rows), arr.shape[1]), dtype=arr.dtype)
-        if self.n == 0:
-            self.t0 = time.monotonic()
-            self.lead = lead
-        b[self.n : self.n + rows] = arr
-        self.n += rows
-        self.marks.append((step, rows))
+        self.width = -1
 
     def take(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """The pending rows and their (step, index) positions; the buffer is free afterwards."""
-        n = self.n
-        data = self.buf[:n]
-        pos = np.empty((n, 2), dtype=np.int64)
-        if len(self.marks) == n:  # one row per call: the common RL case
-            pos[:, 0] = [s for s, _ in self.marks]
-            pos[:, 1] = 0
+        """The pending rows [n, width] and their (step, index) positions; empties the buffer."""
+        arrays, steps = self.arrays, self.steps
+        data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        n = data.shape[0]
+        pos = np.zeros((n, 2), dtype=np.int64)
+        if n == len(arrays):  # one row per forward: the common RL case
+            pos[:, 0] = steps
         else:
-            steps = np.fromiter((s for s, _ in self.marks), dtype=np.int64, count=len(self.marks))
-            counts = np.fromiter((r for _, r in self.marks), dtype=np.int64, count=len(self.marks))
-            starts = np.cumsum(counts) - counts
-            pos[:, 0] = np.repeat(steps, counts)
-            pos[:, 1] = np.arange(n) - np.repeat(starts, counts)
-        if data.nbytes >= _COPY_THRESHOLD:
-            self.buf = np.empty_like(self.buf)  # ZeroMQ keeps a reference to the sent one
-        self.n = 0
-        self.marks = []
+            counts = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+            pos[:, 0] = np.repeat(np.asarray(steps, dtype=np.int64), counts)
+            pos[:, 1] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.arrays, self.steps, self.rows, self.nbytes = [], [], 0, 0
         return data, pos, self.lead
+
+
+class _MetricRows:
+    """Coalescing buffer for one set of metric names: plain Python rows until flush."""
+
+    __slots__ = ("rows", "pos", "t0")
+
+    def __init__(self) -> None:
+        self.rows: list[list[float]] = []
+        self.pos: list[tuple[int, int]] = []
+        self.t0 = 0.0
 
 
 class Attachment:
@@ -102,22 +90,20 @@ class Attachment:
         *,
         run: str,
         endpoint: str | None = None,
-        flush_rows: int = 64,
-        flush_ms: float = 50.0,
+        flush_rows: int = 256,
+        flush_ms: float = 100.0,
         sndhwm: int = 128,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
         if not run or not isinstance(run, str):
             raise ValueError("attach() needs a non-empty run name")
-        if isinstance(taps, str):
-            taps = [taps]
         specs = [parse_tap(t) for t in taps]
         if not specs:
             raise ValueError("attach() needs at least one tap")
         if len({str(s) for s in specs}) != len(specs):
-            raise ValueError(f"duplicate taps in {list(map(str, specs))}")
-        targets = [(s, resolve(module, s)) for s in specs]  # fails before anything is hooked
+            raise ValueError(f"duplicate taps in {[str(s) for s in specs]}")
+        self._targets: list[tuple[TapSpec, torch.nn.Module]] = [(s, resolve(module, s)) for s in specs]
         self.run = run
         self.endpoint = endpoint or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT
         self.flush_rows = int(flush_rows)
@@ -125,121 +111,158 @@ class Attachment:
         self.paused = False
         self.env_steps = False  # set by wrap() / the SB3 callback: steps come from the env
         self.step = 0
-        self._sender = Sender(self.endpoint, run=run, sndhwm=sndhwm)
-        self._taps: dict[str, _Rows] = {str(s): _Rows() for s in specs}
-        self._metrics: dict[tuple[str, ...], _Rows] = {}
+        self._taps = {str(s): _TapRows() for s in specs}
+        self._names = {id(rows): name for name, rows in self._taps.items()}
+        self._metrics: dict[tuple[str, ...], _MetricRows] = {}
         self._episodes: list[list[float]] = []
         self._handles: list[Any] = []
+        self._arm_lock = threading.Lock()
         self._detached = False
-        for spec, mod in targets:
-            name = str(spec)
-            if spec.site == "in":
-                h = mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
-            else:
-                h = mod.register_forward_hook(self._post_hook(name))
-            self._handles.append(h)
+        self._sender = Sender(self.endpoint, run=run, sndhwm=sndhwm, on_change=self._on_connection)
         log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
 
-    # -- hooks: the hot path ---------------------------------------------------------------
+    # -- hooks on while a monitor listens -----------------------------------------------------
+    def _on_connection(self, connected: bool) -> None:
+        """Called from the sender's watcher thread. Torch snapshots a module's hook dicts before
+        calling them, so adding or removing hooks while the agent runs a forward is safe."""
+        with self._arm_lock:
+            if connected and not self._handles and not self._detached:
+                for spec, mod in self._targets:
+                    name = str(spec)
+                    if spec.site == "in":
+                        self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    else:
+                        self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+            elif not connected:
+                self._disarm()
+
+    def _disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def _pre_hook(self, name: str) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        s = self._taps[name]
+
+        # kwargs is optional: a hook removed between torch's snapshot and its call is called
+        # without it, and must still not fail
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             if not self.paused:
-                t = first_tensor(args)
-                self._capture(name, t if t is not None else first_tensor(kwargs))
+                t = args[0] if args and type(args[0]) is torch.Tensor else first_tensor(args)
+                if t is None:
+                    t = first_tensor(kwargs)
+                if t is not None:
+                    self._capture(s, t)
 
         return hook
 
     def _post_hook(self, name: str) -> Callable:
+        s = self._taps[name]
+
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             if not self.paused:
-                self._capture(name, first_tensor(output))
+                t = output if type(output) is torch.Tensor else first_tensor(output)
+                if t is not None:
+                    self._capture(s, t)
 
         return hook
 
-    def _capture(self, name: str, t: torch.Tensor | None) -> None:
-        if t is None:
+    def _capture(self, s: _TapRows, t: torch.Tensor) -> None:
+        """The hot path: copy the rows, note the step; send everything when due."""
+        step = self.step if self.env_steps else s.calls
+        s.calls += 1
+        if t.requires_grad:
+            t = t.detach()
+        if t.dim() == 2:
+            lead: list[int] = []
+        else:
+            t, lead = as_rows(t)
+        if t.dtype not in _SENDABLE:
+            t = t.float()
+        if not t.is_cpu:
+            t = t.cpu()
+        arr = t.numpy().copy()  # the copy: later in-place ops on t cannot touch the frame
+        if arr.shape[0] == 0:
             return
-        stream = self._taps[name]
-        step = self.step if self.env_steps else stream.calls
-        stream.calls += 1
-        if not self._sender.listening():
-            self._sender.drops += t.numel() // max(1, t.shape[-1]) if t.dim() else 1
-            return
-        x, lead = as_rows(t.detach())
-        if x.dtype not in _FLOAT_DTYPES:
-            x = x.float()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        arr = x.numpy()
-        if stream.n and not stream.fits(arr, lead):
-            self._flush_tap(name, stream)
-        stream.add(arr, step, lead, self.flush_rows)
-        if stream.n >= self.flush_rows or time.monotonic() - stream.t0 >= self._flush_s:
-            self._flush_tap(name, stream)
+        if arr.shape[1] != s.width or (lead != s.lead and s.arrays):
+            if s.arrays:
+                self._flush_tap(s)
+            s.width = arr.shape[1]
+        if not s.arrays:
+            s.t0 = time.monotonic()
+            s.lead = lead
+        s.arrays.append(arr)
+        s.steps.append(step)
+        s.rows += arr.shape[0]
+        s.nbytes += arr.nbytes
+        if s.rows >= self.flush_rows or s.nbytes >= _FLUSH_BYTES or time.monotonic() - s.t0 >= self._flush_s:
+            self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
 
-    def _flush_tap(self, name: str, stream: _Rows) -> None:
-        data, pos, lead = stream.take()
-        run = self.run
+    def _flush_tap(self, s: _TapRows) -> None:
+        data, pos, lead = s.take()
+        run, name = self.run, self._names[id(s)]
         self._sender.send(lambda pub, seq, drops: wire.encode_act(run, pub, seq, drops, name, data, pos, lead=lead), len(data))
 
     # -- metrics ----------------------------------------------------------------------------
-    def log_rows(self, names: Sequence[str], values: np.ndarray, *, step: int | None = None) -> None:
-        """Log metric rows ``values`` [rows, len(names)] at ``step`` (default: the current step)."""
-        step = self.step if step is None else step
-        key = tuple(names)
-        if not self._sender.listening():
-            self._sender.drops += len(values)
+    def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
+        """Log one metric row (values in the order of ``names``) at ``step`` (default: now)."""
+        if not self._sender.connected:
+            self._sender.drops += 1
             return
-        arr = np.ascontiguousarray(values, dtype=np.float64).reshape(-1, len(key))
-        if not np.isfinite(arr).all():
-            bad = [key[j] for j in np.nonzero(~np.isfinite(arr).all(axis=0))[0]]
-            log.warning("not sending metrics with NaN/Inf at step %d: %s", step, bad)
-            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-        stream = self._metrics.get(key)
-        if stream is None:
-            stream = self._metrics[key] = _Rows()
-        if stream.n and not stream.fits(arr, []):
-            self._flush_metrics(key, stream)
-        stream.add(arr, step, [], self.flush_rows)
-        if stream.n >= self.flush_rows or time.monotonic() - stream.t0 >= self._flush_s:
-            self._flush_metrics(key, stream)
+        m = self._metrics.get(names)
+        if m is None:
+            m = self._metrics[names] = _MetricRows()
+        if not m.rows:
+            m.t0 = time.monotonic()
+        m.rows.append(row)
+        m.pos.append((self.step if step is None else step, index))
+        if len(m.rows) >= self.flush_rows:
+            self.flush()
+
+    def dropped(self, records: int = 1) -> None:
+        """Count records that were not built because no monitor is connected."""
+        self._sender.drops += records
 
     def log(self, values: Mapping[str, float] | None = None, *, step: int | None = None, **named: float) -> None:
         """Log user metrics for the current step: ``tap.log(danger=0.3)``."""
         merged = {**(values or {}), **named}
         if merged:
-            self.log_rows(list(merged), np.array([list(merged.values())], dtype=np.float64), step=step)
+            self.log_row(tuple(merged), [float(v) for v in merged.values()], step=step)
 
-    def _flush_metrics(self, key: tuple[str, ...], stream: _Rows) -> None:
-        data, pos, _ = stream.take()
+    def _flush_metrics(self, names: tuple[str, ...], m: _MetricRows) -> None:
+        data = np.array(m.rows, dtype=np.float64).reshape(len(m.rows), len(names))
+        pos = np.array(m.pos, dtype=np.int64).reshape(-1, 2)
+        m.rows, m.pos = [], []
+        if not np.isfinite(data).all():
+            bad = [names[j] for j in np.nonzero(~np.isfinite(data).all(axis=0))[0]]
+            log.warning("metrics %s had NaN/Inf values; sent as 0", bad)
+            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
         run = self.run
-        self._sender.send(lambda pub, seq, drops: wire.encode_met(run, pub, seq, drops, key, data, pos), len(data))
+        self._sender.send(lambda pub, seq, drops: wire.encode_met(run, pub, seq, drops, names, data, pos), len(data))
 
     def end_episode(self, index: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
-        """Record an episode end (the env wrapper calls this); sent with the next flush."""
+        """Record an episode end (the env wrappers call this); sent on the next ``advance()``."""
         self._episodes.append([self.step, index, ret, length, float(terminated), float(truncated)])
-        if len(self._episodes) >= self.flush_rows:
-            self._flush_episodes()
 
     def _flush_episodes(self) -> None:
         eps, self._episodes = self._episodes, []
-        if not eps:
-            return
-        if not self._sender.listening():
+        if not self._sender.connected:
             self._sender.drops += len(eps)
             return
         run = self.run
         self._sender.send(lambda pub, seq, drops: wire.encode_ep(run, pub, seq, drops, eps), len(eps))
 
     def advance(self, n: int = 1) -> None:
-        """Move to the next env step; flushes buffers that are old enough."""
+        """Move to the next env step; sends metric buffers that are old enough."""
         self.step += n
-        now = time.monotonic()
-        for key, stream in self._metrics.items():
-            if stream.n and now - stream.t0 >= self._flush_s:
-                self._flush_metrics(key, stream)
         if self._episodes:
             self._flush_episodes()
+        if self._metrics:
+            now = time.monotonic()
+            for m in self._metrics.values():
+                if m.rows and now - m.t0 >= self._flush_s:
+                    self.flush()
+                    break
 
     # -- environments -----------------------------------------------------------------------
     def wrap(self, env: Any, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
@@ -265,35 +288,35 @@ class Attachment:
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._sender.listening()
+        return self._sender.connected
 
     def wait_for_monitor(self, timeout_s: float = 10.0) -> bool:
-        """Block until a monitor is connected; returns False on timeout."""
+        """Block until a monitor is connected (and the hooks are on); False on timeout."""
         return self._sender.wait_connected(timeout_s)
 
     def counters(self) -> dict[str, Any]:
-        """What this handle has done: messages sent (``seq``), records dropped, connection."""
+        """What this handle has done: messages sent, records dropped, connection, current step."""
         s = self._sender
         return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step}
 
     def flush(self) -> None:
         """Send everything buffered now."""
-        for name, stream in self._taps.items():
-            if stream.n:
-                self._flush_tap(name, stream)
-        for key, stream in self._metrics.items():
-            if stream.n:
-                self._flush_metrics(key, stream)
-        self._flush_episodes()
+        for s in self._taps.values():
+            if s.arrays:
+                self._flush_tap(s)
+        for names, m in self._metrics.items():
+            if m.rows:
+                self._flush_metrics(names, m)
+        if self._episodes:
+            self._flush_episodes()
 
     def detach(self, *, linger_ms: int = 1000) -> None:
         """Remove every hook, flush, and close the socket (waiting up to ``linger_ms`` for delivery)."""
-        if self._detached:
-            return
-        self._detached = True
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        with self._arm_lock:
+            if self._detached:
+                return
+            self._detached = True
+            self._disarm()
         self.flush()
         self._sender.close(linger_ms=linger_ms)
         log.info("detached run %r: %s", self.run, self.counters())
@@ -311,17 +334,16 @@ def attach(
     *,
     run: str,
     endpoint: str | None = None,
-    flush_rows: int = 64,
-    flush_ms: float = 50.0,
+    flush_rows: int = 256,
+    flush_ms: float = 100.0,
     sndhwm: int = 128,
 ) -> Attachment:
     """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
 
     ``taps`` are ``"module.name:in"`` or ``"module.name:out"``; unknown names fail here with
     close matches. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
-    The agent may start before the monitor; frames are dropped and counted while none listens.
+    The agent may start before the monitor, and the monitor may come and go: while none is
+    connected, nothing is copied and what would have been sent is counted as dropped.
     """
-    return Attachment(
-        module, list(taps) if not isinstance(taps, str) else [taps], run=run, endpoint=endpoint,
-        flush_rows=flush_rows, flush_ms=flush_ms, sndhwm=sndhwm,
-    )
+    return Attachment(module, [taps] if isinstance(taps, str) else list(taps), run=run, endpoint=endpoint,
+                      flush_rows=flush_rows, flush_ms=flush_ms, sndhwm=sndhwm)

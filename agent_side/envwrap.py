@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import logging
+
 import gymnasium
 import numpy as np
 
 __all__ = ["StepInfo", "StepLogger", "wrap_env", "MAX_OBS_COLUMNS"]
+
+log = logging.getLogger(__name__)
 
 MAX_OBS_COLUMNS = 256  # larger observations (images) are not logged unless named
 
@@ -49,8 +53,21 @@ def _space_columns(space: Any, prefix: str, names: Sequence[str] | None) -> list
     return [prefix] if size == 1 and prefix == "action" else [f"{prefix}_{i}" for i in range(size)]
 
 
+def _values(x: Any) -> list:
+    """A step's observation or action as a flat list of numbers."""
+    if type(x) is np.ndarray:
+        return x.reshape(-1).tolist()
+    if isinstance(x, (int, float, bool, np.number)):
+        return [x]
+    return np.asarray(x, dtype=np.float64).reshape(-1).tolist()
+
+
 class StepLogger:
-    """Turns batched step results of ``n_envs`` envs into metric rows and episode records."""
+    """Turns step results into metric rows (plain lists) and episode records.
+
+    The row for step ``t`` holds the observation the policy acted on at ``t``; then the
+    handle's step moves on. While no monitor is connected, rows are not built at all.
+    """
 
     def __init__(
         self,
@@ -70,55 +87,55 @@ class StepLogger:
         for name, fn in self.metrics.items():
             if not callable(fn):
                 raise TypeError(f"metric {name!r} is not callable")
-        self.names = [*self.obs_cols, *self.act_cols, "reward", "terminated", "truncated", *self.metrics]
+        self.names = (*self.obs_cols, *self.act_cols, "reward", "terminated", "truncated", *self.metrics)
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"metric names collide: {self.names}")
-        self.ep_return = np.zeros(n_envs)
-        self.ep_length = np.zeros(n_envs, dtype=np.int64)
+        self.ep_return = [0.0] * n_envs
+        self.ep_length = [0] * n_envs
+        self._warned = False
 
-    def log(self, obs: Any, actions: Any, rewards: Any, terminated: Any, truncated: Any, infos: Sequence[Mapping]) -> None:
-        n = self.n_envs
-        rewards = np.asarray(rewards, dtype=np.float64).reshape(n)
-        terminated = np.asarray(terminated, dtype=bool).reshape(n)
-        truncated = np.asarray(truncated, dtype=bool).reshape(n)
-        row = np.empty((n, len(self.names)), dtype=np.float64)
-        c = 0
-        if self.obs_cols:
-            k = len(self.obs_cols)
-            row[:, :k] = np.asarray(obs, dtype=np.float64).reshape(n, k)
-            c = k
-        if self.act_cols:
-            k = len(self.act_cols)
-            row[:, c : c + k] = np.asarray(actions, dtype=np.float64).reshape(n, k)
-            c += k
-        row[:, c] = rewards
-        row[:, c + 1] = terminated
-        row[:, c + 2] = truncated
-        c += 3
-        if self.metrics:
-            obs_a = np.asarray(obs)
-            act_a = np.asarray(actions)
-            for i in range(n):
-                info = infos[i] if i < len(infos) else {}
-                si = StepInfo(obs_a[i], act_a[i] if act_a.ndim else act_a, float(rewards[i]), bool(terminated[i]), bool(truncated[i]), info, i)
-                for j, fn in enumerate(self.metrics.values()):
-                    row[i, c + j] = float(fn(si))
-        self.handle.log_rows(self.names, row)
-        self.ep_return += rewards
-        self.ep_length += 1
-        for i in np.nonzero(terminated | truncated)[0]:
-            self.handle.end_episode(int(i), float(self.ep_return[i]), int(self.ep_length[i]), bool(terminated[i]), bool(truncated[i]))
+    def log_one(self, i: int, obs: Any, action: Any, reward: float, terminated: bool, truncated: bool, info: Mapping) -> None:
+        """Env ``i``'s step result; call :meth:`done` after all envs of the step are logged."""
+        h = self.handle
+        reward = float(reward)
+        if h.connected:
+            row = _values(obs) if self.obs_cols else []
+            if self.act_cols:
+                row += _values(action)
+            row += (reward, float(terminated), float(truncated))
+            if self.metrics:
+                si = StepInfo(obs, action, reward, bool(terminated), bool(truncated), info, i)
+                row += [float(fn(si)) for fn in self.metrics.values()]
+            if len(row) == len(self.names):
+                h.log_row(self.names, row, index=i)
+            elif not self._warned:
+                self._warned = True
+                log.warning("a step row has %d values for %d metric names; such rows are skipped", len(row), len(self.names))
+        else:
+            h.dropped(1)
+        self.ep_return[i] += reward
+        self.ep_length[i] += 1
+        if terminated or truncated:
+            h.end_episode(i, self.ep_return[i], self.ep_length[i], bool(terminated), bool(truncated))
             self.ep_return[i] = 0.0
             self.ep_length[i] = 0
+
+    def log(self, obs: Any, actions: Any, rewards: Any, terminated: Any, truncated: Any, infos: Sequence[Mapping]) -> None:
+        """A batched step of all ``n_envs`` envs (arrays with a leading env dimension)."""
+        obs, actions = np.asarray(obs), np.asarray(actions)
+        rewards, terminated, truncated = np.asarray(rewards).reshape(-1), np.asarray(terminated).reshape(-1), np.asarray(truncated).reshape(-1)
+        for i in range(self.n_envs):
+            self.log_one(i, obs[i], actions[i] if actions.ndim else actions, rewards[i], terminated[i], truncated[i],
+                         infos[i] if i < len(infos) else {})
+        self.handle.advance()
+
+    def done(self) -> None:
         self.handle.advance()
 
     def reset_env(self, i: int | None = None) -> None:
-        if i is None:
-            self.ep_return[:] = 0.0
-            self.ep_length[:] = 0
-        else:
-            self.ep_return[i] = 0.0
-            self.ep_length[i] = 0
+        for j in range(self.n_envs) if i is None else (i,):
+            self.ep_return[j] = 0.0
+            self.ep_length[j] = 0
 
 
 class MetricsWrapper(gymnasium.Wrapper):
@@ -137,7 +154,8 @@ class MetricsWrapper(gymnasium.Wrapper):
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.logger.log(np.asarray(self._obs)[None], np.asarray(action)[None], [reward], [terminated], [truncated], [info])
+        self.logger.log_one(0, self._obs, action, reward, terminated, truncated, info)
+        self.logger.done()
         self._obs = obs
         return obs, reward, terminated, truncated, info
 

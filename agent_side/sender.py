@@ -1,13 +1,14 @@
 """The agent's side of the socket: never blocks, counts what it could not send.
 
-A PUSH socket connects to the monitor's PULL. With ``IMMEDIATE`` set, a message is only queued
-on a completed connection, so with no monitor a send fails at once (``zmq.Again``) and the
+A PUSH socket connects to the monitor's PULL. With ``IMMEDIATE`` set a message is only queued
+on a completed connection, so with no monitor a send fails at once (``zmq.Again``) and its
 records are counted as dropped; when the monitor is slow, the high-water mark does the same.
-A socket monitor tells whether a monitor is connected, so the hooks can skip copying entirely
-while nobody listens; it is polled at most every ``poll_ms``.
 
-This libzmq (4.3.5) does not send a bound SUB's subscription to peers that connect later, so
-XPUB cannot learn about a listener here; connection events are the equivalent signal.
+A watcher thread blocks on the socket's connection events (ZeroMQ releases the GIL while it
+waits, so it costs the agent nothing) and keeps ``connected`` current; the attachment uses it
+to put its hooks on only while a monitor listens. This libzmq (4.3.5) does not send a bound
+SUB's subscription to peers that connect later, so XPUB cannot learn about a listener here;
+connection events are the equivalent signal.
 """
 
 from __future__ import annotations
@@ -15,35 +16,36 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import uuid
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["Sender"]
+__all__ = ["Sender", "COPY_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
-_COPY_THRESHOLD = 64 * 1024
+COPY_THRESHOLD = 64 * 1024  # larger messages are sent zero-copy
 
 
 class Sender:
     """One agent process's connection to a monitor.
 
     ``drops`` counts records (activation rows, metric rows, episodes) not handed to ZeroMQ;
-    ``seq`` numbers every message handed to ZeroMQ, so the monitor can count what was lost after.
+    ``seq`` numbers the messages handed to ZeroMQ, so the monitor can count what was lost after.
+    ``on_change(connected)`` is called from the watcher thread when a monitor comes or goes.
     """
 
-    def __init__(self, endpoint: str, *, run: str, sndhwm: int = 128, poll_ms: float = 20.0) -> None:
+    def __init__(self, endpoint: str, *, run: str, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None) -> None:
         self.endpoint = endpoint
         self.run = run
         self.pub = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self.seq = 0
         self.drops = 0
         self.connected = False
-        self._poll_s = poll_ms / 1000.0
-        self._next_poll = 0.0
+        self._on_change = on_change
+        self._up = threading.Event()
         self._lock = threading.Lock()
         self._ctx = zmq.Context(io_threads=1)
         sock = self._ctx.socket(zmq.PUSH)
@@ -52,47 +54,35 @@ class Sender:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self._events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self._peers = 0
+        events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
         sock.connect(endpoint)
         self._sock = sock
         self._closed = False
+        self._watcher = threading.Thread(target=self._watch, args=(events,), name="interlatent-sender", daemon=True)
+        self._watcher.start()
 
-    def listening(self) -> bool:
-        """Whether a monitor is connected; cheap enough to call on every forward."""
-        now = time.monotonic()
-        if now >= self._next_poll:
-            self._next_poll = now + self._poll_s
-            self._drain_events()
-        return self.connected
-
-    def _drain_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        with self._lock:
-            if self._closed:
-                return
-            while self._events.poll(0):
-                ev = recv_monitor_message(self._events)["event"]
-                if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._peers += 1
-                elif ev == zmq.EVENT_DISCONNECTED:
-                    self._peers = max(0, self._peers - 1)
-            was = self.connected
-            self.connected = self._peers > 0
-        if was != self.connected:
-            log.info("monitor at %s %s", self.endpoint, "connected" if self.connected else "gone")
+    def _watch(self, events: zmq.Socket) -> None:
+        peers = 0
+        try:
+            while True:
+                ev = recv_monitor_message(events)["event"]
+                if ev == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                peers = peers + 1 if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED else max(0, peers - 1)
+                if (peers > 0) != self.connected:
+                    self.connected = peers > 0
+                    log.info("monitor at %s %s", self.endpoint, "connected" if self.connected else "gone")
+                    if self._on_change is not None:
+                        self._on_change(self.connected)
+                    (self._up.set if self.connected else self._up.clear)()
+        except zmq.ZMQError:
+            return  # context terminated under us at close
+        finally:
+            events.close(linger=0)
 
     def wait_connected(self, timeout_s: float = 10.0) -> bool:
         """Block until a monitor is connected (for scripts and tests that must not drop)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._next_poll = 0.0
-            if self.listening():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            self._events.poll(50)
+        return self._up.wait(timeout_s)
 
     def send(self, build: Callable[[str, int, int], list[Any]], records: int) -> bool:
         """Build one message with ``build(pub, seq, drops)`` and hand it to ZeroMQ without blocking.
@@ -106,7 +96,7 @@ class Sender:
             parts = build(self.pub, self.seq, self.drops)
             nbytes = sum(memoryview(p).nbytes for p in parts)
             try:
-                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=nbytes < _COPY_THRESHOLD)
+                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=nbytes < COPY_THRESHOLD)
             except zmq.Again:
                 self.drops += records
                 return False
@@ -120,7 +110,7 @@ class Sender:
                 return
             self._closed = True
             self._sock.setsockopt(zmq.LINGER, linger_ms if self.connected else 0)
-            self._sock.disable_monitor()
-            self._events.close(linger=0)
-            self._sock.close()
+            self._sock.disable_monitor()  # the watcher sees MONITOR_STOPPED and returns
+        self._watcher.join(timeout=2)
+        self._sock.close()
         self._ctx.term()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_side.attach import DEFAULT_ENDPOINT
+from monitor.demo import TRAIN_STEPS
 from monitor.embedded import default_data_dir
 from monitor.store import ConfigError, Store, connect, resolve_redis_url
 
@@ -106,7 +107,7 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     steps = args.steps if args.steps is not None else (2000 if args.headless else None)
     services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs")
     try:
-        model = demo_policy(s.data_dir, progress=print)
+        model = demo_policy(s.data_dir, train_steps=args.train_steps, progress=print)
         services.start()
         store = Store(connect(services.redis_url))
         print(f"redis {services.redis_url}; monitor on {s.endpoint}; logs in {s.data_dir / 'logs'}")
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, endpoint=True)
     sp.add_argument("--headless", action="store_true", help="run --steps steps (default 2000), print, and exit")
     sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C, or 2000 with --headless)")
+    sp.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="PPO training steps for the cached demo policy")
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("bench", help="measure overheads side by side")
