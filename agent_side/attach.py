@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,14 +35,14 @@ _FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big lang
 class _TapRows:
     """Pending rows of one tap: a copied array and its step per forward, joined at flush."""
 
-    __slots__ = ("arrays", "steps", "rows", "nbytes", "t0", "lead", "calls", "width")
+    __slots__ = ("arrays", "steps", "rows", "max_rows", "due", "lead", "calls", "width")
 
     def __init__(self) -> None:
         self.arrays: list[np.ndarray] = []
         self.steps: list[int] = []
         self.rows = 0
-        self.nbytes = 0
-        self.t0 = 0.0
+        self.max_rows = 1
+        self.due = 0.0  # when the oldest pending row must go out
         self.lead: list[int] = []
         self.calls = 0
         self.width = -1
@@ -58,7 +59,7 @@ class _TapRows:
             counts = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
             pos[:, 0] = np.repeat(np.asarray(steps, dtype=np.int64), counts)
             pos[:, 1] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.arrays, self.steps, self.rows, self.nbytes = [], [], 0, 0
+        self.arrays, self.steps, self.rows = [], [], 0
         return data, pos, self.lead
 
 
@@ -160,10 +161,11 @@ class Attachment:
         s = self._taps[name]
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            if not self.paused:
-                t = output if type(output) is torch.Tensor else first_tensor(output)
-                if t is not None:
-                    self._capture(s, t)
+            if self.paused:
+                return
+            t = output if type(output) is torch.Tensor else first_tensor(output)
+            if t is not None:
+                self._capture(s, t)
 
         return hook
 
@@ -171,6 +173,20 @@ class Attachment:
         """The hot path: copy the rows, note the step; send everything when due."""
         step = self.step if self.env_steps else s.calls
         s.calls += 1
+        if t.dtype is torch.float32 and t.dim() == 2 and t.is_cpu and not t.requires_grad and t.shape[1] == s.width and s.arrays:
+            arr = t.numpy().copy()  # the copy: later in-place ops on t cannot touch the frame
+        else:
+            arr = self._first_of_kind(s, t)
+            if arr is None:
+                return
+        s.arrays.append(arr)
+        s.steps.append(step)
+        s.rows += arr.shape[0]
+        if s.rows >= s.max_rows or time.monotonic() >= s.due:
+            self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
+
+    def _first_of_kind(self, s: _TapRows, t: torch.Tensor) -> np.ndarray | None:
+        """The general path: any dtype, device and rank; starts a new frame when needed."""
         if t.requires_grad:
             t = t.detach()
         if t.dim() == 2:
@@ -181,22 +197,18 @@ class Attachment:
             t = t.float()
         if not t.is_cpu:
             t = t.cpu()
-        arr = t.numpy().copy()  # the copy: later in-place ops on t cannot touch the frame
+        arr = t.numpy().copy()
         if arr.shape[0] == 0:
-            return
-        if arr.shape[1] != s.width or (lead != s.lead and s.arrays):
-            if s.arrays:
-                self._flush_tap(s)
-            s.width = arr.shape[1]
+            return None
+        if s.arrays and (arr.shape[1] != s.width or lead != s.lead):
+            self._flush_tap(s)
         if not s.arrays:
-            s.t0 = time.monotonic()
+            s.width = arr.shape[1]
             s.lead = lead
-        s.arrays.append(arr)
-        s.steps.append(step)
-        s.rows += arr.shape[0]
-        s.nbytes += arr.nbytes
-        if s.rows >= self.flush_rows or s.nbytes >= _FLUSH_BYTES or time.monotonic() - s.t0 >= self._flush_s:
-            self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
+            s.due = time.monotonic() + self._flush_s
+            # a frame holds at most flush_rows rows, and about _FLUSH_BYTES for wide taps
+            s.max_rows = max(1, min(self.flush_rows, _FLUSH_BYTES // arr[0].nbytes))
+        return arr
 
     def _flush_tap(self, s: _TapRows) -> None:
         data, pos, lead = s.take()
@@ -321,7 +333,7 @@ class Attachment:
         self._sender.close(linger_ms=linger_ms)
         log.info("detached run %r: %s", self.run, self.counters())
 
-    def __enter__(self) -> "Attachment":
+    def __enter__(self) -> Attachment:
         return self
 
     def __exit__(self, *exc: object) -> None:

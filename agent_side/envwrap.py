@@ -7,10 +7,10 @@ terminated/truncated flags; then the step counter moves to ``t + 1``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
-
 import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import gymnasium
 import numpy as np

@@ -7,7 +7,8 @@ are streamed, each aligned with that step's observations, actions and rewards.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -73,8 +73,8 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
         "taps": DEMO_TAPS,
         "steps_per_s": {"plain": statistics.median(plain), "attached_no_monitor": statistics.median(nomon),
                         "attached_monitor": statistics.median(live)},
-        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon)]),
-        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live)]),
+        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon, strict=False)]),
+        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live, strict=False)]),
         "drops_last_live_round": live_drops,
     }
 

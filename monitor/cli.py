@@ -28,7 +28,7 @@ class Settings:
     data_dir: Path
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
+    def from_args(cls, args: argparse.Namespace) -> Settings:
         return cls(
             redis_url=getattr(args, "redis", None) or os.environ.get("INTERLATENT_REDIS_URL") or None,
             endpoint=getattr(args, "endpoint", None) or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT,
@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("what", choices=["hook"], help="hook: agent overhead of attaching, and monitor ingest")
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
-    sp.add_argument("--rounds", type=int, default=7)
-    sp.add_argument("--steps", type=int, default=2000)
+    sp.add_argument("--rounds", type=int, default=9)
+    sp.add_argument("--steps", type=int, default=3000)
     sp.add_argument("--threads", type=int, default=1, help="torch threads for the agent loop (stated in the output)")
     sp.set_defaults(fn=cmd_bench)
     return p

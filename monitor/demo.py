@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 
 __all__ = ["CARTPOLE_OBS", "DEMO_TAPS", "DEMO_RUN", "make_ppo", "demo_policy", "run_agent"]
 
@@ -76,7 +76,3 @@ def run_agent(model: Any, tap: Any, *, steps: int | None, on_tick: Callable[[int
             on_tick(n, returns)
     env.close()
     return returns
-
-
-def mean(xs: list[float]) -> float:
-    return float(np.mean(xs)) if xs else float("nan")

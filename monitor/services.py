@@ -41,7 +41,7 @@ class Services:
         self.children: dict[str, subprocess.Popen] = {}
         self._logs: list[IO] = []
 
-    def start(self, timeout_s: float = 30.0) -> "Services":
+    def start(self, timeout_s: float = 30.0) -> Services:
         if self.redis_url is None:
             self.embedded = EmbeddedRedis(self.data_dir)
             self.redis_url = self.embedded.start()
@@ -97,7 +97,7 @@ class Services:
             self.embedded.stop()
             self.embedded = None
 
-    def __enter__(self) -> "Services":
+    def __enter__(self) -> Services:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

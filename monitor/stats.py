@@ -50,7 +50,7 @@ class Moments:
                 "min": self.min.tobytes(), "max": self.max.tobytes()}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Moments":
+    def from_state(cls, state: dict[str, Any]) -> Moments:
         mean = np.frombuffer(state["mean"], dtype=np.float64).copy()
         m = cls(len(mean))
         m.count = int(state["count"])

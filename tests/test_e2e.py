@@ -64,7 +64,7 @@ def test_agent_and_monitor_in_separate_processes(redis_url: str, store: Store) -
         mpos = met[CARTPOLE_OBS[0]][1]
         by_step = {int(s): i for i, s in enumerate(mpos[:, 0])}
         checked = 0
-        for row, (step, _) in zip(acts, apos):
+        for row, (step, _) in zip(acts, apos, strict=False):
             if int(step) in by_step:
                 np.testing.assert_allclose(row, obs[by_step[int(step)]], rtol=1e-6, atol=1e-6)
                 checked += 1
