@@ -501,3 +501,31 @@ def test_empty_batch_forward_keeps_positions(store, live_monitor):
         finish(live_monitor, tap)
     _, pos = store.recent("empty", "0:in")
     assert pos.tolist() == [[1, 0], [1, 1]]
+
+
+def test_dqn_q_net(store, live_monitor):
+    """DQN acts through ``q_net``: its input and the Q-values it outputs stream, aligned with obs."""
+    import gymnasium as gym
+    from stable_baselines3 import DQN
+
+    model = DQN("MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[16]), seed=0, device="cpu")
+    taps = ["q_net.q_net.0:in", "q_net.q_net.2:out"]
+    tap = agent_side.attach(model.policy, taps, run="dqn", endpoint=live_monitor.endpoint)
+    assert tap.wait_for_monitor(10)
+    env = tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS)
+    obs, _ = env.reset(seed=0)
+    actions = {}
+    for step in range(60):
+        action, _ = model.predict(obs, deterministic=True)
+        actions[step] = int(action)
+        obs, _, term, trunc, _ = env.step(action)
+        if term or trunc:
+            obs, _ = env.reset()
+    finish(live_monitor, tap)
+    entry = run_entry(store, "dqn")
+    assert {t: v["rows"] for t, v in entry["taps"].items()} == {taps[0]: 60, taps[1]: 60}
+    assert entry["taps"][taps[1]]["width"] == 2
+    _, _, inputs = tap_table(store, "dqn", taps[0])
+    assert_rows_match_obs(inputs, metric_table(store, "dqn", CARTPOLE_OBS), 60)
+    _, _, q = tap_table(store, "dqn", taps[1])
+    assert all(int(np.argmax(q[(s, 0)])) == a for s, a in actions.items())  # greedy action = argmax Q

@@ -102,3 +102,21 @@ def test_monitor_killed_mid_stream_then_restarted(redis_url: str, store: Store) 
         if agent.poll() is None:
             agent.kill()
         _stop(mon)
+
+
+def test_many_agents_into_one_monitor(redis_url: str, store: Store) -> None:
+    ep = free_endpoint()
+    mon = spawn_monitor(redis_url, ep)
+    try:
+        agents = [spawn([AGENT, "--endpoint", ep, "--steps", str(100 + 50 * i), "--run", f"agent-{i}"],
+                        stdout=subprocess.PIPE, text=True) for i in range(3)]
+        for a in agents:
+            out, _ = a.communicate(timeout=120)
+            assert a.returncode == 0, out
+        wait_until(lambda: len(store.status()["runs"]) == 3 and all(r["steps"] == 100 + 50 * int(r["run"][-1]) for r in store.status()["runs"]),
+                   what="three runs with their own step counts")
+        for r in store.status()["runs"]:
+            n = 100 + 50 * int(r["run"][-1])
+            assert all(t["rows"] == n for t in r["taps"].values()) and (r["drops"], r["gaps"]) == (0, 0)
+    finally:
+        _stop(mon)
