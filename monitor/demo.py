@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 __all__ = ["CARTPOLE_OBS", "DEMO_TAPS", "DEMO_RUN", "make_ppo", "demo_policy", "run_agent"]
 
 log = logging.getLogger(__name__)
