@@ -35,9 +35,10 @@ _FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big lang
 class _TapRows:
     """Pending rows of one tap: a copied array and its step per forward, joined at flush."""
 
-    __slots__ = ("arrays", "steps", "rows", "max_rows", "due", "lead", "calls", "width")
+    __slots__ = ("name", "arrays", "steps", "rows", "max_rows", "due", "lead", "calls", "width")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.arrays: list[np.ndarray] = []
         self.steps: list[int] = []
         self.rows = 0
@@ -53,7 +54,7 @@ class _TapRows:
         data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         n = data.shape[0]
         pos = np.zeros((n, 2), dtype=np.int64)
-        if n == len(arrays):  # one row per forward: the common RL case
+        if n == len(arrays) and min(a.shape[0] for a in arrays) == 1:  # one row per forward: the common RL case
             pos[:, 0] = steps
         else:
             counts = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
@@ -112,13 +113,13 @@ class Attachment:
         self.paused = False
         self.env_steps = False  # set by wrap() / the SB3 callback: steps come from the env
         self.step = 0
-        self._taps = {str(s): _TapRows() for s in specs}
-        self._names = {id(rows): name for name, rows in self._taps.items()}
+        self._taps = {str(s): _TapRows(str(s)) for s in specs}
         self._metrics: dict[tuple[str, ...], _MetricRows] = {}
         self._episodes: list[list[float]] = []
         self._handles: list[Any] = []
         self._arm_lock = threading.Lock()
         self._detached = False
+        self._warned: set[str] = set()
         self._sender = Sender(self.endpoint, run=run, sndhwm=sndhwm, on_change=self._on_connection)
         log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
 
@@ -153,7 +154,10 @@ class Attachment:
                 if t is None:
                     t = first_tensor(kwargs)
                 if t is not None:
-                    self._capture(s, t)
+                    try:
+                        self._capture(s, t)
+                    except Exception:
+                        self._failed(s.name)
 
         return hook
 
@@ -165,9 +169,19 @@ class Attachment:
                 return
             t = output if type(output) is torch.Tensor else first_tensor(output)
             if t is not None:
-                self._capture(s, t)
+                try:
+                    self._capture(s, t)
+                except Exception:
+                    self._failed(s.name)
 
         return hook
+
+    def _failed(self, where: str) -> None:
+        """Watching must never break the agent: count the record as dropped, say so once."""
+        self._sender.drops += 1
+        if where not in self._warned:
+            self._warned.add(where)
+            log.warning("interlatent could not capture %s; skipping such records (counted as drops)", where, exc_info=True)
 
     def _capture(self, s: _TapRows, t: torch.Tensor) -> None:
         """The hot path: copy the rows, note the step; send everything when due."""
@@ -198,7 +212,7 @@ class Attachment:
         if not t.is_cpu:
             t = t.cpu()
         arr = t.numpy().copy()
-        if arr.shape[0] == 0:
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
             return None
         if s.arrays and (arr.shape[1] != s.width or lead != s.lead):
             self._flush_tap(s)
@@ -212,8 +226,11 @@ class Attachment:
 
     def _flush_tap(self, s: _TapRows) -> None:
         data, pos, lead = s.take()
-        run, name = self.run, self._names[id(s)]
-        self._sender.send(lambda pub, seq, drops: wire.encode_act(run, pub, seq, drops, name, data, pos, lead=lead), len(data))
+        run, name = self.run, s.name
+        step = max(1, _FLUSH_BYTES // max(1, data[0].nbytes))  # one huge forward goes out in pieces
+        for i in range(0, len(data), step):
+            d, p = data[i : i + step], pos[i : i + step]
+            self._sender.send(lambda pub, seq, drops, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead), len(d))
 
     # -- metrics ----------------------------------------------------------------------------
     def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
@@ -277,7 +294,7 @@ class Attachment:
                     break
 
     # -- environments -----------------------------------------------------------------------
-    def wrap(self, env: Any, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
+    def wrap(self, env: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
         """Wrap ``env`` so every step logs observations, action, reward and episode ends.
 
         A ``gymnasium.Env`` gets a ``gymnasium.Wrapper``; a gymnasium vector env or a
@@ -289,7 +306,7 @@ class Attachment:
         self.env_steps = True
         return wrap_env(self, env, obs_names=obs_names, metrics=metrics)
 
-    def sb3_callback(self, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
+    def sb3_callback(self, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
         """A stable-baselines3 callback for ``model.learn(callback=...)``: streams rollout forwards
         and their step metrics, and pauses the hooks during gradient updates."""
         from agent_side.sb3 import make_callback

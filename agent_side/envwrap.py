@@ -15,7 +15,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-__all__ = ["StepInfo", "StepLogger", "wrap_env", "MAX_OBS_COLUMNS"]
+__all__ = ["StepInfo", "StepLogger", "wrap_env", "sb3_end_flags", "MAX_OBS_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,19 @@ class StepLogger:
         h = self.handle
         reward = float(reward)
         if h.connected:
-            row = _values(obs) if self.obs_cols else []
-            if self.act_cols:
-                row += _values(action)
-            row += (reward, float(terminated), float(truncated))
-            if self.metrics:
-                si = StepInfo(obs, action, reward, bool(terminated), bool(truncated), info, i)
-                row += [float(fn(si)) for fn in self.metrics.values()]
-            if len(row) == len(self.names):
+            try:
+                row = _values(obs) if self.obs_cols else []
+                if self.act_cols:
+                    row += _values(action)
+                row += (reward, float(terminated), float(truncated))
+                if self.metrics:
+                    si = StepInfo(obs, action, reward, bool(terminated), bool(truncated), info, i)
+                    row += [float(fn(si)) for fn in self.metrics.values()]
+                if len(row) != len(self.names):
+                    raise ValueError(f"a step row has {len(row)} values for {len(self.names)} metric names")
                 h.log_row(self.names, row, index=i)
-            elif not self._warned:
-                self._warned = True
-                log.warning("a step row has %d values for %d metric names; such rows are skipped", len(row), len(self.names))
+            except Exception:  # a user metric or an odd observation must not break env.step
+                h._failed("step metrics")
         else:
             h.dropped(1)
         self.ep_return[i] += reward
@@ -122,11 +123,12 @@ class StepLogger:
 
     def log(self, obs: Any, actions: Any, rewards: Any, terminated: Any, truncated: Any, infos: Sequence[Mapping]) -> None:
         """A batched step of all ``n_envs`` envs (arrays with a leading env dimension)."""
-        obs, actions = np.asarray(obs), np.asarray(actions)
+        obs = np.asarray(obs) if self.obs_cols else None  # dict/tuple observations are not logged
+        actions = np.asarray(actions) if self.act_cols else None
         rewards, terminated, truncated = np.asarray(rewards).reshape(-1), np.asarray(terminated).reshape(-1), np.asarray(truncated).reshape(-1)
         for i in range(self.n_envs):
-            self.log_one(i, obs[i], actions[i] if actions.ndim else actions, rewards[i], terminated[i], truncated[i],
-                         infos[i] if i < len(infos) else {})
+            self.log_one(i, None if obs is None else obs[i], None if actions is None else actions[i] if actions.ndim else actions,
+                         rewards[i], terminated[i], truncated[i], infos[i] if i < len(infos) else {})
         self.handle.advance()
 
     def done(self) -> None:
@@ -174,6 +176,8 @@ class VectorMetricsWrapper(gymnasium.vector.VectorWrapper):
         )
         self._obs: Any = None
         self._resetting = np.zeros(env.num_envs, dtype=bool)
+        mode = env.metadata.get("autoreset_mode", "NextStep")
+        self._next_step_reset = "next" in str(getattr(mode, "value", mode)).lower().replace("_", "")
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
         obs, info = self.env.reset(**kwargs)
@@ -185,13 +189,22 @@ class VectorMetricsWrapper(gymnasium.vector.VectorWrapper):
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         obs, rewards, terminated, truncated, infos = self.env.step(actions)
         n = self.num_envs
-        per_env = [{k: v[i] for k, v in infos.items() if not k.startswith("_") and hasattr(v, "__len__") and len(v) == n} for i in range(n)]
+        per_env = [{k: v[i] for k, v in infos.items() if not k.startswith("_") and isinstance(v, np.ndarray) and len(v) == n}
+                   for i in range(n)]
         self.logger.log(self._obs, actions, rewards, terminated, truncated, per_env)
-        for i in np.nonzero(self._resetting)[0]:
-            self.logger.reset_env(int(i))
-        self._resetting = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+        if self._next_step_reset:  # that step only reset the envs that had finished
+            for i in np.nonzero(self._resetting)[0]:
+                self.logger.reset_env(int(i))
+            self._resetting = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
         self._obs = obs
         return obs, rewards, terminated, truncated, infos
+
+
+def sb3_end_flags(dones: Any, infos: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
+    """(terminated, truncated) from an SB3 VecEnv's ``dones`` and its TimeLimit infos."""
+    dones = np.asarray(dones, dtype=bool).reshape(-1)
+    truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos], dtype=bool) if len(infos) else np.zeros_like(dones)
+    return dones & ~truncated, truncated
 
 
 def _sb3_vec_wrapper(env: Any, handle: Any, *, obs_names: Sequence[str] | None, metrics: Mapping | None) -> Any:
@@ -218,8 +231,7 @@ def _sb3_vec_wrapper(env: Any, handle: Any, *, obs_names: Sequence[str] | None, 
 
         def step_wait(self) -> Any:
             obs, rewards, dones, infos = self.venv.step_wait()
-            truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos])
-            terminated = np.asarray(dones, dtype=bool) & ~truncated
+            terminated, truncated = sb3_end_flags(dones, infos)
             self.logger.log(self._obs, self._actions, rewards, terminated, truncated, infos)
             self._obs = obs
             return obs, rewards, dones, infos

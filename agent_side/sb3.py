@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
+import torch
 
-from agent_side.envwrap import StepLogger
+from agent_side.envwrap import StepLogger, sb3_end_flags
 
 __all__ = ["make_callback"]
 
@@ -40,12 +40,14 @@ def make_callback(handle: Any, *, obs_names: Sequence[str] | None = None, metric
             # The observation the policy acted on: on-policy algorithms keep it as obs_tensor;
             # off-policy ones have not yet replaced _last_obs when callbacks run.
             obs = loc.get("obs_tensor")
-            obs = obs.cpu().numpy() if obs is not None else self.model._last_obs
+            obs = obs.cpu().numpy() if isinstance(obs, torch.Tensor) else self.model._last_obs
             actions = loc.get("clipped_actions", loc.get("actions"))
             infos = loc.get("infos", [])
-            dones = np.asarray(loc.get("dones"), dtype=bool)
-            truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos]) if infos else np.zeros_like(dones)
-            self.step_logger.log(obs, actions, loc.get("rewards"), dones & ~truncated, truncated, infos)
+            terminated, truncated = sb3_end_flags(loc.get("dones"), infos)
+            self.step_logger.log(obs, actions, loc.get("rewards"), terminated, truncated, infos)
+            # On-policy rollouts end with a value forward on the last observation: not an acting step.
+            if "n_rollout_steps" in loc and loc.get("n_steps", -2) + 1 >= loc["n_rollout_steps"]:
+                handle.paused = True
             return True
 
         def _on_training_end(self) -> None:

@@ -22,7 +22,7 @@ import torch
 __all__ = ["bench_hook", "bench_ingest"]
 
 INGEST_WIDTH = 64
-INGEST_ROWS = 64  # rows per frame: the agent side's default flush size
+INGEST_ROWS = 64  # rows per frame (the agent sends up to 256; smaller frames are the harder case)
 
 
 def _loop(model: Any, env: Any, steps: int) -> float:
@@ -46,12 +46,12 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
 
     import agent_side
     from monitor.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
-    from monitor.embedded import EmbeddedRedis
+    from monitor.embedded import EmbeddedRedis, free_port
     from monitor.services import Services
 
     model = make_ppo()
-    live_ep = f"tcp://127.0.0.1:{_free_port()}"
-    dead_ep = f"tcp://127.0.0.1:{_free_port()}"  # nobody binds it
+    live_ep = f"tcp://127.0.0.1:{free_port()}"
+    dead_ep = f"tcp://127.0.0.1:{free_port()}"  # nobody binds it
     plain, nomon, live = [], [], []
     with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
         with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp)):
@@ -144,11 +144,3 @@ def bench_ingest(*, frames: int = 5000) -> dict[str, Any]:
         "decode_rows_per_s": decode_rps, "monitor_rows_per_s": handle_rps, "socket_rows_per_s": socket_rps,
         "monitor_vs_decode": handle_rps / decode_rps, "rejected": res.rejected, "received": first.frames + res.frames,
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["EmbeddedRedis", "redis_server_binary", "default_data_dir"]
+__all__ = ["EmbeddedRedis", "redis_server_binary", "default_data_dir", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class EmbeddedRedis:
             args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
             self.url = f"unix://{sock}"
         else:  # unix socket paths are limited to ~107 bytes
-            port = _free_port()
+            port = free_port()
             args += ["--port", str(port)]
             self.url = f"redis://127.0.0.1:{port}"
         if self.persist:
@@ -114,7 +114,8 @@ class EmbeddedRedis:
         self.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:

@@ -114,20 +114,26 @@ class Monitor:
     def flush(self) -> None:
         """Write dirty runs, reject counts and the health key to Redis.
 
-        If Redis is unreachable the state stays in memory (still dirty) and the next flush retries.
+        A run that cannot be written stays in memory (still dirty) and the next flush retries it.
         """
-        try:
-            for st in self.runs.values():
-                if st.dirty:
+        for st in self.runs.values():
+            if st.dirty:
+                try:
                     self.store.write_run(st)
+                except redis.RedisError as e:  # one run's trouble must not stop the others
+                    self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
+        try:
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
             self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
         except redis.RedisError as e:
-            now = time.monotonic()
-            if now - self._reject_logged.get("_redis", -1e9) >= 5.0:
-                self._reject_logged["_redis"] = now
-                log.warning("cannot write to Redis, keeping state in memory: %s", e)
+            self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
+
+    def _warn_store(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._reject_logged.get("_redis", -1e9) >= 5.0:
+            self._reject_logged["_redis"] = now
+            log.warning(message)
 
     def health(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
 """Every Redis key and stream name Interlatent uses. No key strings anywhere else.
 
-Runs and taps may contain ':'; keys put them last or between fixed parts, and nothing parses
-keys back apart: the run registry ``RUNS`` lists the run names.
+Runs and taps may contain ':'. Each kind of key has its own prefix, and where two names meet the
+first is length-prefixed, so no two (run, tap) pairs share a key; nothing parses keys back
+apart: the run registry ``RUNS`` lists the run names.
 """
 
 from __future__ import annotations
@@ -24,27 +25,27 @@ def run(name: str) -> str:
 
 def run_taps(name: str) -> str:
     """Hash: tap -> JSON {width, dtype, rows, frames, lead}."""
-    return f"{PREFIX}run:{name}:taps"
+    return f"{PREFIX}taps:{name}"
 
 
 def run_pubs(name: str) -> str:
     """Hash: publisher id -> JSON {seq, drops}: where each agent process's sequence stands."""
-    return f"{PREFIX}run:{name}:pubs"
+    return f"{PREFIX}pubs:{name}"
 
 
 def run_metrics(name: str) -> str:
     """String: msgpack of the run's metric columns, their moments and recent rows."""
-    return f"{PREFIX}run:{name}:metrics"
+    return f"{PREFIX}metrics:{name}"
 
 
 def tap_stats(name: str, tap: str) -> str:
     """String: msgpack of a tap's running channel moments."""
-    return f"{PREFIX}stats:{name}:{tap}"
+    return f"{PREFIX}stats:{len(name)}:{name}:{tap}"
 
 
 def recent(name: str, tap: str) -> str:
     """String: msgpack of a tap's most recent rows with their (step, index)."""
-    return f"{PREFIX}recent:{name}:{tap}"
+    return f"{PREFIX}recent:{len(name)}:{name}:{tap}"
 
 
 def episodes(name: str) -> str:

@@ -15,9 +15,10 @@ import numpy as np
 from agent_side.wire import Frame
 from monitor.stats import Moments, Recent
 
-__all__ = ["TapState", "MetricState", "RunState", "RejectFrame"]
+__all__ = ["TapState", "MetricState", "RunState", "RejectFrame", "recent_rows"]
 
 RECENT_ROWS = 512
+RECENT_BYTES = 4 * 1024 * 1024  # per tap: wide taps keep fewer recent rows
 
 
 class RejectFrame(ValueError):
@@ -26,6 +27,11 @@ class RejectFrame(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+def recent_rows(width: int) -> int:
+    """How many recent rows a tap of ``width`` float32 channels keeps."""
+    return max(1, min(RECENT_ROWS, RECENT_BYTES // (4 * width)))
 
 
 @dataclass
@@ -37,18 +43,20 @@ class TapState:
     lead: list[int] = field(default_factory=list)
     moments: Moments | None = None
     recent: Recent | None = None
+    dirty: bool = True
 
     def __post_init__(self) -> None:
         if self.moments is None:
             self.moments = Moments(self.width)
         if self.recent is None:
-            self.recent = Recent(RECENT_ROWS, self.width, np.float32)
+            self.recent = Recent(recent_rows(self.width), self.width, np.float32)
 
     def update(self, data: np.ndarray, pos: np.ndarray) -> None:
         self.moments.update(data)
         self.recent.update(data, pos)
         self.rows += data.shape[0]
         self.frames += 1
+        self.dirty = True
 
     def info(self) -> dict[str, Any]:
         return {"width": self.width, "dtype": self.dtype, "rows": self.rows, "frames": self.frames, "lead": self.lead}
@@ -115,8 +123,8 @@ class RunState:
                 raise RejectFrame("width_changed", f"{self.run}/{frame.tap}: width {frame.data.shape[1]}, was {tap.width}")
 
     def update(self, frame: Frame, now: float) -> None:
+        self.sequence(frame)  # first: a frame refused below is counted as rejected, not also as a gap
         self.check(frame)
-        self.sequence(frame)
         self.frames += 1
         self.last_seen = now
         self.dirty = True

@@ -15,6 +15,7 @@ import redis
 
 from monitor import keys
 from monitor.runstate import MetricState, RunState, TapState
+from monitor.runstate import recent_rows as tap_recent_rows
 from monitor.stats import Moments, Recent
 
 __all__ = ["Store", "connect", "ConfigError", "resolve_redis_url", "EPISODES_MAXLEN"]
@@ -92,9 +93,10 @@ class Store:
             "first_seen": st.first_seen, "last_seen": st.last_seen, "return_mean_100": mean_ret,
             "returns": json.dumps(st.returns),
         })
-        if st.taps:
-            p.hset(keys.run_taps(st.run), mapping={t: json.dumps(s.info()) for t, s in st.taps.items()})
-            for tap, s in st.taps.items():
+        changed = {t: s for t, s in st.taps.items() if s.dirty}
+        if changed:
+            p.hset(keys.run_taps(st.run), mapping={t: json.dumps(s.info()) for t, s in changed.items()})
+            for tap, s in changed.items():
                 p.set(keys.tap_stats(st.run, tap), msgpack.packb(s.moments.to_state(), use_bin_type=True))
                 p.set(keys.recent(st.run, tap), _pack_recent(s.recent))
         if st.pubs:
@@ -106,12 +108,14 @@ class Store:
                 "moments": {n: m.moments[n].to_state() for n in m.names},
                 "recent": [{"names": list(k), "blob": _pack_recent(r)} for k, r in m.recent.items()],
             }, use_bin_type=True))
-        for e in st.new_episodes:
+        episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
+        for e in episodes:
             p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
                                            "terminated": int(e[4]), "truncated": int(e[5])},
                    maxlen=EPISODES_MAXLEN, approximate=True)
         p.execute()
-        st.new_episodes = []
+        for s in changed.values():
+            s.dirty = False
         st.dirty = False
 
     def add_rejected(self, counts: dict[str, int]) -> None:
@@ -142,7 +146,8 @@ class Store:
             mom = self.r.get(keys.tap_stats(run, tap))
             ts = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
                           moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else None,
-                          recent=_restore_recent(self.r.get(keys.recent(run, tap)), recent_rows, info["width"], np.float32))
+                          recent=_restore_recent(self.r.get(keys.recent(run, tap)), min(recent_rows, tap_recent_rows(info["width"])),
+                                                 info["width"], np.float32))
             st.taps[tap] = ts
         blob = self.r.get(keys.run_metrics(run))
         if blob:

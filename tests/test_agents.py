@@ -529,3 +529,40 @@ def test_dqn_q_net(store, live_monitor):
     assert_rows_match_obs(inputs, metric_table(store, "dqn", CARTPOLE_OBS), 60)
     _, _, q = tap_table(store, "dqn", taps[1])
     assert all(int(np.argmax(q[(s, 0)])) == a for s, a in actions.items())  # greedy action = argmax Q
+
+
+def test_watching_never_raises_into_the_agent(store, live_monitor):
+    """A metric callable that raises, and a tensor the hook cannot use, are skipped and counted."""
+    import gymnasium as gym
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    tap = agent_side.attach(model, ["0:out", "2:out"], run="odd", endpoint=live_monitor.endpoint)
+    assert tap.wait_for_monitor(10)
+    env = tap.wrap(gym.make("CartPole-v1"), metrics={"broken": lambda s: 1 / 0})
+    obs, _ = env.reset(seed=0)
+    for _ in range(20):
+        with torch.no_grad():
+            action = int(model(torch.as_tensor(obs)[None]).argmax())
+        obs, _, term, trunc, _ = env.step(action)  # must not raise ZeroDivisionError
+        if term or trunc:
+            obs, _ = env.reset()
+    with torch.no_grad():
+        model[0](torch.zeros(2, 0, 4))  # an empty batch
+    assert tap.counters()["drops"] >= 20
+    finish(live_monitor, tap)
+    assert run_entry(store, "odd")["taps"]["0:out"]["rows"] == 20
+
+
+def test_one_huge_forward_is_split_into_frames(store, live_monitor):
+    model = nn.Sequential(nn.Linear(1024, 1024))
+    tap = agent_side.attach(model, ["0:out"], run="big", endpoint=live_monitor.endpoint)
+    assert tap.wait_for_monitor(10)
+    with torch.no_grad():
+        out = model(torch.randn(3000, 1024))  # 12 MiB of activations in one forward
+    finish(live_monitor, tap)
+    assert tap.counters()["sent"] >= 3
+    entry = run_entry(store, "big")
+    assert entry["taps"]["0:out"]["rows"] == 3000 and (entry["drops"], entry["gaps"]) == (0, 0)
+    rows, pos = store.recent("big", "0:out")
+    np.testing.assert_array_equal(rows, out[-len(rows):].numpy())
+    np.testing.assert_array_equal(pos[:, 1], np.arange(3000 - len(rows), 3000))

@@ -8,6 +8,7 @@ import zmq
 from conftest import LiveMonitor, wait_until
 
 from agent_side.wire import encode_act, encode_ep, encode_met
+from monitor import keys
 from monitor.ingest import Monitor
 from monitor.store import Store
 
@@ -77,6 +78,7 @@ def test_width_change_mid_run_is_rejected_and_other_runs_continue(store: Store, 
     assert mon.rejected == {"width_changed": 1}
     runs = {r["run"]: r for r in store.status()["runs"]}
     assert runs["r1"]["taps"]["t:out"]["rows"] == 5
+    assert runs["r1"]["gaps"] == 0  # the refused frame is counted once, as rejected, not also as a gap
     assert runs["r2"]["taps"]["t:out"]["width"] == 5
 
 
@@ -95,7 +97,7 @@ def test_gaps_stale_sequence_metrics_and_episodes(store: Store) -> None:
         assert run["return_mean_100"] == 20.0
         assert run["metrics"] == ["reward", "x"]
         assert mon.rejected == {"stale_seq": 1}
-        assert store.r.xlen("il:episodes:r") == 2
+        assert store.r.xlen(keys.episodes("r")) == 2
     finally:
         mon.close()
 
@@ -123,3 +125,17 @@ def test_restarted_monitor_continues_statistics_and_counts_lost_frames(store: St
         np.testing.assert_array_equal(data[-30:], b)
     finally:
         second.close()
+
+
+def test_run_names_that_look_like_keys_do_not_collide(store: Store) -> None:
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        for run, pub in (("x", "p"), ("x:metrics", "q"), ("x:taps", "r")):
+            mon.handle(encode_act(run, pub, 0, 0, "t:out", np.ones((2, 3), np.float32), _pos(range(2))))
+            mon.handle(encode_met(run, pub, 1, 0, ["m"], np.ones((2, 1)), _pos(range(2))))
+        mon.flush()
+        runs = {r["run"]: r for r in store.status()["runs"]}
+        assert set(runs) == {"x", "x:metrics", "x:taps"}
+        assert all(r["taps"]["t:out"]["rows"] == 2 and r["metrics"] == ["m"] for r in runs.values())
+    finally:
+        mon.close()
