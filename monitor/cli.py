@@ -64,10 +64,12 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.analytics import AnalyticsConfig
     from monitor.ingest import Monitor
 
     _pin_threads(1)
-    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms)
+    cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
+    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg)
     signal.signal(signal.SIGTERM, lambda *_: mon.stop())
     signal.signal(signal.SIGINT, lambda *_: mon.stop())
     try:
@@ -94,6 +96,34 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
             print(f"  {tap:<40} width {t['width']:>6}  rows {t['rows']:>10}")
         if r["metrics"]:
             print(f"  metrics: {', '.join(r['metrics'])}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.report import tap_stats
+
+    store = s.store()
+    if args.run not in store.runs():
+        print(f"interlatent: no run {args.run!r}; runs: {', '.join(store.runs()) or '(none yet)'}", file=sys.stderr)
+        return 2
+    taps = [args.tap] if args.tap else sorted(store.taps(args.run))
+    out = {"run": args.run, "taps": {t: tap_stats(store, args.run, t, top=args.top) for t in taps}}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for tap, d in out["taps"].items():
+        if d is None:
+            print(f"{tap}: no such tap in run {args.run!r}")
+            continue
+        print(f"{tap}: {d['width']} channels, {d['rows']} rows; rolling window {d.get('window_steps', '-')} steps, "
+              f"{d.get('paired', 0)} rows paired with metrics")
+        if not d.get("metrics"):
+            print("  no step metrics yet: wrap the env with tap.wrap(env) to correlate channels with metrics")
+        for c in d["channels"][: args.show]:
+            best = max(((m, r) for m, r in c["corr"].items() if r is not None), key=lambda mr: abs(mr[1]), default=None)
+            w = c.get("window", {})
+            print(f"  ch {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
+                  + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else ""))
     return 0
 
 
@@ -191,12 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--flush-ms", type=float, default=200.0, help="how often state is written to Redis")
     sp.add_argument("--max-frames", type=int, help="exit after this many frames (stop-when-done mode)")
     sp.add_argument("--idle-exit-s", type=float, help="exit after this many seconds without a frame")
+    sp.add_argument("--window-steps", type=int, default=1000, help="rolling window of the live correlations")
+    sp.add_argument("--ew-alpha", type=float, default=0.01, help="weight of a new step in the EW correlations")
+    sp.add_argument("--top-k", type=int, default=10, help="top activating steps kept per channel")
+    sp.add_argument("--no-analytics", action="store_true", help="keep only counters and moments")
     sp.set_defaults(fn=cmd_monitor)
 
     sp = sub.add_parser("status", help="what is streaming: runs, taps, rows, drops, gaps, rejects")
     common(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("stats", help="per channel: statistics, correlation with each metric, top examples")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--tap", help="one tap (default: all of the run's taps)")
+    sp.add_argument("--top", type=int, default=5, help="top examples per channel")
+    sp.add_argument("--show", type=int, default=16, help="channels shown per tap without --json")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_stats)
 
     sp = sub.add_parser("demo", help="start the services and stream a CartPole PPO agent into them")
     common(sp, endpoint=True)

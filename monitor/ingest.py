@@ -22,6 +22,7 @@ import zmq
 
 from agent_side.attach import DEFAULT_ENDPOINT
 from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
+from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
 from monitor.store import Store, service_ident
 
@@ -54,10 +55,15 @@ class Monitor:
         health_ttl_s: float = 5.0,
         rcvhwm: int = 10_000,
         limits: Limits = DEFAULT_LIMITS,
+        analytics: AnalyticsConfig | None = DEFAULT_ANALYTICS,
+        analytics_every_s: float = 1.0,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
         self.limits = limits
+        self.analytics = analytics
+        self._analytics_every_s = analytics_every_s
+        self._next_analytics = 0.0
         self._flush_s = flush_ms / 1000.0
         self._health_ttl_s = health_ttl_s
         self.ident = service_ident()
@@ -90,6 +96,7 @@ class Monitor:
             st = self.runs.get(frame.run)
             if st is None:
                 st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS) or RunState(run=frame.run)
+                st.analytics_cfg = self.analytics
                 self.runs[frame.run] = st
             st.update(frame, now)
         except (WireError, RejectFrame) as e:
@@ -111,15 +118,19 @@ class Monitor:
             log.warning("rejected frame (%s, %d so far): %s", reason, self.rejected[reason], message[:200])
 
     # -- writing --------------------------------------------------------------------------------
-    def flush(self) -> None:
+    def flush(self, *, final: bool = False) -> None:
         """Write dirty runs, reject counts and the health key to Redis.
 
         A run that cannot be written stays in memory (still dirty) and the next flush retries it.
         """
+        now = time.monotonic()
+        with_analytics = final or now >= self._next_analytics
+        if with_analytics:
+            self._next_analytics = now + self._analytics_every_s
         for st in self.runs.values():
-            if st.dirty:
+            if st.dirty or (with_analytics and st.analytics_dirty):
                 try:
-                    self.store.write_run(st)
+                    self.store.write_run(st, analytics=with_analytics)
                 except redis.RedisError as e:  # one run's trouble must not stop the others
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:
@@ -169,7 +180,7 @@ class Monitor:
                 break
             if idle_exit_s is not None and now - last_msg >= idle_exit_s:
                 break
-        self.flush()
+        self.flush(final=True)
         return MonitorResult(self.frames - f0, self.rows - r0, dict(self.rejected), time.monotonic() - t0)
 
     def stop(self) -> None:

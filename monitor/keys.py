@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH",
-    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "episodes", "health",
+    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "episodes", "health",
 ]
 
 PREFIX = "il:"
@@ -46,6 +46,11 @@ def tap_stats(name: str, tap: str) -> str:
 def recent(name: str, tap: str) -> str:
     """String: msgpack of a tap's most recent rows with their (step, index)."""
     return f"{PREFIX}recent:{len(name)}:{name}:{tap}"
+
+
+def analytics(name: str, tap: str) -> str:
+    """String: msgpack of a tap's live analytics (correlations, rolling stats, top examples)."""
+    return f"{PREFIX}analytics:{len(name)}:{name}:{tap}"
 
 
 def episodes(name: str) -> str:

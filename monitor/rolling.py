@@ -106,8 +106,10 @@ class RollingCorr:
 class EWCorr:
     """Exponentially weighted correlation: each new row has weight ``alpha``, older rows decay.
 
-    Uses the weighted Welford update: with ``d = x - mean`` before the update,
-    ``mean += alpha * d`` and ``cov = (1 - alpha) * (cov + alpha * d_x d_y)``.
+    Equal to the weighted Welford recursion (``mean += alpha * d``,
+    ``cov = (1 - alpha) * (cov + alpha * d_x d_y)``), kept as decayed weighted sums so that a
+    batch of n rows costs a few matrix products instead of n Python steps. Sums are of values
+    minus the first row, so a large offset does not cancel away the variance.
     """
 
     def __init__(self, n_x: int, n_y: int, *, alpha: float) -> None:
@@ -115,29 +117,42 @@ class EWCorr:
             raise ValueError("alpha must be in (0, 1)")
         self.alpha = alpha
         self.count = 0
-        self.mx, self.my = np.zeros(n_x), np.zeros(n_y)
-        self.vx, self.vy = np.zeros(n_x), np.zeros(n_y)
-        self.cxy = np.zeros((n_x, n_y))
+        self.shift_x, self.shift_y = np.zeros(n_x), np.zeros(n_y)
+        self.sx, self.sy = np.zeros(n_x), np.zeros(n_y)  # weighted means of the shifted values
+        self.sxx, self.syy = np.zeros(n_x), np.zeros(n_y)
+        self.sxy = np.zeros((n_x, n_y))
 
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Add rows in order (one step at a time; rows of a batch are applied one by one)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1, self.mx.shape[0])
-        y = np.asarray(y, dtype=np.float64).reshape(-1, self.my.shape[0])
+        """Add rows, oldest first."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.sx.shape[0])
+        y = np.asarray(y, dtype=np.float64).reshape(-1, self.sy.shape[0])
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} channel rows but {y.shape[0]} metric rows")
+        if x.shape[0] == 0:
+            return
+        if self.count == 0:  # the first row starts the estimate with weight 1
+            self.shift_x, self.shift_y = x[0].copy(), y[0].copy()
+            self.count = 1
+            x, y = x[1:], y[1:]
+        n = x.shape[0]
+        if n == 0:
+            return
         a = self.alpha
-        for xi, yi in zip(x, y, strict=True):
-            if self.count == 0:
-                self.mx[:], self.my[:] = xi, yi
-            else:
-                dx, dy = xi - self.mx, yi - self.my
-                self.mx += a * dx
-                self.my += a * dy
-                self.vx = (1 - a) * (self.vx + a * dx * dx)
-                self.vy = (1 - a) * (self.vy + a * dy * dy)
-                self.cxy = (1 - a) * (self.cxy + a * np.outer(dx, dy))
-            self.count += 1
+        w = a * (1 - a) ** np.arange(n - 1, -1, -1)  # the newest row weighs alpha
+        decay = (1 - a) ** n
+        xc, yc = x - self.shift_x, y - self.shift_y
+        wy = yc * w[:, None]
+        self.sx = decay * self.sx + w @ xc
+        self.sy = decay * self.sy + w @ yc
+        self.sxx = decay * self.sxx + w @ (xc * xc)
+        self.syy = decay * self.syy + w @ (yc * yc)
+        self.sxy = decay * self.sxy + xc.T @ wy
+        self.count += n
 
     def get(self) -> np.ndarray:
         """[n_x, n_y] correlations; NaN where either side has had no variation."""
-        ok = (self.vx > 0)[:, None] & (self.vy > 0)[None, :]
-        den = np.sqrt(np.outer(np.where(self.vx > 0, self.vx, 1.0), np.where(self.vy > 0, self.vy, 1.0)))
-        return np.where(ok, np.clip(self.cxy / den, -1.0, 1.0), np.nan)
+        vx = self.sxx - self.sx * self.sx
+        vy = self.syy - self.sy * self.sy
+        ok = (vx > 1e-12 * np.maximum(self.sxx, 1e-300))[:, None] & (vy > 1e-12 * np.maximum(self.syy, 1e-300))[None, :]
+        den = np.sqrt(np.outer(np.where(vx > 0, vx, 1.0), np.where(vy > 0, vy, 1.0)))
+        return np.where(ok, np.clip((self.sxy - np.outer(self.sx, self.sy)) / den, -1.0, 1.0), np.nan)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from agent_side.wire import Frame
+from monitor.analytics import AnalyticsConfig, Joiner, TapAnalytics
 from monitor.stats import Moments, Recent
 
 __all__ = ["TapState", "MetricState", "RunState", "RejectFrame", "recent_rows"]
@@ -101,6 +102,11 @@ class RunState:
     returns: list[float] = field(default_factory=list)  # last 100 episode returns
     new_episodes: list[list[float]] = field(default_factory=list)  # not yet written to Redis
     dirty: bool = True
+    analytics_cfg: AnalyticsConfig | None = None  # None: no live analytics
+    joiner: Joiner | None = None  # the run's step metrics (the first set of names seen), by (step, index)
+    analytics: dict[str, TapAnalytics] = field(default_factory=dict)
+    early: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # rows before any metrics
+    analytics_dirty: bool = False  # analytics changed since they were last written
 
     @property
     def drops(self) -> int:
@@ -142,5 +148,35 @@ class RunState:
                 tap = self.taps[frame.tap] = TapState(width=frame.data.shape[1], dtype=frame.data.dtype.name)
             tap.lead = frame.lead
             tap.update(frame.data, frame.pos)
+            an = self._analytics_for(frame.tap, tap.width)
+            if an is not None:
+                an.offer(frame.data, frame.pos, self.joiner)
+                self.analytics_dirty = True
+            elif self.analytics_cfg is not None and self.joiner is None:  # metrics of these steps may follow
+                early = self.early.setdefault(frame.tap, [])
+                early.append((frame.data.copy(), frame.pos.copy()))
+                while sum(len(d) for d, _ in early) > self.analytics_cfg.window_steps and len(early) > 1:
+                    early.pop(0)
         else:
             self.metrics.update(frame.names, frame.data, frame.pos)
+            if self.analytics_cfg is not None:
+                if self.joiner is None:
+                    self.joiner = Joiner(frame.names, capacity=max(8192, 4 * self.analytics_cfg.window_steps))
+                if frame.names == self.joiner.names:
+                    self.joiner.add(frame.data, frame.pos)
+                    for name, t in self.taps.items():
+                        an = self._analytics_for(name, t.width)
+                        if an is not None:
+                            for data, pos in self.early.pop(name, []):
+                                an.offer(data, pos, self.joiner)
+                            an.retry(self.joiner)
+                            self.analytics_dirty = True
+
+    def _analytics_for(self, tap: str, width: int) -> TapAnalytics | None:
+        cfg = self.analytics_cfg
+        if cfg is None or self.joiner is None or width > cfg.max_channels:
+            return None
+        an = self.analytics.get(tap)
+        if an is None:
+            an = self.analytics[tap] = TapAnalytics(width, self.joiner.names, cfg)
+        return an

@@ -83,8 +83,9 @@ class Store:
         self.r = client
 
     # -- the monitor writes -------------------------------------------------------------------
-    def write_run(self, st: RunState) -> None:
-        """Write one run's registry entry, counters, taps, statistics and recent rows."""
+    def write_run(self, st: RunState, *, analytics: bool = True) -> None:
+        """Write one run's registry entry, counters, taps, statistics and recent rows
+        (and, with ``analytics``, every tap's live analytics)."""
         p = self.r.pipeline(transaction=False)
         p.zadd(keys.RUNS, {st.run: st.last_seen})
         mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
@@ -108,12 +109,17 @@ class Store:
                 "moments": {n: m.moments[n].to_state() for n in m.names},
                 "recent": [{"names": list(k), "blob": _pack_recent(r)} for k, r in m.recent.items()],
             }, use_bin_type=True))
+        if analytics and st.analytics_dirty:
+            for tap, an in st.analytics.items():
+                p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
         episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
         for e in episodes:
             p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
                                            "terminated": int(e[4]), "truncated": int(e[5])},
                    maxlen=EPISODES_MAXLEN, approximate=True)
         p.execute()
+        if analytics:
+            st.analytics_dirty = False
         for s in changed.values():
             s.dirty = False
         st.dirty = False
@@ -181,6 +187,24 @@ class Store:
     def tap_moments(self, run: str, tap: str) -> dict[str, Any] | None:
         blob = self.r.get(keys.tap_stats(run, tap))
         return Moments.from_state(msgpack.unpackb(blob, raw=False)).get() if blob else None
+
+    def analytics(self, run: str, tap: str) -> dict[str, Any] | None:
+        """A tap's live analytics as written by the monitor (arrays decoded), or None."""
+        blob = self.r.get(keys.analytics(run, tap))
+        if not blob:
+            return None
+        d = msgpack.unpackb(blob, raw=False)
+        w, m, k, q = d["width"], len(d["metrics"]), d["k"], d["q"]
+        f = lambda name, *shape: np.frombuffer(d[name], dtype=np.float32).reshape(*shape)  # noqa: E731
+        out = dict(d)
+        out.update(corr=f("corr", w, m), ew_corr=f("ew_corr", w, m), mean=f("mean", w), std=f("std", w), max=f("max", w),
+                   frac_active=f("frac_active", w), top_value=f("top_value", k, w), top_metrics=f("top_metrics", k, w, m),
+                   top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
+                   q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
+        return out
+
+    def taps(self, run: str) -> dict[str, dict[str, Any]]:
+        return {t.decode(): json.loads(v) for t, v in self.r.hgetall(keys.run_taps(run)).items()}
 
     def health(self) -> list[dict[str, Any]]:
         out = []

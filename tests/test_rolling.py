@@ -76,3 +76,17 @@ def test_ew_constant_is_undefined() -> None:
     ew = EWCorr(1, 1, alpha=0.1)
     ew.update(np.ones((20, 1)), np.arange(20.0)[:, None])
     assert np.isnan(ew.get()).all()
+
+
+def test_ew_with_a_large_offset_and_batches_of_any_size() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((300, 1))
+    x = 1e6 + 10 * y + rng.standard_normal((300, 1))
+    one, many = EWCorr(1, 1, alpha=0.03), EWCorr(1, 1, alpha=0.03)
+    for i in range(300):
+        one.update(x[i : i + 1], y[i : i + 1])
+    many.update(x[:1], y[:1])
+    many.update(x[1:250], y[1:250])
+    many.update(x[250:], y[250:])
+    np.testing.assert_allclose(many.get(), one.get(), rtol=1e-9)
+    assert one.get()[0, 0] > 0.98

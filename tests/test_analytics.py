@@ -1,0 +1,100 @@
+"""Live analytics: activations paired with the step's metrics, correlations, top examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+
+from agent_side.wire import encode_act, encode_met
+from monitor.analytics import AnalyticsConfig
+from monitor.ingest import Monitor
+from monitor.report import tap_stats
+from monitor.store import Store
+
+
+def _pos(steps: np.ndarray) -> np.ndarray:
+    return np.stack([steps, np.zeros_like(steps)], axis=1).astype(np.int64)
+
+
+def test_planted_correlations_top_examples_and_window(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    window, n = 200, 1000
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", analytics=AnalyticsConfig(window_steps=window, ew_alpha=0.02, top_k=3))
+    try:
+        a, b, c = rng.standard_normal(n), rng.standard_normal(n), rng.standard_normal(n)
+        x = np.stack([2 * a + 0.01 * rng.standard_normal(n), -b, np.full(n, 0.5), a + c], axis=1).astype(np.float32)
+        y = np.stack([a, b, c], axis=1)
+        seq = 0
+        for start in range(0, n, 64):  # the agent's order: a tap's rows, then the step metrics
+            steps = np.arange(start, min(n, start + 64))
+            assert mon.handle(encode_act("r", "p", seq, 0, "h:out", x[steps], _pos(steps)))
+            assert mon.handle(encode_met("r", "p", seq + 1, 0, ["a", "b", "c"], y[steps], _pos(steps)))
+            seq += 2
+        mon.flush(final=True)
+        d = tap_stats(store, "r", "h:out", top=3)
+        assert d["metrics"] == ["a", "b", "c"] and d["paired"] == n and d["window_n"] == window
+        ch = d["channels"]
+        assert ch[0]["corr"]["a"] > 0.999 and ch[1]["corr"]["b"] < -0.999
+        assert ch[2]["corr"] == {"a": None, "b": None, "c": None}  # constant channel: undefined, not NaN
+        with np.errstate(invalid="ignore", divide="ignore"):  # channel 2 is constant
+            ref = np.corrcoef(np.concatenate([x[-window:], y[-window:]], axis=1).T.astype(np.float64))[:4, 4:]
+        got = np.array([[ch[i]["corr"][m] if ch[i]["corr"][m] is not None else np.nan for m in "abc"] for i in range(4)])
+        np.testing.assert_allclose(got[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-5)
+        assert ch[3]["ew_corr"]["a"] > 0.5 and ch[3]["ew_corr"]["c"] > 0.5
+        best = np.argsort(-x[:, 0])[:3]
+        assert [e["step"] for e in ch[0]["top"]] == best.tolist()
+        for e in ch[0]["top"]:
+            assert e["metrics"]["a"] == round(float(a[e["step"]]), 6)
+            assert abs(e["value"] - x[e["step"], 0]) < 1e-5
+        q = [e["value"] for e in ch[0]["quantiles"]]
+        assert len(q) == 10 and q == sorted(q)
+        win = x[-window:, 0]
+        assert abs(ch[0]["window"]["mean"] - win.mean()) < 1e-4 and abs(ch[0]["window"]["max"] - win.max()) < 1e-4
+    finally:
+        mon.close()
+
+
+def test_rows_without_metrics_are_not_correlated(store: Store) -> None:
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        steps = np.arange(50)
+        mon.handle(encode_act("r", "p", 0, 0, "t", np.ones((50, 2), np.float32), _pos(steps)))
+        mon.flush(final=True)
+        d = tap_stats(store, "r", "t")
+        assert d["metrics"] == [] and d["channels"][0]["corr"] == {} and d["channels"][0]["count"] == 50
+    finally:
+        mon.close()
+
+
+def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
+    ep = free_endpoint()
+    mon = spawn_monitor(redis_url, ep, "--window-steps", "200")
+    try:
+        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "400", "--run", "stats"],
+                      stdout=subprocess.PIPE, text=True)
+        assert agent.wait(timeout=120) == 0
+        tap = "mlp_extractor.policy_net.0:in"
+
+        def ready() -> dict | None:
+            out = subprocess.run([sys.executable, "-m", "monitor", "stats", "--run", "stats", "--tap", tap, "--json", "--redis", redis_url],
+                                 capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+            d = json.loads(out.stdout)["taps"][tap] if out.returncode == 0 else None
+            return d if d and d.get("paired") == 400 else None
+
+        d = wait_until(ready, what="400 paired rows")
+        names = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
+        for i, name in enumerate(names):  # the input tap is the observation itself
+            assert d["channels"][i]["corr"][name] > 0.9999
+            top = d["channels"][i]["top"][0]
+            assert abs(top["metrics"][name] - top["value"]) < 1e-5
+        assert d["window_n"] == 200
+        r = subprocess.run([sys.executable, "-m", "monitor", "stats", "--run", "nope", "--redis", redis_url],
+                           capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+        assert r.returncode == 2 and "no run 'nope'" in r.stderr
+    finally:
+        mon.terminate()
+        mon.wait(timeout=20)
