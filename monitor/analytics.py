@@ -126,14 +126,18 @@ class TapAnalytics:
 
     def _update_top(self, x: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
         k = self.cfg.top_k
-        values = np.concatenate([self.top_value, x])  # [k + n, width]
-        order = np.argsort(-values, axis=0, kind="stable")[:k]
+        cols = np.nonzero((x > self.top_value[-1]).any(axis=0))[0]  # only channels with a new top row
+        if cols.size == 0:
+            return
         n = len(x)
-        keys_all = np.concatenate([self.top_key, np.broadcast_to(keys[:, None], (n, self.width))])
-        self.top_value = np.take_along_axis(values, order, axis=0)
-        self.top_key = np.take_along_axis(keys_all, order, axis=0)
-        new_metrics = np.concatenate([self.top_metrics, np.broadcast_to(y[:, None, :], (n, self.width, y.shape[1]))])
-        self.top_metrics = np.take_along_axis(new_metrics, order[:, :, None], axis=0)
+        values = np.concatenate([self.top_value[:, cols], x[:, cols]])  # [k + n, c]
+        order = np.argsort(-values, axis=0, kind="stable")[:k]
+        keys_all = np.concatenate([self.top_key[:, cols], np.broadcast_to(keys[:, None], (n, cols.size))])
+        self.top_value[:, cols] = np.take_along_axis(values, order, axis=0)
+        self.top_key[:, cols] = np.take_along_axis(keys_all, order, axis=0)
+        old = self.top_metrics[:, cols]  # [k, c, m]
+        new = np.where((order >= k)[:, :, None], y[np.clip(order - k, 0, n - 1)], np.take_along_axis(old, np.minimum(order, k - 1)[:, :, None], axis=0))
+        self.top_metrics[:, cols] = new
 
     # -- reading --------------------------------------------------------------------------------
     def window_stats(self) -> dict[str, np.ndarray]:

@@ -144,3 +144,54 @@ def bench_ingest(*, frames: int = 5000) -> dict[str, Any]:
         "decode_rows_per_s": decode_rps, "monitor_rows_per_s": handle_rps, "socket_rows_per_s": socket_rps,
         "monitor_vs_decode": handle_rps / decode_rps, "rejected": res.rejected, "received": first.frames + res.frames,
     }
+
+
+def bench_stats(*, widths: tuple[int, ...] = (8, 512, 16384), metrics: int = 8, window: int = 1000,
+                steps: int = 300, frame_rows: int = 64) -> dict[str, Any]:
+    """Per-step cost of the live statistics against ``metrics`` metrics, and river's rolling
+    Pearson (one object per channel-metric pair) on the same data."""
+    from monitor.analytics import AnalyticsConfig, TapAnalytics
+    from monitor.rolling import RollingCorr
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"metrics": metrics, "window_steps": window, "rows": []}
+    river_us = _river_pair_us(window, rng)
+    for width in widths:
+        x = rng.standard_normal((steps + window, width))
+        y = rng.standard_normal((steps + window, metrics))
+        keys = np.arange(steps + window, dtype=np.int64) << 24
+        rc = RollingCorr(width, metrics, window=window)
+        rc.update(x[:window], y[:window])
+        t0 = time.perf_counter()
+        for i in range(window, window + steps):
+            rc.update(x[i : i + 1], y[i : i + 1])
+        corr_us = (time.perf_counter() - t0) / steps * 1e6
+        an = TapAnalytics(width, [f"m{j}" for j in range(metrics)], AnalyticsConfig(window_steps=window))
+        an._update(x[:window], y[:window], keys[:window])
+        t0 = time.perf_counter()
+        for i in range(window, window + steps, frame_rows):
+            an._update(x[i : i + frame_rows], y[i : i + frame_rows], keys[i : i + frame_rows])
+        full_us = (time.perf_counter() - t0) / steps * 1e6
+        river_step_us = river_us * width * metrics
+        out["rows"].append({
+            "latents": width, "rolling_pearson_us_per_step": corr_us, "all_analytics_us_per_row_in_frames": full_us,
+            "river_us_per_step": river_step_us, "river_measured": width == widths[0], "speedup_vs_river": river_step_us / corr_us,
+        })
+    out["river_us_per_pair_update"] = river_us
+    out["frame_rows"] = frame_rows
+    return out
+
+
+def _river_pair_us(window: int, rng: np.random.Generator, n: int = 20000) -> float:
+    import warnings
+
+    from river import stats, utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rp = utils.Rolling(stats.PearsonCorr(), window_size=window)
+    xs, ys = rng.standard_normal(n).tolist(), rng.standard_normal(n).tolist()
+    t0 = time.perf_counter()
+    for a, b in zip(xs, ys, strict=True):
+        rp.update(a, b)
+    return (time.perf_counter() - t0) / n * 1e6

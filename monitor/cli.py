@@ -173,8 +173,23 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
         res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
         if not args.json:
             _print_hook_table(res)
-        print(json.dumps(res))
+    else:
+        res = {"stats": bench.bench_stats()}
+        if not args.json:
+            _print_stats_table(res["stats"])
+    print(json.dumps(res))
     return 0
+
+
+def _print_stats_table(st: dict[str, Any]) -> None:
+    print(f"live statistics vs {st['metrics']} metrics, window {st['window_steps']} steps, one thread")
+    print(f"  {'latents':>8}{'rolling Pearson':>18}{'all analytics':>22}{'river, one object a pair':>28}{'speedup':>10}")
+    for r in st["rows"]:
+        river = f"{r['river_us_per_step']:,.0f} us" + ("" if r["river_measured"] else " (extrap.)")
+        print(f"  {r['latents']:>8}{r['rolling_pearson_us_per_step']:>15,.1f} us{r['all_analytics_us_per_row_in_frames']:>15,.1f} us/row"
+              f"{river:>28}{r['speedup_vs_river']:>9,.0f}x")
+    print(f"  (all analytics: rolling + EW correlations, top-k, in frames of {st['frame_rows']} rows; "
+          f"river measured at {st['river_us_per_pair_update']:.2f} us per pair update)")
 
 
 def _print_hook_table(res: dict[str, Any]) -> None:
@@ -250,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="measure overheads side by side")
     common(sp)
-    sp.add_argument("what", choices=["hook"], help="hook: agent overhead of attaching, and monitor ingest")
+    sp.add_argument("what", choices=["hook", "stats"], help="hook: agent overhead and monitor ingest; stats: live statistics per step")
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
     sp.add_argument("--steps", type=int, default=3000)
