@@ -66,15 +66,30 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
 def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
     from monitor.analytics import AnalyticsConfig
     from monitor.ingest import Monitor
+    from monitor.prom import serve_metrics
+    from monitor.rules import RulesError, load_rules
 
+    try:
+        rules = load_rules(args.rules) if args.rules else None
+    except RulesError as e:
+        print(f"interlatent: {e}", file=sys.stderr)
+        return 2
     _pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
-    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg)
+    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules)
+    server = None
+    if args.metrics_port >= 0:
+        try:
+            server = serve_metrics(mon, args.metrics_port)
+        except OSError as e:
+            log.warning("not serving /metrics on port %d: %s", args.metrics_port, e)
     signal.signal(signal.SIGTERM, lambda *_: mon.stop())
     signal.signal(signal.SIGINT, lambda *_: mon.stop())
     try:
         res = mon.run(max_frames=args.max_frames, idle_exit_s=args.idle_exit_s)
     finally:
+        if server is not None:
+            server.shutdown()
         mon.close()
     log.info("monitor done: %d frames, %d rows, rejected %s", res.frames, res.rows, res.rejected)
     return 0
@@ -124,6 +139,44 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
             w = c.get("window", {})
             print(f"  ch {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
                   + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else ""))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
+    from monitor import keys
+
+    r = s.store().r
+
+    def wanted(a: dict) -> bool:
+        return args.run is None or a["run"] == args.run
+
+    def show(a: dict) -> None:
+        print(json.dumps(a) if args.json else f"{time.strftime('%H:%M:%S', time.localtime(a['time']))} {a['text']}", flush=True)
+
+    past = [(eid, json.loads(f[b"json"])) for eid, f in reversed(r.xrevrange(keys.ALERTS, count=args.last))]
+    past = [(eid, a) for eid, a in past if wanted(a)]
+    if not args.follow:
+        if args.json:
+            active = [json.loads(v) for v in r.hvals(keys.ALERTS_ACTIVE)]
+            print(json.dumps({"alerts": [a for _, a in past], "active": [a for a in active if wanted(a)]}))
+        elif not past:
+            print("no alerts yet" + (f" for run {args.run!r}" if args.run else "") + "; the monitor raises them with --rules FILE")
+        else:
+            for _, a in past:
+                show(a)
+        return 0
+    last = past[-1][0] if past else b"$"
+    for _, a in past:
+        show(a)
+    shown = len(past)
+    while args.max is None or shown < args.max:
+        for _, entries in r.xread({keys.ALERTS: last}, block=1000) or []:
+            for eid, f in entries:
+                last = eid
+                a = json.loads(f[b"json"])
+                if wanted(a):
+                    show(a)
+                    shown += 1
     return 0
 
 
@@ -240,7 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ew-alpha", type=float, default=0.01, help="weight of a new step in the EW correlations")
     sp.add_argument("--top-k", type=int, default=10, help="top activating steps kept per channel")
     sp.add_argument("--no-analytics", action="store_true", help="keep only counters and moments")
+    sp.add_argument("--rules", help="YAML alert rules (see deploy/alerts.example.yaml)")
+    sp.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics on loopback (0: any free port, -1: off)")
     sp.set_defaults(fn=cmd_monitor)
+
+    sp = sub.add_parser("alerts", help="alerts the monitor raised (--follow to stream them)")
+    common(sp)
+    sp.add_argument("--run")
+    sp.add_argument("--follow", action="store_true", help="keep printing new alerts")
+    sp.add_argument("--json", action="store_true", help="one JSON document (with --follow: one JSON line per alert)")
+    sp.add_argument("--last", type=int, default=50, help="how many past alerts to show")
+    sp.add_argument("--max", type=int, help="with --follow: exit after this many alerts")
+    sp.set_defaults(fn=cmd_alerts)
 
     sp = sub.add_parser("status", help="what is streaming: runs, taps, rows, drops, gaps, rejects")
     common(sp)

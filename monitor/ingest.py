@@ -22,8 +22,11 @@ import zmq
 
 from agent_side.attach import DEFAULT_ENDPOINT
 from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
+from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
+from monitor.rules import RulesFile
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
+from monitor.sinks import AlertSink
 from monitor.store import Store, service_ident
 
 __all__ = ["Monitor", "MonitorResult"]
@@ -57,6 +60,7 @@ class Monitor:
         limits: Limits = DEFAULT_LIMITS,
         analytics: AnalyticsConfig | None = DEFAULT_ANALYTICS,
         analytics_every_s: float = 1.0,
+        rules: RulesFile | None = None,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
@@ -64,6 +68,8 @@ class Monitor:
         self.analytics = analytics
         self._analytics_every_s = analytics_every_s
         self._next_analytics = 0.0
+        self.alerts = AlertEngine(rules) if rules is not None else None
+        self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
         self._health_ttl_s = health_ttl_s
         self.ident = service_ident()
@@ -107,6 +113,12 @@ class Monitor:
             return False
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
+        if self.alerts is not None and frame.kind == "act":
+            try:
+                for event in self.alerts.on_rows(frame.run, frame.tap, frame.data, frame.pos, st.analytics.get(frame.tap)):
+                    self.sink.emit(event)
+            except Exception:  # a rule must never stop the monitor
+                log.exception("alert evaluation failed for %s/%s", frame.run, frame.tap)
         return True
 
     def _reject(self, reason: str, message: str) -> None:
@@ -188,6 +200,8 @@ class Monitor:
         self._stop.set()
 
     def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
         try:
             self.store.clear_heartbeat("monitor", self.ident)
         except Exception:  # Redis may already be gone at shutdown

@@ -8,7 +8,7 @@ apart: the run registry ``RUNS`` lists the run names.
 from __future__ import annotations
 
 __all__ = [
-    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH",
+    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT",
     "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "episodes", "health",
 ]
 
@@ -16,6 +16,9 @@ PREFIX = "il:"
 RUNS = PREFIX + "runs"  # zset: run -> last seen (unix s)
 REJECTED = PREFIX + "monitor:rejected"  # hash: reason -> count, summed over monitors
 HEALTH_MATCH = PREFIX + "health:*"
+ALERTS = PREFIX + "alerts"  # stream of alert events (firing / resolved), capped
+ALERTS_ACTIVE = PREFIX + "alerts:active"  # hash: alert id -> JSON of the firing alert
+ALERTS_COUNT = PREFIX + "alerts:count"  # hash: "rule|state" -> count
 
 
 def run(name: str) -> str:

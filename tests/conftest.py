@@ -97,5 +97,6 @@ def spawn(args: list[str], **kw) -> subprocess.Popen:
 
 
 def spawn_monitor(redis_url: str, endpoint: str, *extra: str) -> subprocess.Popen:
-    return spawn(["-m", "monitor", "monitor", "--redis", redis_url, "--endpoint", endpoint, "--flush-ms", "50", *extra],
+    return spawn(["-m", "monitor", "monitor", "--redis", redis_url, "--endpoint", endpoint, "--flush-ms", "50",
+                  "--metrics-port", "-1", *extra],
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -17,6 +17,7 @@ p.add_argument("--run", default="cartpole-eval")
 p.add_argument("--steps", type=int, default=300)
 p.add_argument("--sleep-ms", type=float, default=0.0)
 p.add_argument("--wait-monitor-s", type=float, default=20.0)
+p.add_argument("--spike-at", type=int, default=-1, help="at this step the policy sees cart_pos = 50 (a planted spike)")
 a = p.parse_args()
 
 torch.set_num_threads(1)
@@ -27,7 +28,10 @@ with agent_side.attach(model.policy, DEMO_TAPS, run=a.run, endpoint=a.endpoint) 
     env = tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS)
     obs, _ = env.reset(seed=0)
     for i in range(a.steps):
-        action, _ = model.predict(obs, deterministic=False)
+        seen = obs.copy()
+        if i == a.spike_at:
+            seen[0] = 50.0
+        action, _ = model.predict(seen, deterministic=False)
         obs, r, term, trunc, _ = env.step(action)
         if term or trunc:
             obs, _ = env.reset()
