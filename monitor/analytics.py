@@ -39,6 +39,7 @@ class AnalyticsConfig:
     top_k: int = 10
     quantiles: int = 10
     max_channels: int = 16384  # wider taps get moments only
+    early_k: int = 20  # steps before a failure that the early-warning profile looks at
 
 
 DEFAULT_ANALYTICS = AnalyticsConfig()

@@ -180,6 +180,30 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.early import evaluate_alerts
+
+    store = s.store()
+    if args.run not in store.runs():
+        print(f"interlatent: no run {args.run!r}; runs: {', '.join(store.runs()) or '(none yet)'}", file=sys.stderr)
+        return 2
+    res = evaluate_alerts(store.alerts(args.run), store.episodes(args.run), k=args.k)
+    res["run"] = args.run
+    res["suggested_rules"] = store.suggestions(args.run)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"run {args.run}: {res['episodes']} episodes, {res['failures']} failures; an alert counts if a failure follows within {args.k} steps")
+    if not res["rules"]:
+        print("  no alerts fired for this run (start the monitor with --rules FILE)")
+    for rule, r in res["rules"].items():
+        print(f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps")
+    for sug in res["suggested_rules"]:
+        print(f"  suggested: {json.dumps(sug['rule'])}  (pre-failure mean {sug['pre_failure_mean']} vs {sug['mean']},"
+              f" {sug['score_std']} std, over {sug['failures']} failures)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     import agent_side
     from monitor.demo import DEMO_RUN, DEMO_TAPS, demo_policy, run_agent
@@ -319,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show", type=int, default=16, help="channels shown per tap without --json")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("evaluate-alerts", help="precision, recall and lead time of each rule for upcoming failures")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--k", type=int, default=20, help="an alert is right if a failure follows within k steps")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_evaluate_alerts)
 
     sp = sub.add_parser("demo", help="start the services and stream a CartPole PPO agent into them")
     common(sp, endpoint=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT",
-    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "episodes", "health",
+    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "health",
 ]
 
 PREFIX = "il:"
@@ -54,6 +54,11 @@ def recent(name: str, tap: str) -> str:
 def analytics(name: str, tap: str) -> str:
     """String: msgpack of a tap's live analytics (correlations, rolling stats, top examples)."""
     return f"{PREFIX}analytics:{len(name)}:{name}:{tap}"
+
+
+def suggestions(name: str) -> str:
+    """String: JSON list of early-warning rules the monitor suggests for a run."""
+    return f"{PREFIX}suggest:{name}"
 
 
 def episodes(name: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from agent_side.wire import Frame
 from monitor.analytics import AnalyticsConfig, Joiner, TapAnalytics
+from monitor.early import FailureProfile
 from monitor.stats import Moments, Recent
 
 __all__ = ["TapState", "MetricState", "RunState", "RejectFrame", "recent_rows"]
@@ -107,6 +108,7 @@ class RunState:
     analytics: dict[str, TapAnalytics] = field(default_factory=dict)
     early: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # rows before any metrics
     analytics_dirty: bool = False  # analytics changed since they were last written
+    failure_profiles: dict[str, FailureProfile] = field(default_factory=dict)
 
     @property
     def drops(self) -> int:
@@ -140,6 +142,14 @@ class RunState:
             del self.returns[:-100]
             self.new_episodes.extend(frame.episodes)
             self.steps = max(self.steps, int(max(e[0] for e in frame.episodes)) + 1)
+            if self.analytics_cfg is not None:
+                for e in frame.episodes:
+                    if e[4]:  # terminated: a failure, not a time limit
+                        for name, t in self.taps.items():
+                            prof = self.failure_profiles.get(name)
+                            if prof is None:
+                                prof = self.failure_profiles[name] = FailureProfile(t.width, k=self.analytics_cfg.early_k)
+                            prof.failed(int(e[0]), int(e[1]))
             return
         self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
         if frame.kind == "act":
@@ -148,6 +158,10 @@ class RunState:
                 tap = self.taps[frame.tap] = TapState(width=frame.data.shape[1], dtype=frame.data.dtype.name)
             tap.lead = frame.lead
             tap.update(frame.data, frame.pos)
+            prof = self.failure_profiles.get(frame.tap)
+            if prof is not None and prof.waiting:
+                prof.absorb(tap.recent.get(), int(frame.pos[-1, 0]))
+                self.analytics_dirty = True
             an = self._analytics_for(frame.tap, tap.width)
             if an is not None:
                 an.offer(frame.data, frame.pos, self.joiner)

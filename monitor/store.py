@@ -14,6 +14,7 @@ import numpy as np
 import redis
 
 from monitor import keys
+from monitor.early import suggest_rules
 from monitor.runstate import MetricState, RunState, TapState
 from monitor.runstate import recent_rows as tap_recent_rows
 from monitor.stats import Moments, Recent
@@ -112,6 +113,12 @@ class Store:
         if analytics and st.analytics_dirty:
             for tap, an in st.analytics.items():
                 p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
+            suggested = []
+            for tap, prof in st.failure_profiles.items():
+                m = st.taps[tap].moments.get()
+                suggested += suggest_rules(tap, prof, m["mean"], m["std"])
+            if suggested:
+                p.set(keys.suggestions(st.run), json.dumps(sorted(suggested, key=lambda x: -x["score_std"])))
         episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
         for e in episodes:
             p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
@@ -202,6 +209,17 @@ class Store:
                    top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
                    q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
         return out
+
+    def suggestions(self, run: str) -> list[dict[str, Any]]:
+        blob = self.r.get(keys.suggestions(run))
+        return json.loads(blob) if blob else []
+
+    def episodes(self, run: str, count: int = EPISODES_MAXLEN) -> list[dict[str, Any]]:
+        return [{k.decode(): float(v) for k, v in f.items()} for _, f in self.r.xrange(keys.episodes(run), count=count)]
+
+    def alerts(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
+        out = [json.loads(f[b"json"]) for _, f in self.r.xrange(keys.ALERTS, count=count)]
+        return [a for a in out if run is None or a["run"] == run]
 
     def taps(self, run: str) -> dict[str, dict[str, Any]]:
         return {t.decode(): json.loads(v) for t, v in self.r.hgetall(keys.run_taps(run)).items()}
