@@ -51,10 +51,19 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
     from monitor.services import Services
 
     _sigterm_as_interrupt()
-    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint)
+    extra = ["--rules", str(Path(args.rules).resolve())] if args.rules else []
+    if args.rules:
+        from monitor.rules import RulesError, load_rules
+
+        try:
+            load_rules(args.rules)  # fail here, in one line, not in a child's log
+        except RulesError as e:
+            print(f"interlatent: {e}", file=sys.stderr)
+            return 2
+    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, extra_monitor_args=extra)
     try:
         services.start()
-        print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}")
+        print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}, /metrics on http://127.0.0.1:9108/metrics")
         print("attach an agent with agent_side.attach(...); `interlatent status` shows what streams; Ctrl-C stops")
         return services.wait()
     except KeyboardInterrupt:
@@ -199,8 +208,8 @@ def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
     for rule, r in res["rules"].items():
         print(f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps")
     for sug in res["suggested_rules"]:
-        print(f"  suggested: {json.dumps(sug['rule'])}  (pre-failure mean {sug['pre_failure_mean']} vs {sug['mean']},"
-              f" {sug['score_std']} std, over {sug['failures']} failures)")
+        print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
+              f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
     return 0
 
 
@@ -306,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("up", help="start Redis (embedded unless --redis) and the monitor; Ctrl-C stops all")
     common(sp, endpoint=True)
+    sp.add_argument("--rules", help="YAML alert rules for the monitor")
     sp.set_defaults(fn=cmd_up)
 
     sp = sub.add_parser("monitor", help="run the monitor's receive loop")

@@ -3,8 +3,10 @@ well alert rules foretold the failures a run has had.
 
 An episode *fails* when it terminates (the env ended it) rather than being truncated (a time
 limit). For each failure the monitor averages every channel over that env's last ``k`` rows
-before the end and compares it with the channel's overall mean: a channel whose pre-failure
-mean stands far above its usual level is a warning sign, and gets a ready threshold rule.
+before the end and measures how far, in standard deviations, that stands above or below the
+channel's usual level. Failures come in modes (CartPole's pole falls left or right), so rises
+and falls are kept apart instead of averaging to nothing: a channel's *rise score* is the mean
+over failures of its rise (0 where it fell). The best channels get ready threshold rules.
 """
 
 from __future__ import annotations
@@ -20,54 +22,64 @@ __all__ = ["FailureProfile", "suggest_rules", "evaluate_alerts"]
 
 @dataclass
 class FailureProfile:
-    """Per channel of one tap: the sum of its mean over the last ``k`` rows before each failure."""
+    """Per channel of one tap: how far it rose and fell before each failure, in std."""
 
     width: int
     k: int = 20
     failures: int = 0
-    pre_sum: np.ndarray = field(init=False)
     waiting: list[tuple[int, int]] = field(default_factory=list)  # (end step, env index) not yet seen in full
 
     def __post_init__(self) -> None:
-        self.pre_sum = np.zeros(self.width)
+        self.rise = np.zeros(self.width)  # sum over failures of max(d, 0)
+        self.fall = np.zeros(self.width)  # sum over failures of max(-d, 0)
+        self.rose = np.zeros(self.width)  # failures with d > 0
+        self.fell = np.zeros(self.width)
 
     def failed(self, end_step: int, index: int) -> None:
         self.waiting.append((end_step, index))
 
-    def absorb(self, recent: tuple[np.ndarray, np.ndarray], newest_step: int) -> None:
+    def absorb(self, recent: tuple[np.ndarray, np.ndarray], newest_step: int, mean: np.ndarray, std: np.ndarray) -> None:
         """Use the tap's recent rows for every failure whose last step has arrived."""
         data, pos = recent
         still = []
+        safe = np.where(std > 1e-12, std, np.inf)
         for end, index in self.waiting:
             if newest_step < end:
                 still.append((end, index))
                 continue
             mask = (pos[:, 1] == index) & (pos[:, 0] <= end) & (pos[:, 0] > end - self.k)
             if mask.any():
-                self.pre_sum += data[mask].mean(axis=0)
+                d = (data[mask].mean(axis=0) - mean) / safe
+                self.rise += np.maximum(d, 0.0)
+                self.fall += np.maximum(-d, 0.0)
+                self.rose += d > 0
+                self.fell += d < 0
                 self.failures += 1
         self.waiting = still[-1000:]
 
 
-def suggest_rules(tap: str, profile: FailureProfile, mean: np.ndarray, std: np.ndarray, *, top: int = 3, min_score: float = 1.0) -> list[dict[str, Any]]:
-    """Threshold rules for the channels whose pre-failure mean is furthest above their usual mean,
-    in standard deviations; the threshold sits halfway between the two means."""
+def suggest_rules(tap: str, profile: FailureProfile, mean: np.ndarray, std: np.ndarray, *, top: int = 3, min_score: float = 0.5) -> list[dict[str, Any]]:
+    """Threshold rules for the channels that move furthest before failures (rise or fall score,
+    in std, averaged over all failures); the threshold sits halfway to the typical pre-failure
+    level of the failures where the channel moved that way."""
     if profile.failures == 0:
         return []
-    pre = profile.pre_sum / profile.failures
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(std > 1e-12, (pre - mean) / std, 0.0)
+    n = profile.failures
     out = []
-    for c in np.argsort(-score)[:top]:
-        if score[c] < min_score:
-            break
-        out.append({
-            "rule": {"name": f"early-warning-{tap}-{int(c)}", "kind": "threshold", "tap": tap, "channels": [int(c)],
-                     "above": round(float((mean[c] + pre[c]) / 2), 6), "severity": "warning"},
-            "channel": int(c), "score_std": round(float(score[c]), 3), "pre_failure_mean": round(float(pre[c]), 6),
-            "mean": round(float(mean[c]), 6), "failures": profile.failures, "k": profile.k,
-        })
-    return out
+    for direction, total, count in (("above", profile.rise, profile.rose), ("below", profile.fall, profile.fell)):
+        score = total / n
+        for c in np.argsort(-score)[:top]:
+            if score[c] < min_score:
+                break
+            typical = total[c] / max(1.0, count[c])  # std moved, in the failures where it moved this way
+            sign = 1.0 if direction == "above" else -1.0
+            out.append({
+                "rule": {"name": f"early-warning-{tap}-{int(c)}-{direction}", "kind": "threshold", "tap": tap, "channels": [int(c)],
+                         direction: round(float(mean[c] + sign * typical / 2 * std[c]), 6), "severity": "warning"},
+                "channel": int(c), "direction": direction, "score_std": round(float(score[c]), 3),
+                "moved_in": round(float(count[c] / n), 3), "mean": round(float(mean[c]), 6), "failures": n, "k": profile.k,
+            })
+    return sorted(out, key=lambda x: -x["score_std"])[:top]
 
 
 def evaluate_alerts(alerts: list[dict[str, Any]], episodes: list[dict[str, Any]], *, k: int) -> dict[str, Any]:

@@ -160,7 +160,8 @@ class RunState:
             tap.update(frame.data, frame.pos)
             prof = self.failure_profiles.get(frame.tap)
             if prof is not None and prof.waiting:
-                prof.absorb(tap.recent.get(), int(frame.pos[-1, 0]))
+                m = tap.moments.get()
+                prof.absorb(tap.recent.get(), int(frame.pos[-1, 0]), m["mean"], m["std"])
                 self.analytics_dirty = True
             an = self._analytics_for(frame.tap, tap.width)
             if an is not None:
