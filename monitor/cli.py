@@ -38,6 +38,14 @@ class Settings:
     def store(self) -> Store:
         return Store(connect(resolve_redis_url(self.redis_url, self.data_dir)))
 
+    def store_with_run(self, run: str) -> Store:
+        """The store, or a :class:`ConfigError` naming the runs there are."""
+        store = self.store()
+        runs = store.runs()
+        if run not in runs:
+            raise ConfigError(f"no run {run!r}; runs: {', '.join(runs) or '(none yet)'}")
+        return store
+
 
 def _sigterm_as_interrupt() -> None:
     def handler(signum: int, frame: Any) -> None:
@@ -126,10 +134,7 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
 def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
     from monitor.report import tap_stats
 
-    store = s.store()
-    if args.run not in store.runs():
-        print(f"interlatent: no run {args.run!r}; runs: {', '.join(store.runs()) or '(none yet)'}", file=sys.stderr)
-        return 2
+    store = s.store_with_run(args.run)
     taps = [args.tap] if args.tap else sorted(store.taps(args.run))
     out = {"run": args.run, "taps": {t: tap_stats(store, args.run, t, top=args.top) for t in taps}}
     if args.json:
@@ -192,10 +197,7 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
 def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
     from monitor.early import evaluate_alerts
 
-    store = s.store()
-    if args.run not in store.runs():
-        print(f"interlatent: no run {args.run!r}; runs: {', '.join(store.runs()) or '(none yet)'}", file=sys.stderr)
-        return 2
+    store = s.store_with_run(args.run)
     res = evaluate_alerts(store.alerts(args.run), store.episodes(args.run), k=args.k)
     res["run"] = args.run
     res["suggested_rules"] = store.suggestions(args.run)

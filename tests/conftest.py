@@ -56,10 +56,10 @@ def wait_until(cond: Callable[[], object], timeout_s: float = 20.0, every_s: flo
 
 
 class LiveMonitor:
-    """A real Monitor bound to a random loopback port, its loop in a thread."""
+    """A real Monitor bound to ``endpoint`` (default: a random loopback port), its loop in a thread."""
 
-    def __init__(self, store: Store) -> None:
-        self.monitor = Monitor(store, endpoint="tcp://127.0.0.1:0", flush_ms=50)
+    def __init__(self, store: Store, endpoint: str = "tcp://127.0.0.1:0") -> None:
+        self.monitor = Monitor(store, endpoint=endpoint, flush_ms=50)
         self.endpoint = self.monitor.endpoint
         self.thread = threading.Thread(target=self.monitor.run, daemon=True)
         self.thread.start()

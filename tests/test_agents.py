@@ -6,8 +6,6 @@ what is asserted is what a user of ``interlatent status`` would see.
 
 from __future__ import annotations
 
-import threading
-
 import gymnasium
 import numpy as np
 import pytest
@@ -18,9 +16,9 @@ import agent_side
 from agent_side import TapError
 
 try:  # tests/ is not a package: pytest puts it on sys.path (rootdir-relative "prepend" import)
-    from conftest import free_endpoint, wait_until
+    from conftest import LiveMonitor, free_endpoint, wait_until
 except ImportError:  # pragma: no cover - if tests/ ever becomes a package
-    from tests.conftest import free_endpoint, wait_until
+    from tests.conftest import LiveMonitor, free_endpoint, wait_until
 
 CARTPOLE_OBS = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
 
@@ -384,27 +382,6 @@ def test_unknown_module_and_bad_site(store, live_monitor):
 
 
 # -- 8. no monitor listening --------------------------------------------------------------
-class MonitorAt:
-    """A real Monitor bound to a given endpoint (one the agent already dials), its loop in a thread."""
-
-    def __init__(self, store, endpoint: str) -> None:
-        from monitor.ingest import Monitor
-
-        self.monitor = Monitor(store, endpoint=endpoint, flush_ms=50)
-        self.thread = threading.Thread(target=self.monitor.run, daemon=True)
-        self.thread.start()
-
-    def finish(self):
-        self.monitor.stop()
-        self.thread.join(timeout=10)
-        return self.monitor
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.finish()
-        self.monitor.close()
-
-
 def _cartpole_episode_forwards(policy: nn.Module, env, steps: int, obs) -> tuple[list[torch.Tensor], int, object]:
     """``steps`` policy forwards + env steps; returns the logits, the episodes ended and the last obs."""
     outs, ended = [], 0
@@ -442,7 +419,7 @@ def test_no_monitor_is_harmless_then_monitor_arrives(store):
         assert c["drops"] >= ended > 0  # at least the episode ends it could not send are counted
 
         # the monitor comes up late: the agent connects by itself and streams from then on
-        late = MonitorAt(store, endpoint)
+        late = LiveMonitor(store, endpoint)
         try:
             assert tap.wait_for_monitor(10)
             _cartpole_episode_forwards(policy, wenv, 20, obs)
