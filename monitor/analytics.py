@@ -16,7 +16,7 @@ import numpy as np
 
 from monitor.rolling import EWCorr, RollingCorr
 
-__all__ = ["AnalyticsConfig", "DEFAULT_ANALYTICS", "Joiner", "TapAnalytics", "key_of", "pos_of"]
+__all__ = ["AnalyticsConfig", "DEFAULT_ANALYTICS", "Joiner", "TapAnalytics", "key_of", "pos_of", "pos_of_keys"]
 
 _INDEX_BITS = 24
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
@@ -25,6 +25,11 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 def key_of(pos: np.ndarray) -> np.ndarray:
     """One int64 per (step, index) row position."""
     return (pos[:, 0].astype(np.int64) << _INDEX_BITS) | (pos[:, 1].astype(np.int64) & _INDEX_MASK)
+
+
+def pos_of_keys(keys: np.ndarray) -> np.ndarray:
+    """[n, 2] (step, index) of :func:`key_of` keys."""
+    return np.stack([keys >> _INDEX_BITS, keys & _INDEX_MASK], axis=1)
 
 
 def pos_of(key: int) -> tuple[int, int]:

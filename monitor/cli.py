@@ -93,7 +93,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         return 2
     _pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
-    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules)
+    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir)
     server = None
     if args.metrics_port >= 0:
         try:
@@ -212,6 +212,30 @@ def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
     for sug in res["suggested_rules"]:
         print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
               f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
+    return 0
+
+
+def cmd_record(args: argparse.Namespace, s: Settings) -> int:
+    from tqdm import tqdm
+
+    store = s.store()
+    if not store.health():
+        raise ConfigError("no monitor is running to record: start one with `interlatent up`")
+    store.set_record(args.run, {"steps": args.steps, "state": "requested"})
+    print(f"asked the monitor to record {args.steps} steps of run {args.run!r}" + ("" if args.wait else "; it records in the background"))
+    if not args.wait:
+        return 0
+    with tqdm(total=args.steps, unit="step", disable=None) as bar:
+        while True:
+            st = store.record_requests().get(args.run, {})
+            bar.n = int(st.get("recorded", 0))
+            bar.refresh()
+            if st.get("state") in ("done", "failed"):
+                break
+            time.sleep(0.5)
+    if st["state"] == "failed":
+        raise ConfigError(f"recording failed: {st.get('error')}")
+    print(f"recorded {st['recorded']} steps into {st['path']}")
     return 0
 
 
@@ -355,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show", type=int, default=16, help="channels shown per tap without --json")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("record", help="have the monitor record a run's activations and metrics to disk")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--steps", type=int, required=True, help="how many steps to record")
+    sp.add_argument("--no-wait", dest="wait", action="store_false", help="return at once instead of waiting with a progress bar")
+    sp.set_defaults(fn=cmd_record)
 
     sp = sub.add_parser("evaluate-alerts", help="precision, recall and lead time of each rule for upcoming failures")
     common(sp)

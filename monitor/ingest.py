@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,6 +25,7 @@ from agent_side.attach import DEFAULT_ENDPOINT
 from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
 from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
+from monitor.recorder import Recorder
 from monitor.rules import RulesFile
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
 from monitor.sinks import AlertSink
@@ -61,6 +63,7 @@ class Monitor:
         analytics: AnalyticsConfig | None = DEFAULT_ANALYTICS,
         analytics_every_s: float = 1.0,
         rules: RulesFile | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
@@ -68,6 +71,8 @@ class Monitor:
         self.analytics = analytics
         self._analytics_every_s = analytics_every_s
         self._next_analytics = 0.0
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.recorders: dict[str, Recorder] = {}
         self.alerts = AlertEngine(rules) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
@@ -113,6 +118,12 @@ class Monitor:
             return False
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
+        rec = self.recorders.get(frame.run)
+        if rec is not None:
+            if frame.kind == "act":
+                rec.add_tap(frame.tap, frame.data, frame.pos)
+            elif frame.kind == "met":
+                rec.add_metrics(frame.names, frame.data, frame.pos)
         if self.alerts is not None and frame.kind == "act":
             try:
                 for event in self.alerts.on_rows(frame.run, frame.tap, frame.data, frame.pos, st.analytics.get(frame.tap)):
@@ -146,11 +157,32 @@ class Monitor:
                 except redis.RedisError as e:  # one run's trouble must not stop the others
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:
+            self._recordings(final)
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
             self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
         except redis.RedisError as e:
             self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
+
+    def _recordings(self, final: bool) -> None:
+        """Start recordings that were asked for, report progress, close the finished ones."""
+        for run, req in self.store.record_requests().items():
+            if req.get("state") == "requested" and run not in self.recorders:
+                if self.data_dir is None:
+                    self.store.set_record(run, {**req, "state": "failed", "error": "this monitor has no --data-dir"})
+                    continue
+                folder = self.data_dir / "recordings" / f"{run.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.recorders[run] = Recorder(folder, run, max_steps=int(req["steps"]))
+                self.store.set_record(run, {**req, "state": "recording", "path": str(folder), "recorded": 0})
+                log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
+        for run, rec in list(self.recorders.items()):
+            if rec.full or final:
+                path = rec.close()
+                del self.recorders[run]
+                self.store.set_record(run, {"steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps})
+                log.info("recording of run %r done: %d steps in %s", run, rec.steps, path)
+            else:
+                self.store.set_record(run, {"steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps})
 
     def _warn_store(self, message: str) -> None:
         now = time.monotonic()

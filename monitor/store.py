@@ -210,6 +210,12 @@ class Store:
                    q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
         return out
 
+    def record_requests(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.RECORD).items()}
+
+    def set_record(self, run: str, state: dict[str, Any]) -> None:
+        self.r.hset(keys.RECORD, run, json.dumps(state))
+
     def suggestions(self, run: str) -> list[dict[str, Any]]:
         blob = self.r.get(keys.suggestions(run))
         return json.loads(blob) if blob else []
