@@ -219,8 +219,11 @@ def cmd_record(args: argparse.Namespace, s: Settings) -> int:
     from tqdm import tqdm
 
     store = s.store()
-    if not store.health():
-        raise ConfigError("no monitor is running to record: start one with `interlatent up`")
+    deadline = time.monotonic() + 10
+    while not any(h.get("kind") == "monitor" for h in store.health()):
+        if time.monotonic() > deadline:
+            raise ConfigError("no monitor is running to record: start one with `interlatent up`")
+        time.sleep(0.2)
     store.set_record(args.run, {"steps": args.steps, "state": "requested"})
     print(f"asked the monitor to record {args.steps} steps of run {args.run!r}" + ("" if args.wait else "; it records in the background"))
     if not args.wait:

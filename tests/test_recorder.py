@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor
+from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from monitor.demo import CARTPOLE_OBS, DEMO_TAPS
 from monitor.recorder import Recorder, Recording, RecordingError
@@ -75,6 +75,7 @@ def test_interlatent_record_with_a_live_agent(tmp_path: Path, redis_url: str, st
     ep = free_endpoint()
     mon = spawn_monitor(redis_url, ep, "--data-dir", str(tmp_path))
     try:
+        wait_until(lambda: store.status()["monitor"]["alive"], what="the monitor")
         rec = subprocess.Popen([sys.executable, "-m", "monitor", "record", "--run", "rec", "--steps", "300", "--redis", redis_url],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
         agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "500", "--run", "rec"], stdout=subprocess.PIPE, text=True)
