@@ -9,42 +9,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent_side.attach import DEFAULT_ENDPOINT
+from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts
+from monitor.cli_common import Settings, pin_threads
+from monitor.cli_train import cmd_import, cmd_train, cmd_transcoders
 from monitor.demo import TRAIN_STEPS
-from monitor.embedded import default_data_dir
-from monitor.store import ConfigError, Store, connect, resolve_redis_url
+from monitor.store import ConfigError, Store, connect
 
 log = logging.getLogger("interlatent")
-
-
-@dataclass
-class Settings:
-    redis_url: str | None
-    endpoint: str
-    data_dir: Path
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(
-            redis_url=getattr(args, "redis", None) or os.environ.get("INTERLATENT_REDIS_URL") or None,
-            endpoint=getattr(args, "endpoint", None) or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT,
-            data_dir=Path(getattr(args, "data_dir", None) or default_data_dir()),
-        )
-
-    def store(self) -> Store:
-        return Store(connect(resolve_redis_url(self.redis_url, self.data_dir)))
-
-    def store_with_run(self, run: str) -> Store:
-        """The store, or a :class:`ConfigError` naming the runs there are."""
-        store = self.store()
-        runs = store.runs()
-        if run not in runs:
-            raise ConfigError(f"no run {run!r}; runs: {', '.join(runs) or '(none yet)'}")
-        return store
 
 
 def _sigterm_as_interrupt() -> None:
@@ -91,7 +66,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
     except RulesError as e:
         print(f"interlatent: {e}", file=sys.stderr)
         return 2
-    _pin_threads(1)
+    pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
     mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir)
     server = None
@@ -156,65 +131,6 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
-def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
-    from monitor import keys
-
-    r = s.store().r
-
-    def wanted(a: dict) -> bool:
-        return args.run is None or a["run"] == args.run
-
-    def show(a: dict) -> None:
-        print(json.dumps(a) if args.json else f"{time.strftime('%H:%M:%S', time.localtime(a['time']))} {a['text']}", flush=True)
-
-    past = [(eid, json.loads(f[b"json"])) for eid, f in reversed(r.xrevrange(keys.ALERTS, count=args.last))]
-    past = [(eid, a) for eid, a in past if wanted(a)]
-    if not args.follow:
-        if args.json:
-            active = [json.loads(v) for v in r.hvals(keys.ALERTS_ACTIVE)]
-            print(json.dumps({"alerts": [a for _, a in past], "active": [a for a in active if wanted(a)]}))
-        elif not past:
-            print("no alerts yet" + (f" for run {args.run!r}" if args.run else "") + "; the monitor raises them with --rules FILE")
-        else:
-            for _, a in past:
-                show(a)
-        return 0
-    last = past[-1][0] if past else b"$"
-    for _, a in past:
-        show(a)
-    shown = len(past)
-    while args.max is None or shown < args.max:
-        for _, entries in r.xread({keys.ALERTS: last}, block=1000) or []:
-            for eid, f in entries:
-                last = eid
-                a = json.loads(f[b"json"])
-                if wanted(a):
-                    show(a)
-                    shown += 1
-    return 0
-
-
-def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
-    from monitor.early import evaluate_alerts
-
-    store = s.store_with_run(args.run)
-    res = evaluate_alerts(store.alerts(args.run), store.episodes(args.run), k=args.k)
-    res["run"] = args.run
-    res["suggested_rules"] = store.suggestions(args.run)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"run {args.run}: {res['episodes']} episodes, {res['failures']} failures; an alert counts if a failure follows within {args.k} steps")
-    if not res["rules"]:
-        print("  no alerts fired for this run (start the monitor with --rules FILE)")
-    for rule, r in res["rules"].items():
-        print(f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps")
-    for sug in res["suggested_rules"]:
-        print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
-              f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
-    return 0
-
-
 def cmd_record(args: argparse.Namespace, s: Settings) -> int:
     from tqdm import tqdm
 
@@ -247,7 +163,7 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     from monitor.demo import DEMO_RUN, DEMO_TAPS, demo_policy, run_agent
     from monitor.services import Services
 
-    _pin_threads(1)
+    pin_threads(1)
     _sigterm_as_interrupt()
     steps = args.steps if args.steps is not None else (2000 if args.headless else None)
     services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs")
@@ -283,7 +199,7 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
     from monitor import bench
 
-    _pin_threads(args.threads)
+    pin_threads(args.threads)
     if args.what == "hook":
         res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
         if not args.json:
@@ -322,12 +238,6 @@ def _print_hook_table(res: dict[str, Any]) -> None:
     print(f"  bare decode        {i['decode_rows_per_s']:>12,.0f} rows/s")
     print(f"  monitor in-process {i['monitor_rows_per_s']:>12,.0f} rows/s ({i['monitor_vs_decode']:.2f} of decode)")
     print(f"  over a socket      {i['socket_rows_per_s']:>12,.0f} rows/s")
-
-
-def _pin_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -389,6 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, required=True, help="how many steps to record")
     sp.add_argument("--no-wait", dest="wait", action="store_false", help="return at once instead of waiting with a progress bar")
     sp.set_defaults(fn=cmd_record)
+
+    sp = sub.add_parser("train", help="train transcoders of several sizes from a recording")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--source", required=True, help="tap the transcoder reads")
+    sp.add_argument("--target", required=True, help="tap it reconstructs (the source itself for an SAE)")
+    sp.add_argument("--latents", default="2,4,8", help="latent sizes, comma separated")
+    sp.add_argument("--l1", type=float, default=1e-5)
+    sp.add_argument("--epochs", type=int, default=50)
+    sp.add_argument("--batch", type=int, default=256)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--arch", choices=["relu", "topk"], default="relu")
+    sp.add_argument("--k", type=int, help="active latents per row for --arch topk")
+    sp.add_argument("--recording", help="a recording directory (default: the run's latest `interlatent record`)")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("transcoders", help="every registered transcoder with its quality figures")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_transcoders)
+
+    sp = sub.add_parser("import", help="register an SAELens- or sparsify-format directory as a transcoder")
+    common(sp)
+    sp.add_argument("path")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--source", required=True)
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--name")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_import)
 
     sp = sub.add_parser("evaluate-alerts", help="precision, recall and lead time of each rule for upcoming failures")
     common(sp)

@@ -8,7 +8,7 @@ apart: the run registry ``RUNS`` lists the run names.
 from __future__ import annotations
 
 __all__ = [
-    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD",
+    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS",
     "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "health",
 ]
 
@@ -20,6 +20,7 @@ ALERTS = PREFIX + "alerts"  # stream of alert events (firing / resolved), capped
 ALERTS_ACTIVE = PREFIX + "alerts:active"  # hash: alert id -> JSON of the firing alert
 ALERTS_COUNT = PREFIX + "alerts:count"  # hash: "rule|state" -> count
 RECORD = PREFIX + "record"  # hash: run -> JSON recording request and its progress
+TRANSCODERS = PREFIX + "transcoders"  # hash: name -> JSON of a registered transcoder artifact
 
 
 def run(name: str) -> str:

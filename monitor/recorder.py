@@ -220,3 +220,12 @@ class Recording:
             uniq, first = np.unique(k, return_index=True)
             picked.append(d[first[np.searchsorted(uniq, common)]])
         return picked[:-1], picked[-1], pos_of_keys(common)
+
+    def pair(self, source: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+        """(source rows, target rows) of the same steps: a transcoder's training data (an SAE's
+        when source == target)."""
+        if source == target:
+            (rows,), _, _ = self.paired(source)
+            return rows, rows
+        (src, tgt), _, _ = self.paired(source, target)
+        return src, tgt

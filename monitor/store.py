@@ -210,6 +210,12 @@ class Store:
                    q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
         return out
 
+    def register_transcoder(self, info: dict[str, Any]) -> None:
+        self.r.hset(keys.TRANSCODERS, info["name"], json.dumps(info))
+
+    def transcoders(self) -> list[dict[str, Any]]:
+        return sorted((json.loads(v) for v in self.r.hvals(keys.TRANSCODERS)), key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"]))
+
     def record_requests(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.RECORD).items()}
 

@@ -1,0 +1,102 @@
+"""`interlatent train`, `transcoders` and `import`: transcoder artifacts from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from monitor.cli_common import Settings, pin_threads
+from monitor.store import ConfigError, Store
+
+__all__ = ["cmd_train", "cmd_transcoders", "cmd_import"]
+
+
+def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
+    from monitor.recorder import Recording, RecordingError
+
+    if path is None:
+        req = store.record_requests().get(run, {})
+        if req.get("state") != "done":
+            raise ConfigError(f"no finished recording of run {run!r}: record one with `interlatent record --run {run} --steps 20000`"
+                              " (or pass --recording DIR)")
+        path = req["path"]
+    try:
+        return Recording(path)
+    except RecordingError as e:
+        raise ConfigError(str(e)) from e
+
+
+def cmd_train(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.recorder import RecordingError
+    from monitor.training import train_sizes
+    from monitor.transcoder import TrainConfig
+
+    pin_threads(args.threads)
+    store = s.store()
+    rec = _recording_of(s, store, args.run, args.recording)
+    for tap in {args.source, args.target}:
+        if tap not in rec.taps:
+            raise ConfigError(f"tap {tap!r} is not in the recording {rec.dir}; it has {', '.join(rec.taps)}")
+    try:
+        sizes = [int(x) for x in args.latents.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--latents takes sizes like 2,4,8, got {args.latents!r}") from e
+    base = TrainConfig(d_sae=sizes[0], l1=args.l1, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, arch=args.arch, k=args.k)
+    try:
+        infos = train_sizes(rec, run=args.run, source=args.source, target=args.target, sizes=sizes, base=base,
+                            out_dir=s.data_dir / "transcoders", progress=not args.json)
+    except (RecordingError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    for info in infos:
+        store.register_transcoder(info)
+    if args.json:
+        print(json.dumps({"transcoders": infos}))
+    else:
+        _print_transcoders(infos)
+    return 0
+
+
+def _print_transcoders(infos: list[dict[str, Any]]) -> None:
+    if not infos:
+        print("no transcoders yet: `interlatent train ...` or `interlatent import PATH ...`")
+    print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5}")
+    for t in infos:
+        q = t.get("quality") or {}
+        cells = [format(q[k], f) if k in q else "-" for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"))]
+        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5}")
+
+
+def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:
+    infos = s.store().transcoders()
+    if args.json:
+        print(json.dumps({"transcoders": infos}))
+    else:
+        _print_transcoders(infos)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.artifacts import ArtifactError, load_artifact
+    from monitor.training import artifact_info, safe_name
+    from monitor.transcoder import quality
+
+    try:
+        model, _ = load_artifact(args.path)
+    except ArtifactError as e:
+        raise ConfigError(str(e)) from e
+    store = s.store()
+    q = None
+    req = store.record_requests().get(args.run, {})
+    if req.get("state") == "done":  # judge it on the run's recording when there is one
+        rec = _recording_of(s, store, args.run, None)
+        if {args.source, args.target} <= set(rec.taps):
+            src, tgt = rec.pair(args.source, args.target)
+            if src.shape[1] == model.d_in and tgt.shape[1] == model.d_out:
+                q = quality(model, src, tgt)
+    name = args.name or safe_name(args.run, args.source, args.target, "imported", Path(args.path).name)
+    info = artifact_info(name, Path(args.path), model, run=args.run, source=args.source, target=args.target, q=q, extra={"imported": True})
+    store.register_transcoder(info)
+    print(json.dumps(info) if args.json else f"registered {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
+    return 0
