@@ -25,6 +25,7 @@ from agent_side.attach import DEFAULT_ENDPOINT
 from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
 from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
+from monitor.encoding import Encoders
 from monitor.recorder import Recorder
 from monitor.rules import RulesFile
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
@@ -32,6 +33,8 @@ from monitor.sinks import AlertSink
 from monitor.store import Store, service_ident
 
 __all__ = ["Monitor", "MonitorResult"]
+
+RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Monitor:
         self._next_analytics = 0.0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
+        self.encoders = Encoders()
+        self._encoders_version = -1
         self.alerts = AlertEngine(rules) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
@@ -119,18 +124,30 @@ class Monitor:
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
         rec = self.recorders.get(frame.run)
-        if rec is not None:
-            if frame.kind == "act":
-                rec.add_tap(frame.tap, frame.data, frame.pos)
-            elif frame.kind == "met":
-                rec.add_metrics(frame.names, frame.data, frame.pos)
-        if self.alerts is not None and frame.kind == "act":
+        if frame.kind == "met" and rec is not None:
+            rec.add_metrics(frame.names, frame.data, frame.pos)
+        if frame.kind == "act":
+            rows = [(frame.tap, frame.data)]
             try:
-                for event in self.alerts.on_rows(frame.run, frame.tap, frame.data, frame.pos, st.analytics.get(frame.tap)):
-                    self.sink.emit(event)
-            except Exception:  # a rule must never stop the monitor
-                log.exception("alert evaluation failed for %s/%s", frame.run, frame.tap)
+                for latent_tap, z in self.encoders.encode(frame.run, frame.tap, frame.data):
+                    st.add_rows(latent_tap, z, frame.pos, frame.lead)
+                    rows.append((latent_tap, z))
+            except Exception:  # a transcoder must never stop the monitor
+                log.exception("encoding failed for %s/%s", frame.run, frame.tap)
+            for tap, data in rows:
+                if rec is not None:
+                    rec.add_tap(tap, data, frame.pos)
+                self._alert(st, tap, data, frame.pos)
         return True
+
+    def _alert(self, st: RunState, tap: str, data: Any, pos: Any) -> None:
+        if self.alerts is None:
+            return
+        try:
+            for event in self.alerts.on_rows(st.run, tap, data, pos, st.analytics.get(tap)):
+                self.sink.emit(event)
+        except Exception:  # a rule must never stop the monitor
+            log.exception("alert evaluation failed for %s/%s", st.run, tap)
 
     def _reject(self, reason: str, message: str) -> None:
         self.rejected[reason] += 1
@@ -157,6 +174,10 @@ class Monitor:
                 except redis.RedisError as e:  # one run's trouble must not stop the others
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:
+            version = self.store.transcoders_version()
+            if version != self._encoders_version:  # a transcoder was registered: load it between frames
+                self._encoders_version = version
+                self.encoders.refresh(self.store.transcoders())
             self._recordings(final)
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
@@ -176,7 +197,9 @@ class Monitor:
                 self.store.set_record(run, {**req, "state": "recording", "path": str(folder), "recorded": 0})
                 log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
         for run, rec in list(self.recorders.items()):
-            if rec.full or final:
+            st = self.runs.get(run)
+            quiet = st is not None and rec.steps > 0 and time.time() - st.last_seen > RECORD_IDLE_S  # the run ended early
+            if rec.full or final or quiet:
                 path = rec.close()
                 del self.recorders[run]
                 self.store.set_record(run, {"steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps})

@@ -8,7 +8,7 @@ apart: the run registry ``RUNS`` lists the run names.
 from __future__ import annotations
 
 __all__ = [
-    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS",
+    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS", "TRANSCODERS_VERSION",
     "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "health",
 ]
 
@@ -21,6 +21,7 @@ ALERTS_ACTIVE = PREFIX + "alerts:active"  # hash: alert id -> JSON of the firing
 ALERTS_COUNT = PREFIX + "alerts:count"  # hash: "rule|state" -> count
 RECORD = PREFIX + "record"  # hash: run -> JSON recording request and its progress
 TRANSCODERS = PREFIX + "transcoders"  # hash: name -> JSON of a registered transcoder artifact
+TRANSCODERS_VERSION = PREFIX + "transcoders:version"  # counter bumped on every registration
 
 
 def run(name: str) -> str:

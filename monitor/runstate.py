@@ -153,25 +153,7 @@ class RunState:
             return
         self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
         if frame.kind == "act":
-            tap = self.taps.get(frame.tap)
-            if tap is None:
-                tap = self.taps[frame.tap] = TapState(width=frame.data.shape[1], dtype=frame.data.dtype.name)
-            tap.lead = frame.lead
-            tap.update(frame.data, frame.pos)
-            prof = self.failure_profiles.get(frame.tap)
-            if prof is not None and prof.waiting:
-                m = tap.moments.get()
-                prof.absorb(tap.recent.get(), int(frame.pos[-1, 0]), m["mean"], m["std"])
-                self.analytics_dirty = True
-            an = self._analytics_for(frame.tap, tap.width)
-            if an is not None:
-                an.offer(frame.data, frame.pos, self.joiner)
-                self.analytics_dirty = True
-            elif self.analytics_cfg is not None and self.joiner is None:  # metrics of these steps may follow
-                early = self.early.setdefault(frame.tap, [])
-                early.append((frame.data.copy(), frame.pos.copy()))
-                while sum(len(d) for d, _ in early) > self.analytics_cfg.window_steps and len(early) > 1:
-                    early.pop(0)
+            self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
         else:
             self.metrics.update(frame.names, frame.data, frame.pos)
             if self.analytics_cfg is not None:
@@ -186,6 +168,29 @@ class RunState:
                                 an.offer(data, pos, self.joiner)
                             an.retry(self.joiner)
                             self.analytics_dirty = True
+
+    def add_rows(self, tap_name: str, data: np.ndarray, pos: np.ndarray, lead: list[int]) -> None:
+        """A tap's rows (streamed, or latents the monitor encoded) into every live statistic."""
+        self.steps = max(self.steps, int(pos[:, 0].max()) + 1)
+        tap = self.taps.get(tap_name)
+        if tap is None:
+            tap = self.taps[tap_name] = TapState(width=data.shape[1], dtype=data.dtype.name)
+        tap.lead = lead
+        tap.update(data, pos)
+        prof = self.failure_profiles.get(tap_name)
+        if prof is not None and prof.waiting:
+            m = tap.moments.get()
+            prof.absorb(tap.recent.get(), int(pos[-1, 0]), m["mean"], m["std"])
+            self.analytics_dirty = True
+        an = self._analytics_for(tap_name, tap.width)
+        if an is not None:
+            an.offer(data, pos, self.joiner)
+            self.analytics_dirty = True
+        elif self.analytics_cfg is not None and self.joiner is None:  # metrics of these steps may follow
+            early = self.early.setdefault(tap_name, [])
+            early.append((data.copy(), pos.copy()))
+            while sum(len(d) for d, _ in early) > self.analytics_cfg.window_steps and len(early) > 1:
+                early.pop(0)
 
     def _analytics_for(self, tap: str, width: int) -> TapAnalytics | None:
         cfg = self.analytics_cfg

@@ -211,7 +211,13 @@ class Store:
         return out
 
     def register_transcoder(self, info: dict[str, Any]) -> None:
-        self.r.hset(keys.TRANSCODERS, info["name"], json.dumps(info))
+        p = self.r.pipeline()
+        p.hset(keys.TRANSCODERS, info["name"], json.dumps(info))
+        p.incr(keys.TRANSCODERS_VERSION)
+        p.execute()
+
+    def transcoders_version(self) -> int:
+        return int(self.r.get(keys.TRANSCODERS_VERSION) or 0)
 
     def transcoders(self) -> list[dict[str, Any]]:
         return sorted((json.loads(v) for v in self.r.hvals(keys.TRANSCODERS)), key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"]))

@@ -1,0 +1,80 @@
+"""The monitor encodes a source tap with registered transcoders; latents are channels like any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent_side.wire import encode_act, encode_met
+from monitor.artifacts import save_artifact
+from monitor.encoding import LATENT_PREFIX
+from monitor.ingest import Monitor
+from monitor.report import tap_stats
+from monitor.store import Store
+from monitor.training import artifact_info
+from monitor.transcoder import Transcoder
+
+
+def _pos(steps: range) -> np.ndarray:
+    return np.array([[s, 0] for s in steps], dtype=np.int64)
+
+
+def _register(store: Store, tmp: Path, name: str, d_sae: int, seed: int) -> Transcoder:
+    torch.manual_seed(seed)
+    m = Transcoder(6, d_sae, 6).eval()
+    path = save_artifact(tmp / name, m, source="h:out", target="h:out", run="r")
+    store.register_transcoder(artifact_info(name, path, m, run="r", source="h:out", target="h:out", q=None))
+    return m
+
+
+def test_latents_stream_as_channels_and_a_new_transcoder_takes_over(tmp_path: Path, store: Store) -> None:
+    small = _register(store, tmp_path, "sae4", 4, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        mon.flush()  # loads the registered transcoders
+        seq = 0
+        for start in range(0, 200, 50):
+            steps = range(start, start + 50)
+            assert mon.handle(encode_act("r", "p", seq, 0, "h:out", x[start : start + 50], _pos(steps)))
+            assert mon.handle(encode_met("r", "p", seq + 1, 0, ["m"], x[start : start + 50, :1].astype(np.float64), _pos(steps)))
+            seq += 2
+        big = _register(store, tmp_path, "sae8", 8, seed=1)  # registered while the run streams
+        mon.flush(final=True)
+        for start in range(200, 400, 50):
+            steps = range(start, start + 50)
+            assert mon.handle(encode_act("r", "p", seq, 0, "h:out", x[start : start + 50], _pos(steps)))
+            seq += 1
+        mon.flush(final=True)
+        assert mon.rejected == {}
+        (run,) = store.status()["runs"]
+        assert run["taps"][LATENT_PREFIX + "sae4"]["rows"] == 400 and run["taps"][LATENT_PREFIX + "sae4"]["width"] == 4
+        assert run["taps"][LATENT_PREFIX + "sae8"]["rows"] == 200  # from the frame after it was registered
+        rows, pos = store.recent("r", LATENT_PREFIX + "sae4")
+        with torch.no_grad():
+            batch = small.encode(torch.from_numpy(x[pos[:, 0]])).numpy()
+        np.testing.assert_allclose(rows, batch, rtol=1e-6, atol=1e-6)  # streaming encode = batch encode
+        rows8, pos8 = store.recent("r", LATENT_PREFIX + "sae8")
+        with torch.no_grad():
+            np.testing.assert_allclose(rows8, big.encode(torch.from_numpy(x[pos8[:, 0]])).numpy(), rtol=1e-6, atol=1e-6)
+        d = tap_stats(store, "r", LATENT_PREFIX + "sae4")
+        assert d["width"] == 4 and d["metrics"] == ["m"] and d["paired"] == 200
+        assert all(c["count"] == 400 for c in d["channels"])
+    finally:
+        mon.close()
+
+
+def test_a_broken_artifact_is_skipped_not_fatal(tmp_path: Path, store: Store) -> None:
+    m = Transcoder(6, 4, 6)
+    store.register_transcoder(artifact_info("gone", tmp_path / "nowhere", m, run="r", source="h:out", target="h:out", q=None))
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        mon.flush()
+        assert mon.handle(encode_act("r", "p", 0, 0, "h:out", np.ones((3, 6), np.float32), _pos(range(3))))
+        mon.flush(final=True)
+        assert list(store.status()["runs"][0]["taps"]) == ["h:out"]
+    finally:
+        mon.close()
