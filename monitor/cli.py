@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, help="active latents per row for --arch topk")
     sp.add_argument("--recording", help="a recording directory (default: the run's latest `interlatent record`)")
     sp.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    sp.add_argument("--agent", help="'demo' or package.module:factory returning (module, make_env, act): measures return recovered")
+    sp.add_argument("--eval-episodes", type=int, default=10, help="episodes per condition for return recovered")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_train)
 

@@ -44,9 +44,17 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
     except ValueError as e:
         raise ConfigError(f"--latents takes sizes like 2,4,8, got {args.latents!r}") from e
     base = TrainConfig(d_sae=sizes[0], l1=args.l1, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, arch=args.arch, k=args.k)
+    agent = None
+    if args.agent:
+        from monitor.splice import load_agent
+
+        try:
+            agent = load_agent(args.agent, data_dir=s.data_dir)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"cannot load --agent {args.agent!r}: {e}") from e
     try:
         infos = train_sizes(rec, run=args.run, source=args.source, target=args.target, sizes=sizes, base=base,
-                            out_dir=s.data_dir / "transcoders", progress=not args.json)
+                            out_dir=s.data_dir / "transcoders", progress=not args.json, agent=agent, eval_episodes=args.eval_episodes)
     except (RecordingError, ValueError) as e:
         raise ConfigError(str(e)) from e
     for info in infos:
@@ -61,11 +69,12 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
 def _print_transcoders(infos: list[dict[str, Any]]) -> None:
     if not infos:
         print("no transcoders yet: `interlatent train ...` or `interlatent import PATH ...`")
-    print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5}")
+    print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5} {'return recovered':>17}")
     for t in infos:
         q = t.get("quality") or {}
-        cells = [format(q[k], f) if k in q else "-" for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"))]
-        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5}")
+        cells = [format(q[k], f) if q.get(k) is not None else "-"
+                 for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"), ("return_recovered", "6.3f"))]
+        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5} {cells[4]:>17}")
 
 
 def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:

@@ -30,16 +30,21 @@ def artifact_info(name: str, path: Path, model: Transcoder, *, run: str, source:
 
 
 def train_sizes(recording: Recording, *, run: str, source: str, target: str, sizes: list[int], base: TrainConfig,
-                out_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
+                out_dir: Path, progress: bool = True, agent: Any = None, eval_episodes: int = 10) -> list[dict[str, Any]]:
     """One transcoder per size in ``sizes`` (the seed's 2/4/8 sweep), each judged on its own
-    held-out rows; returns their registry entries."""
+    held-out rows and, given an ``agent`` (see :mod:`monitor.splice`), by the return it recovers
+    when spliced into the policy; returns their registry entries."""
+    from monitor.splice import return_recovered
+
     src, tgt = recording.pair(source, target)
     out = []
     for d_sae in sizes:
         cfg = dataclasses.replace(base, d_sae=d_sae)
         model, hist = train_transcoder(src, tgt, cfg, progress=progress)
         val = np.asarray(hist["val_rows"], dtype=np.int64)
-        q = quality(model, src[val], tgt[val])
+        q: dict[str, Any] = quality(model, src[val], tgt[val])
+        if agent is not None:
+            q.update(return_recovered(agent, model, source, target, episodes=eval_episodes))
         name = safe_name(run, source, target, f"{cfg.arch}{d_sae}")
         path = save_artifact(out_dir / name, model, source=source, target=target, run=run,
                              extra={"train": {k: v for k, v in dataclasses.asdict(cfg).items()}, "epochs_run": hist["epochs_run"],

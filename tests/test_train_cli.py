@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,20 +44,23 @@ def _record_policy(folder: Path, steps: int = 1200) -> Path:
 
 
 def _cli(*args: str, redis_url: str, data_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     return subprocess.run([sys.executable, "-m", "monitor", *args, "--redis", redis_url, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=600, env=env)
 
 
 def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: Store) -> None:
     folder = _record_policy(tmp_path / "rec")
     r = _cli("train", "--run", "pol", "--source", DEMO_TAPS[0], "--target", DEMO_TAPS[1], "--latents", "2,4,8", "--epochs", "15",
-             "--l1", "1e-5", "--recording", str(folder), "--json", redis_url=redis_url, data_dir=tmp_path)
+             "--l1", "1e-5", "--recording", str(folder), "--agent", "agents.cartpole_factory:make", "--eval-episodes", "3", "--json",
+             redis_url=redis_url, data_dir=tmp_path)
     assert r.returncode == 0, r.stderr
     infos = json.loads(r.stdout)["transcoders"]
     assert [t["d_sae"] for t in infos] == [2, 4, 8]
     for t in infos:
         q = t["quality"]
         assert 0 <= q["fvu"] < 1 and q["l0"] <= t["d_sae"] and 0 <= q["dead_frac"] <= 1
+        assert q["episodes"] == 3 and q["return_clean"] > 0 and "return_recovered" in q
         model, cfg = load_artifact(t["path"])
         assert (model.d_in, model.d_sae, model.d_out) == (4, t["d_sae"], 64) and cfg["metadata"]["source"] == DEMO_TAPS[0]
     assert infos[2]["quality"]["fvu"] < infos[0]["quality"]["fvu"]  # more latents explain more
