@@ -195,3 +195,41 @@ def _river_pair_us(window: int, rng: np.random.Generator, n: int = 20000) -> flo
     for a, b in zip(xs, ys, strict=True):
         rp.update(a, b)
     return (time.perf_counter() - t0) / n * 1e6
+
+
+ENCODE_SHAPES = ((4, 4), (64, 8), (512, 4096), (4096, 16384))  # (d_in, latents)
+
+
+def bench_encode(*, rows: int = 256, rounds: int = 5, budget_s: float = 0.3) -> dict[str, Any]:
+    """Rows/s of the monitor's online encoding (numpy frame in, latents out, as in
+    :class:`monitor.encoding.Encoders`) beside a bare ``x @ W_enc`` of the same shapes,
+    interleaved round by round; the ratio is the median of the per-round ratios."""
+    from monitor.encoding import Encoders
+    from monitor.transcoder import Transcoder
+
+    out: dict[str, Any] = {"rows_per_frame": rows, "threads": torch.get_num_threads(), "shapes": []}
+    for d_in, d_sae in ENCODE_SHAPES:
+        torch.manual_seed(0)
+        model = Transcoder(d_in, d_sae, d_in).eval()
+        enc = Encoders()
+        enc.active["t"] = ({"source": "s", "run": "r"}, model)
+        x = np.random.default_rng(0).standard_normal((rows, d_in)).astype(np.float32)
+        xt, w = torch.from_numpy(x), model.W_enc.detach()
+        ours, bare = [], []
+        for _ in range(rounds):
+            ours.append(_rows_per_s(lambda enc=enc, x=x: enc.encode("r", "s", x), rows, budget_s))
+            with torch.no_grad():
+                bare.append(_rows_per_s(lambda xt=xt, w=w: xt @ w, rows, budget_s))
+        ratios = [a / b for a, b in zip(ours, bare, strict=True)]
+        out["shapes"].append({"d_in": d_in, "latents": d_sae, "encode_rows_per_s": statistics.median(ours),
+                              "matmul_rows_per_s": statistics.median(bare), "ratio": _ratios(ratios)})
+    return out
+
+
+def _rows_per_s(fn: Any, rows: int, budget_s: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if time.perf_counter() - t0 >= budget_s:
+            return n * rows / (time.perf_counter() - t0)

@@ -15,7 +15,7 @@ from typing import Any
 from agent_side.attach import DEFAULT_ENDPOINT
 from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts
 from monitor.cli_common import Settings, pin_threads
-from monitor.cli_train import cmd_import, cmd_train, cmd_transcoders
+from monitor.cli_train import cmd_import, cmd_inspect, cmd_train, cmd_transcoders
 from monitor.demo import TRAIN_STEPS
 from monitor.store import ConfigError, Store, connect
 
@@ -204,12 +204,25 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
         res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
         if not args.json:
             _print_hook_table(res)
+    elif args.what == "encode":
+        res = {"encode": bench.bench_encode()}
+        if not args.json:
+            _print_encode_table(res["encode"])
     else:
         res = {"stats": bench.bench_stats()}
         if not args.json:
             _print_stats_table(res["stats"])
     print(json.dumps(res))
     return 0
+
+
+def _print_encode_table(enc: dict[str, Any]) -> None:
+    print(f"online encoding vs a bare matmul of the same shapes, frames of {enc['rows_per_frame']} rows, torch threads {enc['threads']}")
+    print(f"  {'d_in':>6}{'latents':>9}{'encode rows/s':>16}{'matmul rows/s':>16}{'ratio (median [min, max])':>30}")
+    for r in enc["shapes"]:
+        q = r["ratio"]
+        print(f"  {r['d_in']:>6}{r['latents']:>9}{r['encode_rows_per_s']:>16,.0f}{r['matmul_rows_per_s']:>16,.0f}"
+              f"{q['median']:>12.3f} [{q['min']:.3f}, {q['max']:.3f}]")
 
 
 def _print_stats_table(st: dict[str, Any]) -> None:
@@ -325,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_transcoders)
 
+    sp = sub.add_parser("inspect", help="per latent: statistics, top triggering steps, correlation with each metric")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--transcoder", required=True, help="a name from `interlatent transcoders`")
+    sp.add_argument("--recording", help="a recording directory (default: the run's latest `interlatent record`)")
+    sp.add_argument("--top", type=int, default=5)
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_inspect)
+
     sp = sub.add_parser("import", help="register an SAELens- or sparsify-format directory as a transcoder")
     common(sp)
     sp.add_argument("path")
@@ -351,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="measure overheads side by side")
     common(sp)
-    sp.add_argument("what", choices=["hook", "stats"], help="hook: agent overhead and monitor ingest; stats: live statistics per step")
+    sp.add_argument("what", choices=["hook", "stats", "encode"],
+                    help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul")
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
     sp.add_argument("--steps", type=int, default=3000)

@@ -10,7 +10,7 @@ from typing import Any
 from monitor.cli_common import Settings, pin_threads
 from monitor.store import ConfigError, Store
 
-__all__ = ["cmd_train", "cmd_transcoders", "cmd_import"]
+__all__ = ["cmd_train", "cmd_transcoders", "cmd_import", "cmd_inspect"]
 
 
 def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
@@ -108,4 +108,31 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
     info = artifact_info(name, Path(args.path), model, run=args.run, source=args.source, target=args.target, q=q, extra={"imported": True})
     store.register_transcoder(info)
     print(json.dumps(info) if args.json else f"registered {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.artifacts import ArtifactError, load_artifact
+    from monitor.inspect_latents import inspect_latents
+
+    store = s.store()
+    info = next((t for t in store.transcoders() if t["name"] == args.transcoder), None)
+    if info is None:
+        raise ConfigError(f"no transcoder {args.transcoder!r}; `interlatent transcoders` lists them")
+    try:
+        model, _ = load_artifact(info["path"])
+    except ArtifactError as e:
+        raise ConfigError(str(e)) from e
+    rec = _recording_of(s, store, args.run, args.recording)
+    res = {"run": args.run, "transcoder": info["name"], **inspect_latents(model, rec, info["source"], top=args.top)}
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{info['name']} over {res['rows']} recorded rows of run {args.run}")
+    for lat in res["latents"]:
+        strongest = sorted(((m, r) for m, r in lat["corr"].items() if r is not None), key=lambda mr: -abs(mr[1]))[:3]
+        print(f"  latent {lat['latent']}: max {lat['max']}, mean {lat['mean']}, std {lat['std']}, active {lat['frac_active']}; "
+              + ", ".join(f"r({m})={r:+.2f}" for m, r in strongest))
+        for t in lat["top"][:3]:
+            print(f"      step {t['step']}: {t['value']:.3f}  " + " ".join(f"{m}={v:+.3f}" for m, v in list(t["metrics"].items())[:6]))
     return 0

@@ -56,8 +56,10 @@ class Encoders:
     def encode(self, run: str, tap: str, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """(latent tap, latents [rows, d_sae]) for every transcoder that reads this tap of this run."""
         out = []
+        x = None
         for name, (info, model) in self.active.items():
             if info["source"] == tap and info["run"] in (run, "*") and model.d_in == data.shape[1]:
-                z = model.encode(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)))
-                out.append((LATENT_PREFIX + name, z.numpy()))
+                if x is None:
+                    x = torch.from_numpy(data if data.dtype == np.float32 and data.flags.c_contiguous else np.ascontiguousarray(data, dtype=np.float32))
+                out.append((LATENT_PREFIX + name, model.encode(x).numpy()))
         return out

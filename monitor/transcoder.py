@@ -48,11 +48,11 @@ class Transcoder(nn.Module):
         return self.W_dec.shape[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = x @ self.W_enc + self.b_enc
+        pre = torch.addmm(self.b_enc, x, self.W_enc) if x.dim() == 2 else x @ self.W_enc + self.b_enc
         if self.arch == "topk":
             top = torch.topk(pre, self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        return torch.relu(pre)
+        return pre.relu_() if not pre.requires_grad else torch.relu(pre)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec

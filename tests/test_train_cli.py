@@ -66,6 +66,13 @@ def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: St
     assert infos[2]["quality"]["fvu"] < infos[0]["quality"]["fvu"]  # more latents explain more
     listed = json.loads(_cli("transcoders", "--json", redis_url=redis_url, data_dir=tmp_path).stdout)["transcoders"]
     assert [t["name"] for t in listed] == [t["name"] for t in infos]
+    r = _cli("inspect", "--run", "pol", "--transcoder", infos[1]["name"], "--recording", str(folder), "--json",
+             redis_url=redis_url, data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ins = json.loads(r.stdout)
+    assert ins["rows"] == 1200 and len(ins["latents"]) == 4 and ins["metrics"] == ["reward"]
+    lat = max(ins["latents"], key=lambda la: la["max"] or 0)
+    assert lat["top"] and lat["top"][0]["value"] == lat["max"] and lat["top"][0]["metrics"] == {"reward": 1.0}
     # an artifact made elsewhere, registered by path
     r = _cli("import", infos[1]["path"], "--run", "other", "--source", DEMO_TAPS[0], "--target", DEMO_TAPS[1], "--name", "mine",
              redis_url=redis_url, data_dir=tmp_path)
