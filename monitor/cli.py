@@ -68,7 +68,19 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         return 2
     pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
-    mon = Monitor(s.store(), endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir)
+    store = s.store()
+    auto = None
+    if args.auto_train:
+        from monitor.autotrain import AutoTrain, parse_pairs
+        from monitor.store import resolve_redis_url
+
+        try:
+            pairs = tuple(parse_pairs(args.auto_train))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        auto = AutoTrain(pairs=pairs, redis_url=resolve_redis_url(s.redis_url, s.data_dir), data_dir=s.data_dir,
+                         steps=args.auto_train_steps, latents=args.auto_train_latents, epochs=args.auto_train_epochs)
+    mon = Monitor(store, endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir, auto_train=auto)
     server = None
     if args.metrics_port >= 0:
         try:
@@ -166,7 +178,10 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     pin_threads(1)
     _sigterm_as_interrupt()
     steps = args.steps if args.steps is not None else (2000 if args.headless else None)
-    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs")
+    # the demo trains a 4-latent transcoder on its hidden layer after a warm-up, then shows its latents
+    auto = ["--auto-train", f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}", "--auto-train-steps", str(args.warmup_steps), "--auto-train-latents", "4"]
+    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs",
+                        extra_monitor_args=auto)
     try:
         model = demo_policy(s.data_dir, train_steps=args.train_steps, progress=print)
         services.start()
@@ -281,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-analytics", action="store_true", help="keep only counters and moments")
     sp.add_argument("--rules", help="YAML alert rules (see deploy/alerts.example.yaml)")
     sp.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics on loopback (0: any free port, -1: off)")
+    sp.add_argument("--auto-train", help="SOURCE>TARGET tap pairs (comma separated) to train transcoders for after a warm-up")
+    sp.add_argument("--auto-train-steps", type=int, default=2000, help="warm-up steps recorded before auto-training")
+    sp.add_argument("--auto-train-latents", default="4", help="latent sizes for auto-training, comma separated")
+    sp.add_argument("--auto-train-epochs", type=int, default=30)
     sp.set_defaults(fn=cmd_monitor)
 
     sp = sub.add_parser("alerts", help="alerts the monitor raised (--follow to stream them)")
@@ -369,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--headless", action="store_true", help="run --steps steps (default 2000), print, and exit")
     sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C, or 2000 with --headless)")
     sp.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="PPO training steps for the cached demo policy")
+    sp.add_argument("--warmup-steps", type=int, default=1000, help="steps recorded before the monitor trains the demo transcoder")
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("bench", help="measure overheads side by side")

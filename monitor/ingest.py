@@ -25,6 +25,7 @@ from agent_side.attach import DEFAULT_ENDPOINT
 from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
 from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
+from monitor.autotrain import AutoTrain, AutoTrainer
 from monitor.encoding import Encoders
 from monitor.recorder import Recorder
 from monitor.rules import RulesFile
@@ -67,6 +68,7 @@ class Monitor:
         analytics_every_s: float = 1.0,
         rules: RulesFile | None = None,
         data_dir: Path | None = None,
+        auto_train: AutoTrain | None = None,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
@@ -76,7 +78,9 @@ class Monitor:
         self._next_analytics = 0.0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
+        self._record_req: dict[str, dict[str, Any]] = {}
         self.encoders = Encoders()
+        self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
         self._encoders_version = -1
         self.alerts = AlertEngine(rules) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
@@ -178,6 +182,8 @@ class Monitor:
             if version != self._encoders_version:  # a transcoder was registered: load it between frames
                 self._encoders_version = version
                 self.encoders.refresh(self.store.transcoders())
+            if self.auto is not None:
+                self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
@@ -194,6 +200,7 @@ class Monitor:
                     continue
                 folder = self.data_dir / "recordings" / f"{run.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.recorders[run] = Recorder(folder, run, max_steps=int(req["steps"]))
+                self._record_req[run] = req
                 self.store.set_record(run, {**req, "state": "recording", "path": str(folder), "recorded": 0})
                 log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
         for run, rec in list(self.recorders.items()):
@@ -202,10 +209,12 @@ class Monitor:
             if rec.full or final or quiet:
                 path = rec.close()
                 del self.recorders[run]
-                self.store.set_record(run, {"steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps})
+                req = self._record_req.pop(run, {})
+                self.store.set_record(run, {**req, "steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps})
                 log.info("recording of run %r done: %d steps in %s", run, rec.steps, path)
             else:
-                self.store.set_record(run, {"steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps})
+                req = self._record_req.get(run, {})
+                self.store.set_record(run, {**req, "steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps})
 
     def _warn_store(self, message: str) -> None:
         now = time.monotonic()
@@ -255,6 +264,8 @@ class Monitor:
         self._stop.set()
 
     def close(self) -> None:
+        if self.auto is not None:
+            self.auto.close()
         if self.sink is not None:
             self.sink.close()
         try:
