@@ -15,7 +15,7 @@ from typing import Any
 from agent_side.attach import DEFAULT_ENDPOINT
 from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts
 from monitor.cli_common import Settings, pin_threads
-from monitor.cli_train import cmd_import, cmd_inspect, cmd_train, cmd_transcoders
+from monitor.cli_train import cmd_import, cmd_inspect, cmd_report, cmd_train, cmd_transcoders
 from monitor.demo import TRAIN_STEPS
 from monitor.store import ConfigError, Store, connect
 
@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=5)
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("report", help="multiscale comparison of a run's transcoders: a markdown table and a plot")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--out", help="folder for report.md and multiscale.png (default DATA_DIR/reports/RUN)")
+    sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("import", help="register an SAELens- or sparsify-format directory as a transcoder")
     common(sp)

@@ -10,7 +10,7 @@ from typing import Any
 from monitor.cli_common import Settings, pin_threads
 from monitor.store import ConfigError, Store
 
-__all__ = ["cmd_train", "cmd_transcoders", "cmd_import", "cmd_inspect"]
+__all__ = ["cmd_train", "cmd_transcoders", "cmd_import", "cmd_inspect", "cmd_report"]
 
 
 def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
@@ -135,4 +135,14 @@ def cmd_inspect(args: argparse.Namespace, s: Settings) -> int:
               + ", ".join(f"r({m})={r:+.2f}" for m, r in strongest))
         for t in lat["top"][:3]:
             print(f"      step {t['step']}: {t['value']:.3f}  " + " ".join(f"{m}={v:+.3f}" for m, v in list(t["metrics"].items())[:6]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.multiscale import write_report
+
+    store = s.store()
+    out = Path(args.out) if args.out else s.data_dir / "reports" / args.run.replace("/", "_")
+    md = write_report(args.run, store.transcoders(), out)
+    print(f"wrote {md} and {out / 'multiscale.png'}")
     return 0

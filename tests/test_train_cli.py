@@ -73,6 +73,11 @@ def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: St
     assert ins["rows"] == 1200 and len(ins["latents"]) == 4 and ins["metrics"] == ["reward"]
     lat = max(ins["latents"], key=lambda la: la["max"] or 0)
     assert lat["top"] and lat["top"][0]["value"] == lat["max"] and lat["top"][0]["metrics"] == {"reward": 1.0}
+    r = _cli("report", "--run", "pol", "--out", str(tmp_path / "rep"), redis_url=redis_url, data_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 2 |" in md and "| 8 |" in md and "recovered" in md
+    assert (tmp_path / "rep" / "multiscale.png").read_bytes()[:4] == b"\x89PNG"
     # an artifact made elsewhere, registered by path
     r = _cli("import", infos[1]["path"], "--run", "other", "--source", DEMO_TAPS[0], "--target", DEMO_TAPS[1], "--name", "mine",
              redis_url=redis_url, data_dir=tmp_path)
