@@ -125,6 +125,10 @@ class Monitor:
         except redis.RedisError as e:
             self._reject("store_unavailable", f"cannot load run state: {e}")
             return False
+        except Exception as e:  # a bug of ours must cost one frame, never the monitor
+            self._reject("internal_error", f"{type(e).__name__}: {e}")
+            log.debug("internal error on a frame", exc_info=True)
+            return False
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
         rec = self.recorders.get(frame.run)
