@@ -54,7 +54,7 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
     dead_ep = f"tcp://127.0.0.1:{free_port()}"  # nobody binds it
     plain, nomon, live = [], [], []
     with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
-        with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp)):
+        with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp), explainer=False):
             env = gym.make("CartPole-v1")
             _loop(model, env, warmup)
             for _ in range(rounds):

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from agent_side.attach import DEFAULT_ENDPOINT
-from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts
-from monitor.cli_common import Settings, pin_threads
+from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts, cmd_explain, cmd_explainer, cmd_explanations
+from monitor.cli_common import Settings, pin_threads, sigterm_as_interrupt
 from monitor.cli_train import cmd_import, cmd_inspect, cmd_report, cmd_train, cmd_transcoders
 from monitor.demo import TRAIN_STEPS
 from monitor.store import ConfigError, Store, connect
@@ -22,18 +22,11 @@ from monitor.store import ConfigError, Store, connect
 log = logging.getLogger("interlatent")
 
 
-def _sigterm_as_interrupt() -> None:
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 # -- commands -------------------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace, s: Settings) -> int:
     from monitor.services import Services
 
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     extra = ["--rules", str(Path(args.rules).resolve())] if args.rules else []
     if args.rules:
         from monitor.rules import RulesError, load_rules
@@ -176,7 +169,7 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     from monitor.services import Services
 
     pin_threads(1)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     steps = args.steps if args.steps is not None else (2000 if args.headless else None)
     # the demo trains a 4-latent transcoder on its hidden layer after a warm-up, then shows its latents
     auto = ["--auto-train", f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}", "--auto-train-steps", str(args.warmup_steps), "--auto-train-latents", "4"]
@@ -381,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_import)
+
+    sp = sub.add_parser("explainer", help="run an explainer worker (jobs from Redis, explanations back)")
+    common(sp)
+    sp.add_argument("--backend", default="rules", help="rules (LLM backends come later)")
+    sp.add_argument("--burst", action="store_true", help="explain what is waiting, then exit")
+    sp.set_defaults(fn=cmd_explainer)
+
+    sp = sub.add_parser("explain", help="file an explain job for one latent")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--latent", required=True, help="TAP/INDEX")
+    sp.set_defaults(fn=cmd_explain)
+
+    sp = sub.add_parser("explanations", help="the explanations of a run's latents, with their scores")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_explanations)
 
     sp = sub.add_parser("evaluate-alerts", help="precision, recall and lead time of each rule for upcoming failures")
     common(sp)

@@ -6,9 +6,9 @@ import argparse
 import json
 import time
 
-from monitor.cli_common import Settings
+from monitor.cli_common import Settings, sigterm_as_interrupt
 
-__all__ = ["cmd_alerts", "cmd_evaluate_alerts"]
+__all__ = ["cmd_alerts", "cmd_evaluate_alerts", "cmd_explainer", "cmd_explain", "cmd_explanations"]
 
 
 def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
@@ -67,4 +67,50 @@ def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
     for sug in res["suggested_rules"]:
         print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
               f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
+    return 0
+
+
+def cmd_explainer(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import Worker
+
+    w = Worker(s.store(), backend=args.backend)
+    if args.burst:
+        n = w.run(burst=True)
+        print(f"explained {n} latents ({w.failed} failed)")
+        return 0
+    sigterm_as_interrupt()
+    try:
+        w.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import file_job
+    from monitor.store import ConfigError
+
+    store = s.store_with_run(args.run)
+    tap, sep, index = args.latent.rpartition("/")
+    if not sep or not index.isdigit():
+        raise ConfigError(f"--latent takes TAP/INDEX, like latents:NAME/2 or mlp_extractor.policy_net.1:out/5; got {args.latent!r}")
+    if tap not in store.taps(args.run):
+        raise ConfigError(f"run {args.run!r} has no tap {tap!r}; it has {', '.join(store.taps(args.run))}")
+    filed = file_job(store.r, args.run, tap, int(index), reason="asked")
+    print(f"filed an explain job for {args.run} {tap} #{index}" if filed else "a job for that latent is already waiting")
+    return 0
+
+
+def cmd_explanations(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import explanations
+
+    out = explanations(s.store().r, args.run)
+    if args.json:
+        print(json.dumps({"run": args.run, "explanations": out}))
+        return 0
+    if not out:
+        print(f"no explanations for run {args.run!r} yet: `interlatent explain --run {args.run} --latent TAP/INDEX`, with a worker running")
+    for e in out:
+        sc = (e.get("score") or {}).get("balanced_accuracy")
+        print(f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  (score {sc}, {e['backend']})")
     return 0

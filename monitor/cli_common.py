@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from agent_side.attach import DEFAULT_ENDPOINT
 from monitor.embedded import default_data_dir
 from monitor.store import ConfigError, Store, connect, resolve_redis_url
 
-__all__ = ["Settings", "pin_threads"]
+__all__ = ["Settings", "pin_threads", "sigterm_as_interrupt"]
 
 
 @dataclass
@@ -44,3 +45,12 @@ def pin_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def sigterm_as_interrupt() -> None:
+    """Let SIGTERM stop a command the way Ctrl-C does."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

@@ -8,7 +8,7 @@ apart: the run registry ``RUNS`` lists the run names.
 from __future__ import annotations
 
 __all__ = [
-    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS", "TRANSCODERS_VERSION",
+    "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS", "TRANSCODERS_VERSION", "EXPLAIN_JOBS", "EXPLAIN_GROUP", "EXPLAIN_PENDING", "explanations",
     "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "health",
 ]
 
@@ -22,6 +22,9 @@ ALERTS_COUNT = PREFIX + "alerts:count"  # hash: "rule|state" -> count
 RECORD = PREFIX + "record"  # hash: run -> JSON recording request and its progress
 TRANSCODERS = PREFIX + "transcoders"  # hash: name -> JSON of a registered transcoder artifact
 TRANSCODERS_VERSION = PREFIX + "transcoders:version"  # counter bumped on every registration
+EXPLAIN_JOBS = PREFIX + "explain:jobs"  # stream of explain jobs, read by the consumer group below
+EXPLAIN_GROUP = "explainers"  # consumer group name on EXPLAIN_JOBS
+EXPLAIN_PENDING = PREFIX + "explain:pending"  # set of "run|tap|latent" with a job queued: duplicates collapse
 
 
 def run(name: str) -> str:
@@ -62,6 +65,11 @@ def analytics(name: str, tap: str) -> str:
 def suggestions(name: str) -> str:
     """String: JSON list of early-warning rules the monitor suggests for a run."""
     return f"{PREFIX}suggest:{name}"
+
+
+def explanations(name: str) -> str:
+    """Hash: "tap/latent" -> JSON explanation of that latent (text, score, backend, examples)."""
+    return f"{PREFIX}explanations:{name}"
 
 
 def episodes(name: str) -> str:

@@ -31,12 +31,14 @@ class Services:
         endpoint: str,
         log_dir: Path | None = None,
         extra_monitor_args: list[str] | None = None,
+        explainer: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.redis_url = redis_url
         self.endpoint = endpoint
         self.log_dir = log_dir
         self.extra_monitor_args = extra_monitor_args or []
+        self.explainer = explainer
         self.embedded: EmbeddedRedis | None = None
         self.children: dict[str, subprocess.Popen] = {}
         self._logs: list[IO] = []
@@ -55,6 +57,8 @@ class Services:
                 where = f"; its log is {self.log_dir / 'monitor.log'}" if self.log_dir else ""
                 raise RuntimeError(f"the monitor did not come up on {self.endpoint}{where}")
             time.sleep(0.1)
+        if self.explainer:
+            self._spawn("explainer", ["explainer", "--redis", self.redis_url])
         store.r.close()
         return self
 

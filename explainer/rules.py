@@ -1,0 +1,38 @@
+"""The ``rules`` backend: a deterministic explanation from the strongest correlations and the
+metric ranges of the top-activating steps. Always available, so every latent gets something.
+
+It also yields machine-readable conditions, which is how its explanations are scored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from explainer.context import LatentContext
+
+__all__ = ["explain_rules"]
+
+MIN_ABS_R = 0.2
+
+
+def explain_rules(ctx: LatentContext, *, max_terms: int = 2) -> dict[str, Any]:
+    strong = sorted(((m, r) for m, r in ctx.corr.items() if r is not None and abs(r) >= MIN_ABS_R), key=lambda mr: -abs(mr[1]))
+    strong = strong[:max_terms]
+    if not strong:
+        return {"label": "no clear link to any metric", "text": f"No metric correlates with it beyond |r| = {MIN_ABS_R}.", "conditions": []}
+    terms, conditions, ranges = [], [], []
+    active = ctx.quantiles[-2:] or ctx.top  # the top two activation deciles: what "it fires" looks like
+    for m, r in strong:
+        top_vals = [e["metrics"][m] for e in active if e["metrics"].get(m) is not None]
+        all_vals = [e["metrics"][m] for e in ctx.quantiles if e["metrics"].get(m) is not None]
+        if not top_vals or not all_vals:
+            continue
+        top_mean, typical = float(np.mean(top_vals)), float(np.median(all_vals))
+        thr = (top_mean + typical) / 2
+        high = r > 0
+        terms.append(f"{m} is {'high' if high else 'low'} (r={r:+.2f})")
+        conditions.append({"metric": m, "op": ">" if high else "<", "value": round(thr, 6)})
+        ranges.append(f"{m} ≈ {top_mean:+.3f} when it fires vs {typical:+.3f} typically")
+    label = " and ".join(f"{'high' if c['op'] == '>' else 'low'} {c['metric']}" for c in conditions)
+    return {"label": label, "text": f"Fires when {' and '.join(terms)}; " + "; ".join(ranges) + ".", "conditions": conditions}

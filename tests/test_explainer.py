@@ -1,0 +1,103 @@
+"""The explainer worker against a real Redis: jobs in, scored explanations out, acked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent_side.wire import encode_act, encode_met
+from explainer import Worker, explanations, file_job
+from explainer.worker import _clean
+from monitor import keys
+from monitor.ingest import Monitor
+from monitor.store import Store
+
+NAMES = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
+
+
+def _stream_planted(store: Store, n: int = 1500) -> None:
+    """Channel 0 tracks pole_angle; channel 1 is noise."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(0, [1.0, 1.0, 0.1, 0.5], (n, 4))
+    x = np.stack([np.maximum(0, 10 * m[:, 2] + 0.2 * rng.standard_normal(n)), rng.random(n)], axis=1).astype(np.float32)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        seq = 0
+        for s in range(0, n, 100):
+            pos = np.stack([np.arange(s, s + 100), np.zeros(100, dtype=np.int64)], axis=1)
+            mon.handle(encode_act("cp", "p", seq, 0, "h:out", x[s : s + 100], pos))
+            mon.handle(encode_met("cp", "p", seq + 1, 0, NAMES, m[s : s + 100], pos))
+            seq += 2
+        mon.flush(final=True)
+    finally:
+        mon.close()
+
+
+def test_rules_explanation_names_the_planted_metric_and_beats_shuffled(store: Store) -> None:
+    _stream_planted(store)
+    assert file_job(store.r, "cp", "h:out", 0, reason="test")
+    assert file_job(store.r, "cp", "h:out", 1, reason="test")
+    w = Worker(store, consumer="w1")
+    assert w.run(burst=True) == 2
+    (e0, e1) = explanations(store.r, "cp")
+    assert "pole_angle" in e0["label"] and "pole_angle" in e0["text"] and e0["conditions"][0]["metric"] == "pole_angle"
+    s = e0["score"]
+    assert s["n"] > 300 and s["balanced_accuracy"] > 0.8 and s["balanced_accuracy"] > s["shuffled"] + 0.25
+    assert e0["backend"] == "rules" and len(e0["prompt_hash"]) == 16 and e0["examples"]
+    assert e1["conditions"] == [] or e1["score"]["balanced_accuracy"] < 0.7  # noise gets no confident story
+    assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0
+    assert store.r.scard(keys.EXPLAIN_PENDING) == 0
+
+
+def test_duplicates_collapse_until_explained(store: Store) -> None:
+    _stream_planted(store, n=400)
+    assert file_job(store.r, "cp", "h:out", 0, reason="alert")
+    assert not file_job(store.r, "cp", "h:out", 0, reason="alert again")
+    assert store.r.xlen(keys.EXPLAIN_JOBS) == 1
+    Worker(store, consumer="w").run(burst=True)
+    assert file_job(store.r, "cp", "h:out", 0, reason="drift")  # explained: it may be filed again
+
+
+def test_a_job_held_by_a_dead_worker_is_reclaimed(store: Store) -> None:
+    _stream_planted(store, n=400)
+    w = Worker(store, consumer="alive", claim_idle_ms=0)
+    file_job(store.r, "cp", "h:out", 0, reason="test")
+    # another worker read the job and died before acking it
+    got = store.r.xreadgroup(keys.EXPLAIN_GROUP, "dead", {keys.EXPLAIN_JOBS: ">"}, count=1)
+    assert got and store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 1
+    assert w.run(burst=True) == 1
+    assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0
+    assert explanations(store.r, "cp")[0]["label"]
+
+
+def test_a_job_that_cannot_be_explained_is_recorded_and_acked(store: Store) -> None:
+    file_job(store.r, "nothing", "t", 0, reason="test")
+    w = Worker(store, consumer="w")
+    assert w.run(burst=True) == 0 and w.failed == 1
+    (e,) = explanations(store.r, "nothing")
+    assert "no analytics" in e["error"] and e["score"] is None
+    assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0
+
+
+def test_untrusted_text_is_cleaned() -> None:
+    assert _clean("ok\x1b[31mred\x00<b>") == "ok[31mred<b>"
+    assert len(_clean("x" * 5000)) == 600
+
+
+def test_explain_commands(redis_url: str, store: Store) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    _stream_planted(store, n=600)
+
+    def cli(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "monitor", *a, "--redis", redis_url], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+
+    assert "filed an explain job" in cli("explain", "--run", "cp", "--latent", "h:out/0").stdout
+    bad = cli("explain", "--run", "cp", "--latent", "h:out")
+    assert bad.returncode == 2 and "TAP/INDEX" in bad.stderr
+    assert "explained 1 latents" in cli("explainer", "--burst").stdout
+    out = json.loads(cli("explanations", "--run", "cp", "--json").stdout)
+    assert out["explanations"][0]["latent"] == 0 and "pole_angle" in out["explanations"][0]["label"]
