@@ -1,6 +1,6 @@
 """The asynchronous explainer: workers that say what each latent means, and how sure they are."""
 
-from explainer.jobs import explanations, file_job
 from explainer.worker import BACKENDS, Worker
+from monitor.explain_jobs import explanations, file_job
 
 __all__ = ["BACKENDS", "Worker", "explanations", "file_job"]

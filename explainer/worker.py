@@ -15,10 +15,10 @@ import time
 from typing import Any
 
 from explainer.context import build_context, prompt_hash, render_prompt
-from explainer.jobs import ensure_group, store_explanation
 from explainer.rules import explain_rules
 from explainer.scoring import detection_score
 from monitor import keys
+from monitor.explain_jobs import ensure_group, store_explanation
 from monitor.store import Store
 
 __all__ = ["Worker", "BACKENDS"]

@@ -27,6 +27,7 @@ from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
 from monitor.autotrain import AutoTrain, AutoTrainer
 from monitor.encoding import Encoders
+from monitor.filing import JobFiler
 from monitor.recorder import Recorder
 from monitor.rules import RulesFile
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
@@ -69,6 +70,7 @@ class Monitor:
         rules: RulesFile | None = None,
         data_dir: Path | None = None,
         auto_train: AutoTrain | None = None,
+        file_jobs: bool = True,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
@@ -81,6 +83,7 @@ class Monitor:
         self._record_req: dict[str, dict[str, Any]] = {}
         self.encoders = Encoders()
         self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
+        self.filer = JobFiler(store.r) if file_jobs else None
         self._encoders_version = -1
         self.alerts = AlertEngine(rules) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
@@ -148,11 +151,22 @@ class Monitor:
                 self._alert(st, tap, data, frame.pos)
         return True
 
+    def _on_analytics(self, run: str, tap: str, an: Any) -> None:
+        if self.filer is not None:
+            self.filer.on_analytics(run, tap, an.paired, an.rolling.get())
+
     def _alert(self, st: RunState, tap: str, data: Any, pos: Any) -> None:
         if self.alerts is None:
             return
         try:
             for event in self.alerts.on_rows(st.run, tap, data, pos, st.analytics.get(tap)):
+                if event["state"] == "firing":
+                    known = self.store.explanation(st.run, tap, event["latent"])
+                    if known and known.get("label"):
+                        event["explanation"] = {"label": known["label"], "text": known["text"], "score": known.get("score")}
+                        event["text"] += f"; explained as: {known['label']}"
+                    elif self.filer is not None:
+                        self.filer.on_alert(st.run, tap, event["latent"])
                 self.sink.emit(event)
         except Exception:  # a rule must never stop the monitor
             log.exception("alert evaluation failed for %s/%s", st.run, tap)
@@ -178,7 +192,7 @@ class Monitor:
         for st in self.runs.values():
             if st.dirty or (with_analytics and st.analytics_dirty):
                 try:
-                    self.store.write_run(st, analytics=with_analytics)
+                    self.store.write_run(st, analytics=with_analytics, on_analytics=self._on_analytics)
                 except redis.RedisError as e:  # one run's trouble must not stop the others
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:

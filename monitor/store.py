@@ -84,7 +84,7 @@ class Store:
         self.r = client
 
     # -- the monitor writes -------------------------------------------------------------------
-    def write_run(self, st: RunState, *, analytics: bool = True) -> None:
+    def write_run(self, st: RunState, *, analytics: bool = True, on_analytics: Any = None) -> None:
         """Write one run's registry entry, counters, taps, statistics and recent rows
         (and, with ``analytics``, every tap's live analytics)."""
         p = self.r.pipeline(transaction=False)
@@ -113,6 +113,8 @@ class Store:
         if analytics and st.analytics_dirty:
             for tap, an in st.analytics.items():
                 p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
+                if on_analytics is not None:
+                    on_analytics(st.run, tap, an)
             suggested = []
             for tap, prof in st.failure_profiles.items():
                 m = st.taps[tap].moments.get()
@@ -194,6 +196,10 @@ class Store:
     def tap_moments(self, run: str, tap: str) -> dict[str, Any] | None:
         blob = self.r.get(keys.tap_stats(run, tap))
         return Moments.from_state(msgpack.unpackb(blob, raw=False)).get() if blob else None
+
+    def explanation(self, run: str, tap: str, latent: int) -> dict[str, Any] | None:
+        blob = self.r.hget(keys.explanations(run), f"{tap}/{latent}")
+        return json.loads(blob) if blob else None
 
     def analytics(self, run: str, tap: str) -> dict[str, Any] | None:
         """A tap's live analytics as written by the monitor (arrays decoded), or None."""

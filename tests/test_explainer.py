@@ -101,3 +101,42 @@ def test_explain_commands(redis_url: str, store: Store) -> None:
     assert "explained 1 latents" in cli("explainer", "--burst").stdout
     out = json.loads(cli("explanations", "--run", "cp", "--json").stdout)
     assert out["explanations"][0]["latent"] == 0 and "pole_angle" in out["explanations"][0]["label"]
+
+
+def test_the_monitor_files_jobs_and_alerts_carry_explanations(tmp_path, store: Store) -> None:
+    import torch
+
+    from monitor.artifacts import save_artifact
+    from monitor.rules import parse_rules
+    from monitor.training import artifact_info
+    from monitor.transcoder import Transcoder
+
+    torch.manual_seed(0)
+    tc = Transcoder(4, 3, 4).eval()
+    path = save_artifact(tmp_path / "tc", tc, source="h:in", target="h:in", run="cp")
+    store.register_transcoder(artifact_info("tc", path, tc, run="cp", source="h:in", target="h:in", q=None))
+    rules = parse_rules({"rules": [{"name": "hot", "kind": "threshold", "tap": "latents:*", "channels": [0], "above": 1e9}]})
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", rules=rules)
+    rng = np.random.default_rng(0)
+    try:
+        mon.flush()
+        m = rng.standard_normal((600, 4))
+        for s in range(0, 600, 100):
+            pos = np.stack([np.arange(s, s + 100), np.zeros(100, dtype=np.int64)], axis=1)
+            mon.handle(encode_act("cp", "p", s // 50, 0, "h:in", m[s : s + 100].astype(np.float32), pos))
+            mon.handle(encode_met("cp", "p", s // 50 + 1, 0, NAMES, m[s : s + 100], pos))
+        mon.flush(final=True)
+        jobs = store.r.xrange(keys.EXPLAIN_JOBS)
+        assert sorted((f[b"tap"], int(f[b"latent"]), f[b"reason"]) for _, f in jobs) == [
+            (b"latents:tc", c, b"enough examples") for c in range(3)]
+        assert store.r.xlen(keys.EXPLAIN_JOBS) == 3  # the raw tap h:in is only explained when asked
+        Worker(store, consumer="w").run(burst=True)
+        label = store.explanation("cp", "latents:tc", 0)["label"]
+        # an alert on that latent now carries its explanation
+        mon.alerts = type(mon.alerts)(parse_rules({"rules": [{"name": "hot", "kind": "threshold", "tap": "latents:*", "channels": [0], "above": -1e9}]}))
+        pos = np.array([[600, 0]])
+        mon.handle(encode_act("cp", "p", 100, 0, "h:in", m[:1].astype(np.float32), pos))
+        (alert,) = [a for a in store.alerts("cp") if a["state"] == "firing"]
+        assert alert["explanation"]["label"] == label and "explained as" in alert["text"]
+    finally:
+        mon.close()
