@@ -11,7 +11,7 @@ import numpy as np
 
 from explainer.context import LatentContext
 
-__all__ = ["explain_rules"]
+__all__ = ["explain_rules", "conditions_from_text"]
 
 MIN_ABS_R = 0.2
 
@@ -36,3 +36,30 @@ def explain_rules(ctx: LatentContext, *, max_terms: int = 2) -> dict[str, Any]:
         ranges.append(f"{m} ≈ {top_mean:+.3f} when it fires vs {typical:+.3f} typically")
     label = " and ".join(f"{'high' if c['op'] == '>' else 'low'} {c['metric']}" for c in conditions)
     return {"label": label, "text": f"Fires when {' and '.join(terms)}; " + "; ".join(ranges) + ".", "conditions": conditions}
+
+
+_UP = ("high", "large", "big", "positive", "increas", "above", "right", "fast", "rise", "rising")
+_DOWN = ("low", "small", "negative", "decreas", "below", "left", "slow", "fall", "falling")
+
+
+def conditions_from_text(text: str, ctx: LatentContext) -> list[dict[str, Any]]:
+    """Conditions on the metrics a free-text explanation names, so it can be scored like the
+    rules backend's: the direction comes from words near the name, else the correlation's sign;
+    the threshold from the context, as for the rules backend."""
+    low = text.lower()
+    out = []
+    active = ctx.quantiles[-2:] or ctx.top
+    for m in ctx.metrics:
+        at = low.find(m.lower())
+        if at < 0:
+            continue
+        near = low[max(0, at - 40) : at + len(m) + 40]
+        up, down = any(w in near for w in _UP), any(w in near for w in _DOWN)
+        r = ctx.corr.get(m) or 0.0
+        high = up if up != down else r >= 0
+        vals = [e["metrics"][m] for e in active if e["metrics"].get(m) is not None]
+        typical = [e["metrics"][m] for e in ctx.quantiles if e["metrics"].get(m) is not None]
+        if vals and typical:
+            thr = (float(np.mean(vals)) + float(np.median(typical))) / 2
+            out.append({"metric": m, "op": ">" if high else "<", "value": round(thr, 6)})
+    return out[:2]

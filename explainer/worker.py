@@ -14,8 +14,9 @@ import socket
 import time
 from typing import Any
 
+from explainer.backends import make_backend
 from explainer.context import build_context, prompt_hash, render_prompt
-from explainer.rules import explain_rules
+from explainer.rules import conditions_from_text, explain_rules
 from explainer.scoring import detection_score
 from monitor import keys
 from monitor.explain_jobs import ensure_group, store_explanation
@@ -25,19 +26,19 @@ __all__ = ["Worker", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("rules",)
+BACKENDS = ("rules", "hf:PATH", "openai:BASE_URL")
 MAX_TEXT = 600
 
 
 def _clean(text: str) -> str:
     """Explanations are untrusted text: printable characters only, length capped."""
-    return "".join(ch for ch in str(text) if ch.isprintable())[:MAX_TEXT]
+    text = str(text).replace("\n", " ").replace("\t", " ").replace("\r", " ")
+    return "".join(ch for ch in text if ch.isprintable())[:MAX_TEXT]
 
 
 class Worker:
     def __init__(self, store: Store, *, backend: str = "rules", consumer: str | None = None, claim_idle_ms: int = 60_000) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; this build has {', '.join(BACKENDS)}")
+        self.llm = make_backend(backend)  # None: the rules backend
         self.store = store
         self.r = store.r
         self.backend = backend
@@ -79,10 +80,17 @@ class Worker:
             if ctx is None:
                 raise LookupError(f"no analytics for {run}/{tap} yet (its steps need paired metrics)")
             prompt = render_prompt(ctx)
-            out = explain_rules(ctx)
+            if self.llm is None:
+                out = explain_rules(ctx)
+            else:
+                answer = str(self.llm.complete(prompt)).strip()
+                label, _, rest = answer.partition("\n") if "\n" in answer else answer.partition(". ")
+                out = {"label": _clean(label).strip() or "(no answer)", "text": _clean(rest).strip() or _clean(answer),
+                       "conditions": conditions_from_text(answer, ctx)}
             e = {
                 "run": run, "tap": tap, "latent": latent, "label": _clean(out["label"])[:80], "text": _clean(out["text"]),
-                "backend": self.backend, "model": None, "prompt_hash": prompt_hash(prompt), "reason": job.get("reason", ""),
+                "backend": self.backend, "model": getattr(self.llm, "model", None), "prompt_hash": prompt_hash(prompt),
+                "reason": job.get("reason", ""),
                 "examples": ctx.example_steps, "conditions": out["conditions"], "time": time.time(),
                 "score": detection_score(out["conditions"], ctx.metrics, ctx.heldout_values, ctx.heldout_metrics),
             }

@@ -79,7 +79,7 @@ def test_a_job_that_cannot_be_explained_is_recorded_and_acked(store: Store) -> N
 
 
 def test_untrusted_text_is_cleaned() -> None:
-    assert _clean("ok\x1b[31mred\x00<b>") == "ok[31mred<b>"
+    assert _clean("ok\x1b[31mred\x00<b>\nnext") == "ok[31mred<b> next"
     assert len(_clean("x" * 5000)) == 600
 
 
