@@ -140,3 +140,19 @@ def test_the_monitor_files_jobs_and_alerts_carry_explanations(tmp_path, store: S
         assert alert["explanation"]["label"] == label and "explained as" in alert["text"]
     finally:
         mon.close()
+
+
+def test_drift_files_again_only_the_latents_that_moved(store: Store) -> None:
+    from monitor.filing import JobFiler
+
+    f = JobFiler(store.r, min_examples=10, drift=0.3)
+    corr = np.array([[0.9, 0.0], [0.1, 0.2]])
+    assert f.on_analytics("r", "latents:x", 5, corr) == 0  # too few examples yet
+    assert f.on_analytics("r", "mlp.0:out", 100, corr) == 0  # raw taps are explained when asked
+    assert f.on_analytics("r", "latents:x", 20, corr) == 2
+    store.r.delete(keys.EXPLAIN_PENDING)  # both explained
+    assert f.on_analytics("r", "latents:x", 40, corr + 0.1) == 0  # small moves: nothing new
+    moved = corr.copy()
+    moved[1, 0] = -0.5
+    assert f.on_analytics("r", "latents:x", 60, moved) == 1  # latent 1 flipped its link to metric 0
+    assert [int(fields[b"latent"]) for _, fields in store.r.xrange(keys.EXPLAIN_JOBS)][-1] == 1
