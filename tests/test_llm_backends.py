@@ -35,11 +35,14 @@ class ChatServer:
                     self.end_headers()
                     return
                 body = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out or was killed: that is what some tests do
 
             def log_message(self, *a) -> None:
                 pass
@@ -113,3 +116,29 @@ def test_hf_backend_runs_generate_on_a_local_model(tmp_path: Path, store: Store)
     assert len(e["label"]) <= 80 and len(e["text"]) <= 600 and (e["label"] or e["text"])  # noise, but it went through generate
     with pytest.raises(BackendError, match="never downloaded"):
         HFBackend(str(tmp_path / "missing"))
+
+
+def test_a_worker_killed_mid_job_has_its_job_reclaimed(redis_url: str, store: Store) -> None:
+    import signal
+    import subprocess
+
+    from conftest import spawn, wait_until
+
+    from monitor import keys
+
+    _stream_planted(store, n=400)
+    srv = ChatServer(["slow"] * 100, "never read")  # every reply takes 1.5 s: the first worker dies waiting
+    try:
+        file_job(store.r, "cp", "h:out", 0, reason="test")
+        dying = spawn(["-m", "monitor", "explainer", "--backend", f"openai:{srv.url}", "--redis", redis_url],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: srv.requests, what="the first worker to be mid-job")
+        dying.send_signal(signal.SIGKILL)
+        dying.wait()
+        assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 1  # read, never acked
+        assert Worker(store, consumer="second", claim_idle_ms=0).run(burst=True) == 1
+        assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0
+        (e,) = explanations(store.r, "cp")
+        assert e["backend"] == "rules" and "pole_angle" in e["label"]
+    finally:
+        srv.close()
