@@ -120,7 +120,7 @@ class Attachment:
         self._arm_lock = threading.Lock()
         self._detached = False
         self._warned: set[str] = set()
-        self._sender = Sender(self.endpoint, run=run, sndhwm=sndhwm, on_change=self._on_connection)
+        self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection)
         log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
 
     # -- hooks on while a monitor listens -----------------------------------------------------

@@ -38,9 +38,8 @@ class Sender:
     ``on_change(connected)`` is called from the watcher thread when a monitor comes or goes.
     """
 
-    def __init__(self, endpoint: str, *, run: str, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, endpoint: str, *, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None) -> None:
         self.endpoint = endpoint
-        self.run = run
         self.pub = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self.seq = 0
         self.drops = 0

@@ -47,7 +47,6 @@ __all__ = [
 VERSION = 1
 ACT_DTYPES = ("float16", "float32", "float64")
 _KINDS = ("act", "met", "ep")
-_HEADER_KEYS = {"v", "kind", "run", "pub", "seq", "t", "drops"}
 
 
 @dataclass(frozen=True)

@@ -151,10 +151,10 @@ class RunState:
                                 prof = self.failure_profiles[name] = FailureProfile(t.width, k=self.analytics_cfg.early_k)
                             prof.failed(int(e[0]), int(e[1]))
             return
-        self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
         if frame.kind == "act":
             self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
         else:
+            self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
             self.metrics.update(frame.names, frame.data, frame.pos)
             if self.analytics_cfg is not None:
                 if self.joiner is None:
