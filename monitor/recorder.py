@@ -73,11 +73,15 @@ class Recorder:
     def steps(self) -> int:
         return 0 if self.first_step is None else self.last_step - self.first_step + 1
 
-    def _take(self, pos: np.ndarray) -> np.ndarray:
-        """Rows within the step budget (the budget counts from the first step recorded)."""
+    def _take(self, pos: np.ndarray, *, may_start: bool) -> np.ndarray:
+        """Rows within the step budget, which counts from the first tap row recorded: a tap's
+        rows arrive before that step's metrics, so starting on a metric frame would record
+        metrics whose activations came before the recorder existed."""
         if self.first_step is None:
+            if not may_start:
+                return np.zeros(len(pos), dtype=bool)
             self.first_step = int(pos[0, 0])
-        keep = pos[:, 0] < self.first_step + self.max_steps
+        keep = (pos[:, 0] >= self.first_step) & (pos[:, 0] < self.first_step + self.max_steps)
         if keep.any():
             self.last_step = max(self.last_step, int(pos[keep, 0].max()))
         return keep
@@ -85,7 +89,7 @@ class Recorder:
     def add_tap(self, tap: str, data: np.ndarray, pos: np.ndarray) -> None:
         if self.done:
             return
-        keep = self._take(pos)
+        keep = self._take(pos, may_start=True)
         s = self.taps.get(tap)
         if s is None:
             s = self.taps[tap] = _Stream(f"taps/{len(self.taps)}", data.shape[1], data.dtype.name, [], [], 0, [])
@@ -101,7 +105,7 @@ class Recorder:
             self.metrics = _Stream("metrics", len(names), "float64", [], [], 0, [])
         if list(names) != self.metric_names:
             return  # only the run's first set of metric names is recorded
-        keep = self._take(pos)
+        keep = self._take(pos, may_start=False)
         self._append(self.metrics, data[keep], pos[keep])
 
     def _append(self, s: _Stream, data: np.ndarray, pos: np.ndarray) -> None:
