@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from agent_side import wire
+from agent_side.control import Controller, greeting
 from agent_side.sender import Sender
 from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve
 
@@ -95,6 +96,8 @@ class Attachment:
         flush_rows: int = 256,
         flush_ms: float = 100.0,
         sndhwm: int = 128,
+        allow_control: bool = False,
+        control_endpoint: str | None = None,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
@@ -113,6 +116,7 @@ class Attachment:
         self.paused = False
         self.env_steps = False  # set by wrap() / the SB3 callback: steps come from the env
         self.step = 0
+        self._prompts = 0  # forwards named by tokens()
         self._taps = {str(s): _TapRows(str(s)) for s in specs}
         self._metrics: dict[tuple[str, ...], _MetricRows] = {}
         self._episodes: list[list[float]] = []
@@ -120,7 +124,12 @@ class Attachment:
         self._arm_lock = threading.Lock()
         self._detached = False
         self._warned: set[str] = set()
-        self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection)
+        self._control = Controller(module, run=run, endpoint=control_endpoint or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
+                                   or wire.control_endpoint(self.endpoint), width_of=lambda t: self._taps[t].width if t in self._taps else None,
+                                   step_of=lambda: self.step) if allow_control else None
+        self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection, greeting=greeting(run, self._control))
+        if self._control is not None:
+            self._control.start(self._sender)
         log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
 
     # -- hooks on while a monitor listens -----------------------------------------------------
@@ -284,6 +293,8 @@ class Attachment:
     def advance(self, n: int = 1) -> None:
         """Move to the next env step; sends metric buffers that are old enough."""
         self.step += n
+        if self._control is not None:
+            self._control.step()
         if self._episodes:
             self._flush_episodes()
         if self._metrics:
@@ -292,6 +303,35 @@ class Attachment:
                 if m.rows and now - m.t0 >= self._flush_s:
                     self.flush()
                     break
+
+    # -- language models --------------------------------------------------------------------
+    def tokens(self, tokens: Sequence[str] | Sequence[Sequence[str]], *, max_chars: int = 64) -> None:
+        """Name the tokens of the next forward: one prompt, or a batch of equal-length prompts
+        (``tokenizer.convert_ids_to_tokens(ids)``). Each call is one step; its token rows
+        ``b * T + t`` get the metric ``token_pos`` = t, so the monitor pairs and ranks them, and
+        the explainer and panel show each activation in its context.
+
+        Example::
+
+            tap.tokens(tok.convert_ids_to_tokens(ids[0]))
+            model(ids)
+        """
+        batch = [list(tokens)] if tokens and isinstance(tokens[0], str) else [list(r) for r in tokens]
+        if not batch or not batch[0] or len({len(r) for r in batch}) != 1:
+            raise ValueError("tokens() needs one non-empty prompt or a batch of prompts of equal length (pad them)")
+        self.env_steps = True
+        if self._prompts:
+            self.advance()
+        self._prompts += 1
+        if not self._sender.connected:
+            self._sender.drops += 1
+            return
+        batch = [[str(x)[:max_chars] for x in r] for r in batch]
+        run, step, length = self.run, self.step, len(batch[0])
+        self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, batch), 1)
+        for b in range(len(batch)):
+            for t in range(length):
+                self.log_row(("token_pos",), [float(t)], index=b * length + t)
 
     # -- environments -----------------------------------------------------------------------
     def wrap(self, env: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
@@ -326,7 +366,8 @@ class Attachment:
     def counters(self) -> dict[str, Any]:
         """What this handle has done: messages sent, records dropped, connection, current step."""
         s = self._sender
-        return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step}
+        return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step,
+                **(self._control.counters() if self._control is not None else {"control": False})}
 
     def flush(self) -> None:
         """Send everything buffered now."""
@@ -346,6 +387,8 @@ class Attachment:
                 return
             self._detached = True
             self._disarm()
+        if self._control is not None:
+            self._control.close()
         self.flush()
         self._sender.close(linger_ms=linger_ms)
         log.info("detached run %r: %s", self.run, self.counters())
@@ -366,6 +409,8 @@ def attach(
     flush_rows: int = 256,
     flush_ms: float = 100.0,
     sndhwm: int = 128,
+    allow_control: bool = False,
+    control_endpoint: str | None = None,
 ) -> Attachment:
     """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
 
@@ -373,6 +418,8 @@ def attach(
     close matches. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
     The agent may start before the monitor, and the monitor may come and go: while none is
     connected, nothing is copied and what would have been sent is counted as dropped.
+    ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;
+    ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1).
     """
-    return Attachment(module, [taps] if isinstance(taps, str) else list(taps), run=run, endpoint=endpoint,
-                      flush_rows=flush_rows, flush_ms=flush_ms, sndhwm=sndhwm)
+    return Attachment(module, [taps] if isinstance(taps, str) else list(taps), run=run, endpoint=endpoint, flush_rows=flush_rows,
+                      flush_ms=flush_ms, sndhwm=sndhwm, allow_control=allow_control, control_endpoint=control_endpoint)

@@ -8,7 +8,8 @@ A watcher thread blocks on the socket's connection events (ZeroMQ releases the G
 waits, so it costs the agent nothing) and keeps ``connected`` current; the attachment uses it
 to put its hooks on only while a monitor listens. This libzmq (4.3.5) does not send a bound
 SUB's subscription to peers that connect later, so XPUB cannot learn about a listener here;
-connection events are the equivalent signal.
+connection events are the equivalent signal. On every new connection the sender first sends its
+``greeting`` (the agent's control ``hello``), so a monitor that starts later still learns it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -35,16 +37,19 @@ class Sender:
 
     ``drops`` counts records (activation rows, metric rows, episodes) not handed to ZeroMQ;
     ``seq`` numbers the messages handed to ZeroMQ, so the monitor can count what was lost after.
-    ``on_change(connected)`` is called from the watcher thread when a monitor comes or goes.
+    ``on_change(connected)`` is called from the watcher thread when a monitor comes or goes;
+    ``greeting(pub, seq, drops)`` builds a message sent first on every new connection.
     """
 
-    def __init__(self, endpoint: str, *, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, endpoint: str, *, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None,
+                 greeting: Callable[[str, int, int], list[Any]] | None = None) -> None:
         self.endpoint = endpoint
         self.pub = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self.seq = 0
         self.drops = 0
         self.connected = False
         self._on_change = on_change
+        self._greeting = greeting
         self._up = threading.Event()
         self._lock = threading.Lock()
         self._ctx = zmq.Context(io_threads=1)
@@ -75,10 +80,20 @@ class Sender:
                     if self._on_change is not None:
                         self._on_change(self.connected)
                     (self._up.set if self.connected else self._up.clear)()
+                if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._greeting is not None:
+                    self._greet()
         except zmq.ZMQError:
             return  # context terminated under us at close
         finally:
             events.close(linger=0)
+
+    def _greet(self) -> None:
+        for _ in range(20):  # the new pipe may take a moment to attach; retries are not drops
+            if self.send(self._greeting, 0) or self._closed:
+                return
+            time.sleep(0.01)
+        with self._lock:
+            self.drops += 1
 
     def wait_connected(self, timeout_s: float = 10.0) -> bool:
         """Block until a monitor is connected (for scripts and tests that must not drop)."""

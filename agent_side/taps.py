@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["TapSpec", "TapError", "parse_tap", "resolve", "first_tensor", "as_rows"]
+__all__ = ["TapSpec", "TapError", "parse_tap", "resolve", "first_tensor", "as_rows", "tensor_hook"]
 
 SITES = ("in", "out")
 
@@ -83,3 +84,22 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         lead = list(t.shape[:-1])
         return t.reshape(-1, t.shape[-1]), lead
     return t.reshape(t.shape[0], -1), [t.shape[0]]
+
+
+def tensor_hook(module: torch.nn.Module, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+    """A removable hook calling ``fn`` on the module's first input (site 'in') or the first tensor
+    of its output ('out'); a tensor ``fn`` returns replaces it, None leaves it as it was."""
+    if site == "in":
+        def pre(m: torch.nn.Module, args: tuple) -> tuple | None:
+            new = fn(first_tensor(args))
+            return None if new is None else (new, *args[1:])
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(m: torch.nn.Module, args: tuple, out: Any) -> Any:
+        new = fn(first_tensor(out))
+        if new is None:
+            return None
+        return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+
+    return module.register_forward_hook(post)

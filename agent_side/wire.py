@@ -12,6 +12,17 @@ No pickle, no per-element encoding.
 ``ep`` frame: episodes that ended.
     header: v, kind="ep", run, pub, seq, t, drops, episodes=[[step, index, return, length, terminated, truncated], ...]
     parts:  header
+``tok`` frame: the tokens of one language-model forward (one prompt, or a batch of equal length).
+    header: v, kind="tok", run, pub, seq, t, drops, step, shape=[batch, tokens]
+    parts:  header, msgpack list of ``batch`` lists of ``tokens`` strings
+``ctl`` frame: what the agent's control end did (see :mod:`agent_side.control`).
+    header: v, kind="ctl", run, pub, seq, t, drops, event={event: hello|applied|reverted|refused|synced, ...}
+    parts:  header
+
+The control channel runs the other way, monitor PUB -> agent SUB, one message per run:
+    parts:  topic (run + NUL), msgpack {v, kind="steer", run, version, interventions=[Intervention.to_msg(), ...]}
+    :func:`encode_control` / :func:`decode_control`; the agent derives the monitor's control
+    endpoint from the data endpoint with :func:`control_endpoint` (port + 1).
 
 ``pos[:, 0]`` is the step of each row and ``pos[:, 1]`` its index inside that step's forward
 (the env index of a vectorized env, or ``b * tokens + t`` for a language model), so activations
@@ -40,13 +51,33 @@ __all__ = [
     "encode_act",
     "encode_met",
     "encode_ep",
+    "encode_tok",
+    "encode_ctl",
     "decode",
     "ACT_DTYPES",
+    "CTL_EVENTS",
+    "Control",
+    "control_topic",
+    "control_endpoint",
+    "encode_control",
+    "decode_control",
+    "CONTROL_MAX_BYTES",
+    "CONTROL_MAX_STEERS",
 ]
 
 VERSION = 1
 ACT_DTYPES = ("float16", "float32", "float64")
-_KINDS = ("act", "met", "ep")
+_KINDS = ("act", "met", "ep", "tok", "ctl")
+CTL_EVENTS = ("hello", "applied", "reverted", "refused", "synced")
+# every field a ctl event may carry, with its type; anything else is refused
+_CTL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "event": str, "control": bool, "version": int, "step": int, "id": str, "op": str, "tap": str, "reason": str,
+    "alpha": (int, float), "value": (int, float), "active": list,
+}
+_CTL_CHARS = 1024
+CONTROL_MAX_BYTES = 4 * 1024 * 1024  # a control message body larger than this is refused before unpacking
+CONTROL_MAX_STEERS = 64
+CONTROL_MAX_WIDTH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -88,11 +119,16 @@ class Frame:
     names: list[str] = field(default_factory=list)
     lead: list[int] = field(default_factory=list)
     episodes: list[list[float]] = field(default_factory=list)
+    step: int = 0  # tok frames: the forward these tokens belong to
+    tokens: list[list[str]] = field(default_factory=list)  # tok frames: [batch][tokens]
+    event: dict[str, Any] = field(default_factory=dict)  # ctl frames
 
     @property
     def rows(self) -> int:
         if self.data is not None:
             return int(self.data.shape[0])
+        if self.tokens:
+            return len(self.tokens) * len(self.tokens[0])
         return len(self.episodes)
 
 
@@ -121,6 +157,122 @@ def encode_met(run: str, pub: str, seq: int, drops: int, names: Sequence[str], d
 def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Sequence[float]]) -> list[Any]:
     """Parts of an episode-end frame: rows of (step, index, return, length, terminated, truncated)."""
     return [_header("ep", run, pub, seq, drops, episodes=[list(map(float, e)) for e in episodes])]
+
+
+def encode_tok(run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]]) -> list[Any]:
+    """Parts of a token frame: ``tokens[b][t]`` is the token at row ``b * T + t`` of ``step``."""
+    hdr = _header("tok", run, pub, seq, drops, step=int(step), shape=[len(tokens), len(tokens[0]) if tokens else 0])
+    return [hdr, msgpack.packb([list(row) for row in tokens], use_bin_type=True)]
+
+
+def encode_ctl(run: str, pub: str, seq: int, drops: int, event: dict[str, Any]) -> list[Any]:
+    """Parts of a control-event frame; ``event`` holds only the fields :func:`decode` accepts."""
+    return [_header("ctl", run, pub, seq, drops, event=event)]
+
+
+def _ctl_event(ev: Any) -> dict[str, Any]:
+    if not isinstance(ev, dict):
+        raise WireError("bad_header", "ctl frame: event must be a map")
+    unknown = [k for k in ev if k not in _CTL_FIELDS]
+    if unknown:
+        raise WireError("bad_header", f"ctl frame: unknown event fields {unknown[:5]!r}"[:200])
+    if ev.get("event") not in CTL_EVENTS:
+        raise WireError("bad_header", f"ctl frame: event must be one of {CTL_EVENTS}")
+    for key, val in ev.items():
+        typ = _CTL_FIELDS[key]
+        if not isinstance(val, typ) or isinstance(val, bool) and typ is not bool:
+            raise WireError("bad_header", f"ctl frame: field {key!r} is not {getattr(typ, '__name__', typ)}")
+        if isinstance(val, str) and len(val) > _CTL_CHARS:
+            raise WireError("bad_header", f"ctl frame: field {key!r} longer than {_CTL_CHARS} chars")
+        if isinstance(val, float) and not math.isfinite(val):
+            raise WireError("non_finite", f"ctl frame: field {key!r} is not finite")
+    active = ev.get("active", [])
+    if len(active) > CONTROL_MAX_STEERS or not all(isinstance(a, str) and len(a) <= _CTL_CHARS for a in active):
+        raise WireError("bad_header", f"ctl frame: active must be at most {CONTROL_MAX_STEERS} ids")
+    return ev
+
+
+@dataclass(frozen=True)
+class Control:
+    """A decoded control message: the whole set of interventions a run's agent should hold."""
+
+    run: str
+    version: int
+    interventions: list[dict[str, Any]]  # each still to be validated with Intervention.from_msg
+
+
+def control_topic(run: str) -> bytes:
+    """The SUB subscription of ``run``; the NUL keeps run "a" from matching run "ab"."""
+    return run.encode() + b"\0"
+
+
+def control_endpoint(endpoint: str) -> str:
+    """The control endpoint that goes with a data endpoint: tcp port + 1 (0 and * stay any port),
+    ``ipc://path`` -> ``ipc://path.ctl``, ``inproc://name`` -> ``inproc://name.ctl``."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc") and rest:
+        return f"{endpoint}.ctl"
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host and port in ("0", "*"):
+        return endpoint
+    if scheme == "tcp" and host and port.isdigit() and int(port) < 65535:
+        return f"tcp://{host}:{int(port) + 1}"
+    raise ValueError(f"cannot derive a control endpoint from {endpoint!r}; pass control_endpoint=")
+
+
+def encode_control(run: str, version: int, interventions: Sequence[dict[str, Any]]) -> list[bytes]:
+    """Parts of a control message: ``run``'s whole desired set, ``version`` counting its changes."""
+    body = {"v": VERSION, "kind": "steer", "run": run, "version": int(version), "interventions": list(interventions)}
+    return [control_topic(run), msgpack.packb(body, use_bin_type=True)]
+
+
+def decode_control(parts: Sequence[Any], *, max_bytes: int = CONTROL_MAX_BYTES, max_steers: int = CONTROL_MAX_STEERS,
+                   max_width: int = CONTROL_MAX_WIDTH) -> Control:
+    """Parse and validate the envelope of a control message (sizes first, then exact keys and
+    types); raises :class:`WireError`. Each intervention is validated by the agent afterwards."""
+    if len(parts) != 2:
+        raise WireError("bad_frame", f"control message with {len(parts)} parts, expected 2")
+    body = memoryview(parts[1])
+    if body.nbytes > max_bytes:
+        raise WireError("oversized", f"control message of {body.nbytes} bytes, limit {max_bytes}")
+    msg = _versioned_map(_unpack(body, strict_map_key=True, max_bin_len=0, max_ext_len=0, max_map_len=16,
+                                 max_str_len=max_bytes, max_array_len=max(max_steers, max_width)), "control message")
+    if set(msg) != {"v", "kind", "run", "version", "interventions"}:
+        raise WireError("bad_header", f"control message keys {sorted(map(str, msg))[:8]}, expected v, kind, run, version, interventions")
+    run, version, ivs = msg["run"], msg["version"], msg["interventions"]
+    if msg["kind"] != "steer":
+        raise WireError("bad_header", f"control message kind {msg['kind']!r:.40}, expected 'steer'")
+    if not isinstance(run, str) or not run or len(run) > DEFAULT_LIMITS.name_chars or bytes(memoryview(parts[0])) != control_topic(run):
+        raise WireError("bad_header", "run missing, too long or not the message's topic")
+    if type(version) is not int or version < 0:
+        raise WireError("bad_header", "version must be an int >= 0")
+    if not isinstance(ivs, list) or len(ivs) > max_steers or not all(isinstance(i, dict) for i in ivs):
+        raise WireError("bad_header", f"interventions must be a list of at most {max_steers} maps")
+    return Control(run, version, ivs)
+
+
+def _unpack(buf: Any, *, what: str = "", **limits: int | bool) -> Any:
+    """msgpack of untrusted bytes within ``limits``, or a ``bad_msgpack`` :class:`WireError`."""
+    try:
+        return msgpack.unpackb(memoryview(buf), raw=False, **limits)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise WireError("bad_msgpack", f"{what}{str(e)[:120]}") from e
+
+
+def _versioned_map(obj: Any, what: str) -> dict:
+    if not isinstance(obj, dict):
+        raise WireError("bad_header", f"{what} is not a map")
+    if obj.get("v") != VERSION:
+        raise WireError("version", f"format version {obj.get('v')!r}, this side speaks {VERSION}")
+    return obj
+
+
+def _tokens(buf: Any, batch: int, length: int, lim: Limits) -> list[list[str]]:
+    rows = _unpack(buf, what="tokens: ", max_str_len=lim.name_chars * 4, max_array_len=max(batch, length), max_map_len=0, max_bin_len=0)
+    if not (isinstance(rows, list) and len(rows) == batch
+            and all(isinstance(r, list) and len(r) == length and all(isinstance(x, str) and len(x) <= lim.name_chars for x in r) for r in rows)):
+        raise WireError("bad_header", f"tokens must be {batch} lists of {length} strings of at most {lim.name_chars} chars")
+    return rows
 
 
 def _need(h: dict, key: str, typ: type | tuple[type, ...]) -> Any:
@@ -160,22 +312,8 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
     raw = memoryview(parts[0])
     if raw.nbytes > limits.header_bytes:
         raise WireError("oversized", f"header of {raw.nbytes} bytes")
-    try:
-        h = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=limits.header_bytes,
-            max_bin_len=limits.header_bytes,
-            max_array_len=max(limits.names, limits.episodes),
-            max_map_len=64,
-        )
-    except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise WireError("bad_msgpack", str(e)[:120]) from e
-    if not isinstance(h, dict):
-        raise WireError("bad_header", "header is not a map")
-    if h.get("v") != VERSION:
-        raise WireError("version", f"format version {h.get('v')!r}, this side speaks {VERSION}")
+    h = _versioned_map(_unpack(raw, strict_map_key=True, max_str_len=limits.header_bytes, max_bin_len=limits.header_bytes,
+                               max_array_len=max(limits.names, limits.episodes), max_map_len=64), "header")
     kind = h.get("kind")
     if kind not in _KINDS:
         raise WireError("bad_header", f"unknown kind {kind!r}")
@@ -202,6 +340,20 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
             if not all(math.isfinite(x) for x in e):
                 raise WireError("non_finite", "episode record with NaN or Inf")
         frame.episodes = eps
+        return frame
+    if kind == "ctl":
+        if len(parts) != 1:
+            raise WireError("bad_frame", f"ctl frame with {len(parts)} parts")
+        frame.event = _ctl_event(h.get("event"))
+        return frame
+    if kind == "tok":
+        if len(parts) != 2:
+            raise WireError("bad_frame", f"tok frame with {len(parts)} parts, expected 2")
+        batch, length = _shape2(h, limits)
+        frame.step = _need(h, "step", int)
+        if frame.step < 0:
+            raise WireError("bad_header", "step must be >= 0")
+        frame.tokens = _tokens(parts[1], batch, length, limits)
         return frame
 
     if len(parts) != 3:

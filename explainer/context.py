@@ -13,7 +13,9 @@ from monitor.analytics import key_of
 from monitor.report import tap_stats
 from monitor.store import Store
 
-__all__ = ["LatentContext", "build_context", "render_prompt"]
+__all__ = ["LatentContext", "build_context", "render_prompt", "token_context"]
+
+BEFORE, AFTER = 12, 3  # tokens of context shown around an activating token
 
 
 @dataclass
@@ -29,6 +31,9 @@ class LatentContext:
     heldout_values: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [n] the latent
     heldout_metrics: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [n, metrics]
 
+    tokens: bool = False  # examples carry "token" and "context" (a language-model tap)
+    heldout_tokens: list[str] = field(default_factory=list)  # [n] the token of each held-out row, when tokens
+
     @property
     def example_steps(self) -> list[int]:
         return sorted({e["step"] for e in self.top + self.quantiles})
@@ -42,6 +47,13 @@ def build_context(store: Store, run: str, tap: str, latent: int, *, top: int = 1
     ch = d["channels"][latent]
     ctx = LatentContext(run=run, tap=tap, latent=latent, metrics=d["metrics"], corr=ch["corr"], top=ch["top"],
                         quantiles=ch["quantiles"], stats={k: ch.get(k) for k in ("count", "mean", "std", "min", "max")} | {"window": ch["window"]})
+    toks = store.tokens(run, ctx.example_steps)
+    if toks:
+        ctx.tokens = True
+        for e in ctx.top + ctx.quantiles:
+            rows = toks.get(e["step"])
+            if rows:
+                e["token"], e["context"] = token_at(rows, e["index"]), token_context(rows, e["index"])
     recent, met = store.recent(run, tap), store.recent_metrics(run)
     if recent is not None and met and all(m in met for m in ctx.metrics):
         rows, pos = recent
@@ -53,10 +65,30 @@ def build_context(store: Store, run: str, tap: str, latent: int, *, top: int = 1
         if pairs:
             ai, mi = np.array(pairs).T
             ctx.heldout_values, ctx.heldout_metrics = rows[ai, latent].astype(np.float64), mvals[mi]
+            if ctx.tokens:
+                held = store.tokens(run, pos[ai, 0].tolist())
+                ctx.heldout_tokens = [token_at(held[int(st)], int(ix)) if int(st) in held else "" for st, ix in pos[ai]]
     return ctx
 
 
+def token_at(rows: list[list[str]], index: int) -> str:
+    b, t = divmod(int(index), len(rows[0]))
+    return rows[b][t] if b < len(rows) else ""
+
+
+def token_context(rows: list[list[str]], index: int, *, before: int = BEFORE, after: int = AFTER) -> str:
+    """The tokens around row ``index`` (``b * T + t``) of a forward, the token itself marked ⟦so⟧."""
+    length = len(rows[0])
+    b, t = divmod(int(index), length)
+    if b >= len(rows):
+        return ""
+    row = rows[b]
+    return "".join(row[max(0, t - before) : t]) + f"⟦{row[t]}⟧" + "".join(row[t + 1 : t + 1 + after])
+
+
 def _fmt_example(e: dict[str, Any]) -> str:
+    if "context" in e:
+        return f"  step {e['step']}, token {e['index']}: activation {e['value']:.3f}; text: {e['context']!r}"
     ms = ", ".join(f"{k}={v:+.3f}" for k, v in e["metrics"].items() if v is not None)
     return f"  step {e['step']}: activation {e['value']:.3f}; {ms}"
 
@@ -64,13 +96,14 @@ def _fmt_example(e: dict[str, Any]) -> str:
 def render_prompt(ctx: LatentContext) -> str:
     """The prompt an LLM backend gets (and whose hash every explanation records)."""
     corr = ", ".join(f"{m} {r:+.2f}" for m, r in sorted(((m, r) for m, r in ctx.corr.items() if r is not None), key=lambda x: -abs(x[1])))
+    what = "language model, shown text it reads; the token it fires on is marked ⟦so⟧" if ctx.tokens else "policy, watched while the agent acts"
     lines = [
-        f"A unit of a neural network policy (run {ctx.run}, {ctx.tap}, #{ctx.latent}) is being watched while the agent acts.",
+        f"A unit of a neural network {what} (run {ctx.run}, {ctx.tap}, #{ctx.latent}).",
         f"Its statistics: {ctx.stats}.",
         f"Pearson correlation with each environment metric: {corr or 'none defined'}.",
         "The steps where it activates most:", *map(_fmt_example, ctx.top),
         "One step from each activation decile, lowest first:", *map(_fmt_example, ctx.quantiles),
-        "In a short label and one or two sentences, say what situation this unit detects.",
+        "In a short label and one or two sentences, say what " + ("text pattern" if ctx.tokens else "situation") + " this unit detects.",
     ]
     return "\n".join(lines)
 

@@ -11,12 +11,31 @@ import numpy as np
 
 from explainer.context import LatentContext
 
-__all__ = ["explain_rules", "conditions_from_text"]
+__all__ = ["explain_rules", "explain_tokens", "conditions_from_text"]
 
 MIN_ABS_R = 0.2
 
 
+def explain_tokens(ctx: LatentContext, *, max_tokens: int = 4) -> dict[str, Any] | None:
+    """A language-model latent: the tokens it fires on most, as a ``tokens`` condition."""
+    seen: dict[str, int] = {}
+    for e in ctx.top:
+        if e.get("token"):
+            seen[e["token"]] = seen.get(e["token"], 0) + 1
+    if not seen:
+        return None
+    toks = sorted(seen, key=lambda t: -seen[t])[:max_tokens]
+    shown = ", ".join(repr(t) for t in toks)
+    contexts = "; ".join(repr(e["context"]) for e in ctx.top[:2] if e.get("context"))
+    return {"label": f"fires on {shown}", "text": f"Its top activations are on the tokens {shown}, e.g. {contexts}.",
+            "conditions": [{"tokens": toks}]}
+
+
 def explain_rules(ctx: LatentContext, *, max_terms: int = 2) -> dict[str, Any]:
+    if ctx.tokens:
+        out = explain_tokens(ctx)
+        if out is not None:
+            return out
     strong = sorted(((m, r) for m, r in ctx.corr.items() if r is not None and abs(r) >= MIN_ABS_R), key=lambda mr: -abs(mr[1]))
     strong = strong[:max_terms]
     if not strong:
@@ -47,7 +66,11 @@ def conditions_from_text(text: str, ctx: LatentContext) -> list[dict[str, Any]]:
     rules backend's: the direction comes from words near the name, else the correlation's sign;
     the threshold from the context, as for the rules backend."""
     low = text.lower()
-    out = []
+    out: list[dict[str, Any]] = []
+    if ctx.tokens:
+        named = sorted({e["token"] for e in ctx.top if e.get("token") and len(e["token"].strip()) > 1 and e["token"].strip().lower() in low})
+        if named:
+            return [{"tokens": named}]
     active = ctx.quantiles[-2:] or ctx.top
     for m in ctx.metrics:
         at = low.find(m.lower())

@@ -92,7 +92,8 @@ class Worker:
                 "backend": self.backend, "model": getattr(self.llm, "model", None), "prompt_hash": prompt_hash(prompt),
                 "reason": job.get("reason", ""),
                 "examples": ctx.example_steps, "conditions": out["conditions"], "time": time.time(),
-                "score": detection_score(out["conditions"], ctx.metrics, ctx.heldout_values, ctx.heldout_metrics),
+                "score": detection_score(out["conditions"], ctx.metrics, ctx.heldout_values, ctx.heldout_metrics,
+                                         tokens=ctx.heldout_tokens or None),
             }
             store_explanation(self.r, e)
             self.done += 1

@@ -4,6 +4,10 @@ Many agents connect to one bound PULL socket. A bad frame is counted under its r
 (rate-limited) and skipped; the loop never stops for one. Run state is written to Redis every
 ``flush_ms`` and restored from Redis the first time a run shows up, so a restarted monitor
 continues counting (and counts the frames it lost as sequence gaps).
+
+Live steering (:mod:`monitor.control`): a PUB socket at ``control_endpoint`` (default: the data
+endpoint's port + 1) publishes each opted-in run's wanted interventions on every flush that sees
+them change and every second; agents' ``ctl`` frames come back on the data socket.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ import redis
 import zmq
 
 from agent_side.attach import DEFAULT_ENDPOINT
-from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, decode
+from agent_side.wire import DEFAULT_LIMITS, Limits, WireError, control_endpoint, decode
 from monitor.alerts import AlertEngine
 from monitor.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
 from monitor.autotrain import AutoTrain, AutoTrainer
+from monitor.control import ControlChannel
 from monitor.encoding import Encoders
 from monitor.filing import JobFiler
 from monitor.recorder import Recorder
 from monitor.rules import RulesFile
 from monitor.runstate import RECENT_ROWS, RejectFrame, RunState
 from monitor.sinks import AlertSink
-from monitor.store import Store, service_ident
+from monitor.store import ConfigError, Store, service_ident
 
 __all__ = ["Monitor", "MonitorResult"]
 
@@ -71,6 +76,7 @@ class Monitor:
         data_dir: Path | None = None,
         auto_train: AutoTrain | None = None,
         file_jobs: bool = True,
+        control_endpoint: str | None = None,
     ) -> None:
         self.store = store
         self.endpoint = endpoint
@@ -108,6 +114,23 @@ class Monitor:
         if endpoint.endswith(":0") or endpoint.endswith(":*"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("monitor listening on %s", self.endpoint)
+        self.control = self._control_channel(control_endpoint)
+
+    def _control_channel(self, endpoint: str | None) -> ControlChannel:
+        """The steering channel; a derived endpoint that cannot be bound leaves steering off, with a warning."""
+        sink = self.sink or AlertSink(self.store.r)
+        if endpoint is not None:
+            try:
+                return ControlChannel(self.store, self._ctx, endpoint, sink=sink)
+            except zmq.ZMQError as e:
+                self._sock.close(linger=0)
+                self._ctx.term()
+                raise ConfigError(f"cannot bind the control endpoint {endpoint}: {e}") from e
+        try:
+            return ControlChannel(self.store, self._ctx, control_endpoint(self.endpoint), sink=sink)
+        except (ValueError, zmq.ZMQError) as e:
+            log.warning("live steering is off: no control endpoint (%s); pass control_endpoint=", e)
+            return ControlChannel(self.store, self._ctx, None, sink=sink)
 
     # -- one message ----------------------------------------------------------------------------
     def handle(self, parts: list[Any], now: float | None = None) -> bool:
@@ -121,6 +144,12 @@ class Monitor:
                 st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS) or RunState(run=frame.run)
                 st.analytics_cfg = self.analytics
                 self.runs[frame.run] = st
+                self.control.known(frame.run)
+            if frame.kind == "ctl":
+                st.sequence(frame)
+                st.last_seen, st.dirty = now, True
+                self.control.on_event(frame)
+                return True
             st.update(frame, now)
         except (WireError, RejectFrame) as e:
             self._reject(e.reason, str(e))
@@ -130,7 +159,8 @@ class Monitor:
             return False
         except Exception as e:  # a bug of ours must cost one frame, never the monitor
             self._reject("internal_error", f"{type(e).__name__}: {e}")
-            log.debug("internal error on a frame", exc_info=True)
+            # the first one in full: a bug report needs the traceback, a flood of them does not
+            log.log(logging.WARNING if self.rejected["internal_error"] == 1 else logging.DEBUG, "internal error on a frame", exc_info=True)
             return False
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
@@ -203,6 +233,7 @@ class Monitor:
             if self.auto is not None:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
+            self.control.publish()
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
             self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
@@ -243,7 +274,7 @@ class Monitor:
     def health(self) -> dict[str, Any]:
         return {
             "kind": "monitor", "id": self.ident, "pid": os.getpid(), "host": socket.gethostname(),
-            "endpoint": self.endpoint, "started": self.started, "frames": self.frames, "rows": self.rows,
+            "endpoint": self.endpoint, "control_endpoint": self.control.endpoint, "started": self.started, "frames": self.frames, "rows": self.rows,
             "rejected": sum(self.rejected.values()), "lag_s": round(self.lag_s, 4), "runs": len(self.runs),
             "time": time.time(),
         }
@@ -290,5 +321,6 @@ class Monitor:
             self.store.clear_heartbeat("monitor", self.ident)
         except Exception:  # Redis may already be gone at shutdown
             log.debug("could not clear heartbeat", exc_info=True)
+        self.control.close()
         self._sock.close(linger=0)
         self._ctx.term()

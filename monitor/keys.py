@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS", "TRANSCODERS_VERSION", "EXPLAIN_JOBS", "EXPLAIN_GROUP", "EXPLAIN_PENDING", "explanations",
-    "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "health",
+    "STEER_VERSION", "STEER_EVENTS", "steer", "control", "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "tokens", "health",
 ]
 
 PREFIX = "il:"
@@ -25,6 +25,8 @@ TRANSCODERS_VERSION = PREFIX + "transcoders:version"  # counter bumped on every 
 EXPLAIN_JOBS = PREFIX + "explain:jobs"  # stream of explain jobs, read by the consumer group below
 EXPLAIN_GROUP = "explainers"  # consumer group name on EXPLAIN_JOBS
 EXPLAIN_PENDING = PREFIX + "explain:pending"  # set of "run|tap|latent" with a job queued: duplicates collapse
+STEER_VERSION = PREFIX + "steer:version"  # counter bumped on every change of any run's steering: monitors poll it
+STEER_EVENTS = PREFIX + "steer:events"  # stream of agents' steering events (applied / reverted / refused), capped
 
 
 def run(name: str) -> str:
@@ -72,6 +74,11 @@ def explanations(name: str) -> str:
     return f"{PREFIX}explanations:{name}"
 
 
+def tokens(name: str) -> str:
+    """Hash: step -> JSON [[token, ...], ...] of a language-model forward (the newest prompts only)."""
+    return f"{PREFIX}tokens:{name}"
+
+
 def episodes(name: str) -> str:
     """Stream of ended episodes (capped): step, index, return, length, terminated, truncated."""
     return f"{PREFIX}episodes:{name}"
@@ -80,3 +87,14 @@ def episodes(name: str) -> str:
 def health(kind: str, ident: str) -> str:
     """String with a TTL: a live service's heartbeat (JSON)."""
     return f"{PREFIX}health:{kind}:{ident}"
+
+
+def steer(name: str) -> str:
+    """String: JSON {version, interventions: [Intervention.to_msg(), ...]}, the set a run's agent should hold."""
+    return f"{PREFIX}steer:run:{name}"
+
+
+def control(name: str) -> str:
+    """Hash of what a run's agent said on its control channel: control (1: opted in, 0: not), pub,
+    hello (time), version (the set it holds), active (JSON ids), time."""
+    return f"{PREFIX}control:{name}"

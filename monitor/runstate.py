@@ -31,6 +31,9 @@ class RejectFrame(ValueError):
         self.reason = reason
 
 
+TOKEN_PROMPTS = 512  # forwards whose tokens a run keeps
+
+
 def recent_rows(width: int) -> int:
     """How many recent rows a tap of ``width`` float32 channels keeps."""
     return max(1, min(RECENT_ROWS, RECENT_BYTES // (4 * width)))
@@ -109,6 +112,14 @@ class RunState:
     early: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # rows before any metrics
     analytics_dirty: bool = False  # analytics changed since they were last written
     failure_profiles: dict[str, FailureProfile] = field(default_factory=dict)
+    rows: int = 0  # activation rows received
+    lag_s: float = 0.0  # smoothed delay from the agent's send to the monitor's receive
+    steps_per_s: float = 0.0
+    rows_per_s: float = 0.0
+    _rate_at: tuple[float, int, int] = (0.0, 0, 0)  # (time, steps, rows) at the last rates() call
+    tokens: dict[int, list[list[str]] | None] = field(default_factory=dict)  # step -> tokens, oldest first (None: in Redis only)
+    new_tokens: dict[int, list[list[str]]] = field(default_factory=dict)  # not yet written to Redis
+    evicted_tokens: list[int] = field(default_factory=list)  # to delete from Redis
 
     @property
     def drops(self) -> int:
@@ -136,6 +147,7 @@ class RunState:
         self.frames += 1
         self.last_seen = now
         self.dirty = True
+        self.lag_s += 0.1 * (max(0.0, now - frame.t) - self.lag_s)
         if frame.kind == "ep":
             self.episodes += len(frame.episodes)
             self.returns.extend(e[2] for e in frame.episodes)
@@ -152,6 +164,10 @@ class RunState:
                             prof.failed(int(e[0]), int(e[1]))
             return
         if frame.kind == "act":
+            self.rows += frame.rows
+        if frame.kind == "tok":
+            self.add_tokens(frame.step, frame.tokens)
+        elif frame.kind == "act":
             self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
         else:
             self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
@@ -168,6 +184,27 @@ class RunState:
                                 an.offer(data, pos, self.joiner)
                             an.retry(self.joiner)
                             self.analytics_dirty = True
+
+    def rates(self, now: float) -> None:
+        """Update steps/s and rows/s over the time since the last call (smoothed)."""
+        t0, s0, r0 = self._rate_at
+        if t0 and now - t0 > 0.05:
+            dt = now - t0
+            a = min(1.0, dt / 5.0)  # about a 5 s average
+            self.steps_per_s += a * (max(0, self.steps - s0) / dt - self.steps_per_s)
+            self.rows_per_s += a * (max(0, self.rows - r0) / dt - self.rows_per_s)
+        if not t0 or now - t0 > 0.05:
+            self._rate_at = (now, self.steps, self.rows)
+
+    def add_tokens(self, step: int, tokens: list[list[str]]) -> None:
+        """The tokens of one language-model forward; the oldest beyond TOKEN_PROMPTS are let go."""
+        self.tokens.pop(step, None)
+        self.tokens[step] = self.new_tokens[step] = tokens
+        while len(self.tokens) > TOKEN_PROMPTS:
+            old = next(iter(self.tokens))
+            del self.tokens[old]
+            self.new_tokens.pop(old, None)
+            self.evicted_tokens.append(old)
 
     def add_rows(self, tap_name: str, data: np.ndarray, pos: np.ndarray, lead: list[int]) -> None:
         """A tap's rows (streamed, or latents the monitor encoded) into every live statistic."""
@@ -189,7 +226,10 @@ class RunState:
         elif self.analytics_cfg is not None and self.joiner is None:  # metrics of these steps may follow
             early = self.early.setdefault(tap_name, [])
             early.append((data.copy(), pos.copy()))
-            while sum(len(d) for d, _ in early) > self.analytics_cfg.window_steps and len(early) > 1:
+            # an agent's first frames can carry more rows than one window before its first metric
+            # frame arrives: hold up to a joiner's worth (64 MiB at most) so none go unpaired
+            limit = max(self.analytics_cfg.window_steps, min(8192, (64 << 20) // (8 * data.shape[1])))
+            while sum(len(d) for d, _ in early) > limit and len(early) > 1:
                 early.pop(0)
 
     def _analytics_for(self, tap: str, width: int) -> TapAnalytics | None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent_side.taps import first_tensor, parse_tap, resolve
+from agent_side.taps import parse_tap, resolve, tensor_hook
 from monitor.transcoder import Transcoder
 
 __all__ = ["Agent", "load_agent", "return_recovered", "spliced", "mean_return"]
@@ -45,22 +45,6 @@ def load_agent(spec: str, *, data_dir: Path) -> Agent:
     return getattr(importlib.import_module(mod_name), fn)()
 
 
-def _replace(module: torch.nn.Module, site: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """A hook replacing the module's input (site 'in') or output ('out') tensor with ``fn`` of it."""
-    if site == "in":
-        def pre(m: torch.nn.Module, args: tuple) -> tuple:
-            return (fn(args[0]), *args[1:])
-
-        return module.register_forward_pre_hook(pre)
-
-    def post(m: torch.nn.Module, args: tuple, out: Any) -> Any:
-        if isinstance(out, torch.Tensor):
-            return fn(out)
-        return (fn(first_tensor(out)), *out[1:])
-
-    return module.register_forward_hook(post)
-
-
 @contextlib.contextmanager
 def spliced(root: torch.nn.Module, model: Transcoder | None, source: str, target: str) -> Iterator[None]:
     """Within the block, ``target`` carries the transcoder's reconstruction from ``source``
@@ -70,14 +54,14 @@ def spliced(root: torch.nn.Module, model: Transcoder | None, source: str, target
     seen: dict[str, torch.Tensor] = {}
     handles = []
     if model is None:
-        handles.append(_replace(tgt_mod, tgt.site, torch.zeros_like))
+        handles.append(tensor_hook(tgt_mod, tgt.site, torch.zeros_like))
     else:
         if (src.module, src.site) != (tgt.module, tgt.site):
             def remember(t: torch.Tensor) -> torch.Tensor:
                 seen["x"] = t
                 return t
 
-            handles.append(_replace(src_mod, src.site, remember))
+            handles.append(tensor_hook(src_mod, src.site, remember))
 
         def rebuild(t: torch.Tensor) -> torch.Tensor:
             x = seen.pop("x", t)
@@ -85,7 +69,7 @@ def spliced(root: torch.nn.Module, model: Transcoder | None, source: str, target
             z = model.encode(x.reshape(-1, x.shape[-1]).float())
             return model.decode(z).reshape(shape).to(t.dtype)
 
-        handles.append(_replace(tgt_mod, tgt.site, rebuild))
+        handles.append(tensor_hook(tgt_mod, tgt.site, rebuild))
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,12 @@ class Store:
         p = self.r.pipeline(transaction=False)
         p.zadd(keys.RUNS, {st.run: st.last_seen})
         mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
+        st.rates(time.time())
         p.hset(keys.run(st.run), mapping={
             "steps": st.steps, "gaps": st.gaps, "frames": st.frames, "episodes": st.episodes,
             "first_seen": st.first_seen, "last_seen": st.last_seen, "return_mean_100": mean_ret,
-            "returns": json.dumps(st.returns),
+            "returns": json.dumps(st.returns), "rows": st.rows, "lag_s": round(st.lag_s, 4),
+            "steps_per_s": round(st.steps_per_s, 2), "rows_per_s": round(st.rows_per_s, 2),
         })
         changed = {t: s for t, s in st.taps.items() if s.dirty}
         if changed:
@@ -121,6 +124,12 @@ class Store:
                 suggested += suggest_rules(tap, prof, m["mean"], m["std"])
             if suggested:
                 p.set(keys.suggestions(st.run), json.dumps(sorted(suggested, key=lambda x: -x["score_std"])))
+        if st.new_tokens:
+            p.hset(keys.tokens(st.run), mapping={str(k): json.dumps(v) for k, v in st.new_tokens.items()})
+            st.new_tokens = {}
+        if st.evicted_tokens:
+            p.hdel(keys.tokens(st.run), *map(str, st.evicted_tokens))
+            st.evicted_tokens = []
         episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
         for e in episodes:
             p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
@@ -154,7 +163,7 @@ class Store:
             return None
         st = RunState(run=run, steps=int(h.get("steps", 0)), gaps=int(h.get("gaps", 0)), frames=int(h.get("frames", 0)),
                       episodes=int(h.get("episodes", 0)), first_seen=float(h.get("first_seen", time.time())),
-                      last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")))
+                      last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")), rows=int(h.get("rows", 0)))
         st.pubs = {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.run_pubs(run)).items()}
         for tap_b, info_b in self.r.hgetall(keys.run_taps(run)).items():
             tap, info = tap_b.decode(), json.loads(info_b)
@@ -171,7 +180,20 @@ class Store:
                                      moments={n: Moments.from_state(s) for n, s in d["moments"].items()})
             for item in d["recent"]:
                 st.metrics.recent[tuple(item["names"])] = _restore_recent(item["blob"], recent_rows, len(item["names"]), np.float64)
+        st.tokens = dict.fromkeys(self.token_steps(run))
         return st
+
+    def token_steps(self, run: str) -> list[int]:
+        """The steps of a run whose tokens are kept, oldest first."""
+        return sorted(int(k) for k in self.r.hkeys(keys.tokens(run)))
+
+    def tokens(self, run: str, steps: Iterable[int]) -> dict[int, list[list[str]]]:
+        """The tokens of these steps (language-model forwards), where kept: ``out[step][b][t]``."""
+        steps = list(dict.fromkeys(int(s) for s in steps))
+        if not steps:
+            return {}
+        vals = self.r.hmget(keys.tokens(run), [str(s) for s in steps])
+        return {s: json.loads(v) for s, v in zip(steps, vals, strict=True) if v is not None}
 
     def runs(self) -> list[str]:
         return [r.decode() for r in self.r.zrange(keys.RUNS, 0, -1)]
@@ -245,6 +267,20 @@ class Store:
         out = [json.loads(f[b"json"]) for _, f in self.r.xrange(keys.ALERTS, count=count)]
         return [a for a in out if run is None or a["run"] == run]
 
+    def steering(self, run: str) -> dict[str, Any]:
+        """A run's steering: the interventions asked for (``version`` counts the changes) and what its
+        agent reported (``control``: opted in, None before it said; ``applied_version``; ``active`` ids)."""
+        blob = self.r.get(keys.steer(run))
+        want = json.loads(blob) if blob else {"version": 0, "interventions": []}
+        c = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.control(run)).items()}
+        return {**want, "control": c["control"] == "1" if "control" in c else None, "applied_version": int(c.get("version", -1)),
+                "active": json.loads(c.get("active", "[]")), "agent_time": float(c.get("time", 0.0))}
+
+    def steer_events(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
+        """Agents' steering events (applied / reverted / refused), oldest first, of ``run`` or all runs."""
+        out = [json.loads(f[b"json"]) for _, f in self.r.xrevrange(keys.STEER_EVENTS, count=count)]
+        return [e for e in reversed(out) if run is None or e["run"] == run]
+
     def taps(self, run: str) -> dict[str, dict[str, Any]]:
         return {t.decode(): json.loads(v) for t, v in self.r.hgetall(keys.run_taps(run)).items()}
 
@@ -279,6 +315,10 @@ class Store:
                 "gaps": int(h.get("gaps", 0)),
                 "frames": int(h.get("frames", 0)),
                 "last_seen_s": round(max(0.0, now - last_seen), 3),
+                "rows": int(h.get("rows", 0)),
+                "steps_per_s": float(h.get("steps_per_s", 0.0)) if now - last_seen < 10 else 0.0,
+                "rows_per_s": float(h.get("rows_per_s", 0.0)) if now - last_seen < 10 else 0.0,
+                "lag_s": float(h.get("lag_s", 0.0)),
                 "publishers": len(pubs),
                 "episodes": int(h.get("episodes", 0)),
                 "return_mean_100": float(h.get("return_mean_100", 0.0)),

@@ -79,13 +79,19 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
         assert agent.wait(timeout=120) == 0
         tap = "mlp_extractor.policy_net.0:in"
 
+        seen: list[object] = []
+
         def ready() -> dict | None:
             out = subprocess.run([sys.executable, "-m", "monitor", "stats", "--run", "stats", "--tap", tap, "--json", "--redis", redis_url],
                                  capture_output=True, text=True, cwd=str(ROOT), timeout=60)
             d = json.loads(out.stdout)["taps"][tap] if out.returncode == 0 else None
+            seen.append(d.get("paired") if d else out.stderr[-300:])
             return d if d and d.get("paired") == 400 else None
 
-        d = wait_until(ready, what="400 paired rows")
+        try:
+            d = wait_until(ready, 60, what="400 paired rows")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; paired counts seen: {seen[-5:]}") from None
         names = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
         for i, name in enumerate(names):  # the input tap is the observation itself
             assert d["channels"][i]["corr"][name] > 0.9999
@@ -98,3 +104,20 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
     finally:
         mon.terminate()
         mon.wait(timeout=20)
+
+
+def test_more_than_a_window_of_rows_before_the_first_metrics_is_paired_whole(store: Store) -> None:
+    """Activation frames worth more than a window can come before the run's first metric frame
+    (a monitor joining mid-stream, a slow wrapper); none of them may go unpaired."""
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", analytics=AnalyticsConfig(window_steps=200))
+    try:
+        rng = np.random.default_rng(0)
+        m = rng.standard_normal((300, 2))
+        pos = np.stack([np.arange(300), np.zeros(300, dtype=np.int64)], axis=1)
+        assert mon.handle(encode_act("r", "p", 0, 0, "h:in", m[:150].astype(np.float32), pos[:150]))
+        assert mon.handle(encode_act("r", "p", 1, 0, "h:in", m[150:].astype(np.float32), pos[150:]))
+        assert mon.handle(encode_met("r", "p", 2, 0, ["a", "b"], m, pos))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    assert store.analytics("r", "h:in")["paired"] == 300

@@ -1,0 +1,177 @@
+"""`interlatent steer`: steer a running agent along a transcoder latent, live.
+
+    interlatent steer --run R --tap T --latent J --alpha -1 [--transcoder NAME]   # add alpha * W_dec[J] at T
+    interlatent steer --run R --tap T --latent J --op clamp --value 0             # or --op scale --alpha F, --op ablate
+    interlatent steer --run R --clear [--id ID]                                   # take all (or one) off again
+    interlatent steer --run R                                                     # what is asked for, what is active
+
+The agent must have opted in (``attach(..., allow_control=True)``). The command writes the run's
+wanted set to Redis, the monitor publishes it (:mod:`monitor.control`), and the command waits
+until the agent reports it applied (or refused, with its reason), unless ``--no-wait``.
+Exit status: 0 done, 1 refused or not confirmed in time, 2 a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from monitor.cli_common import Settings
+from monitor.control import clear_interventions, set_interventions, steer_id
+from monitor.store import ConfigError, Store
+
+__all__ = ["add_parsers", "cmd_steer"]
+
+OPS = ("add", "scale", "ablate", "clamp")
+
+
+def _transcoder(store: Store, run: str, tap: str | None, name: str | None) -> dict[str, Any]:
+    """The registry entry to steer with: ``name``, else the run's one transcoder that writes ``tap``."""
+    infos = store.transcoders()
+    if name:
+        info = next((t for t in infos if t["name"] == name), None)
+        if info is None:
+            raise ConfigError(f"no transcoder {name!r}; `interlatent transcoders` lists them")
+        if tap is not None and tap != info["target"]:
+            raise ConfigError(f"transcoder {name} writes {info['target']!r}, so its decoder directions fit there, not at {tap!r}: "
+                              f"pass --tap {info['target']}")
+        return info
+    if tap is None:
+        raise ConfigError("say where to steer: --tap TAP (with the run's transcoder that writes it) or --transcoder NAME")
+    mine = [t for t in infos if t.get("run") in (run, "*")]
+    hits = [t for t in mine if t["target"] == tap]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ConfigError(f"several transcoders of run {run!r} write {tap!r}: {', '.join(t['name'] for t in hits)}; "
+                          "pick one with --transcoder NAME")
+    readers = [f"{t['name']} reads {tap!r} and writes {t['target']!r} (steer at --tap {t['target']})" for t in mine if t["source"] == tap]
+    listing = ", ".join(f"{t['name']} ({t['source']} -> {t['target']})" for t in mine) or "none; `interlatent train` makes some"
+    raise ConfigError(f"no transcoder of run {run!r} writes {tap!r}: " + ("; ".join(readers) if readers else f"the run's transcoders: {listing}"))
+
+
+def build_intervention(args: argparse.Namespace, store: Store) -> dict[str, Any]:
+    from agent_side.steer import SteerError, from_transcoder
+    from monitor.artifacts import ArtifactError, load_artifact
+
+    if args.latent is None:
+        raise ConfigError("pass --latent J (or --clear)")
+    if args.op in ("add", "scale") and args.alpha is None:
+        raise ConfigError(f"--op {args.op} needs --alpha" + (" (the factor)" if args.op == "scale" else ""))
+    if args.op == "clamp" and args.value is None:
+        raise ConfigError("--op clamp needs --value (what to hold the latent at)")
+    info = _transcoder(store, args.run, args.tap, args.transcoder)
+    tap = info["target"]
+    try:
+        model, _ = load_artifact(info["path"])
+        source = info["source"] if args.op == "clamp" and info["source"] != tap else None
+        iv = from_transcoder(model, args.latent, tap=tap, op=args.op, alpha=args.alpha or 0.0, value=args.value or 0.0, source=source)
+        iv = dataclasses.replace(iv, id=args.id or steer_id(info["name"], args.latent))
+    except (ArtifactError, SteerError) as e:
+        raise ConfigError(str(e)) from e
+    width = store.taps(args.run).get(tap, {}).get("width")
+    if width is not None and width != len(iv.direction):
+        raise ConfigError(f"run {args.run!r} streams {tap!r} {width} wide, but {info['name']}'s directions are {len(iv.direction)} wide")
+    return iv.to_msg()
+
+
+def _wait(store: Store, run: str, version: int, timeout_s: float) -> list[dict[str, Any]] | None:
+    """The agent's events for ``version`` once it holds that version (or a later one); None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while store.steering(run)["applied_version"] < version:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+    return [e for e in store.steer_events(run, count=1000) if e.get("version") == version]
+
+
+def _describe(e: dict[str, Any]) -> str:
+    what = {"add": f"add alpha={e.get('alpha', 0.0):+g}", "scale": f"scale factor={e.get('alpha', 0.0):g}", "ablate": "ablate",
+            "clamp": f"clamp value={e.get('value', 0.0):g}"}.get(e.get("op", ""), "")
+    line = f"{e['event']} {e.get('id', '')} ({what} at {e.get('tap', '?')}) from step {e.get('step', 0)}"
+    return line + (f": {e['reason']}" if e.get("reason") else "")
+
+
+def cmd_steer(args: argparse.Namespace, s: Settings) -> int:
+    store = s.store_with_run(args.run)
+    run = args.run
+    state = store.steering(run)
+    out: Callable[[str], None] = (lambda _line: None) if args.json else print
+    if not args.clear and args.latent is None and args.tap is None and args.transcoder is None:
+        if args.json:
+            print(json.dumps({"run": run, **state}))
+            return 0
+        agent = {True: "accepts steering", False: "did not opt in", None: "has not said whether it accepts steering"}[state["control"]]
+        print(f"run {run}: agent {agent}; asked for (version {state['version']}): "
+              + (", ".join(m["id"] for m in state["interventions"]) or "nothing")
+              + f"; active (version {state['applied_version']}): {', '.join(state['active']) or 'nothing'}")
+        return 0
+    if args.clear:
+        have = [m["id"] for m in state["interventions"]]
+        if args.id and args.id not in have:
+            raise ConfigError(f"run {run!r} has no steer {args.id!r}; it has: {', '.join(have) or 'none'}")
+        version = clear_interventions(store.r, run, [args.id] if args.id else None)
+        out(f"cleared {args.id or 'all steering'} of run {run} (version {version})")
+        if not args.wait or state["control"] is not True:
+            if args.json:
+                print(json.dumps({"run": run, "version": version, "status": "cleared", "events": []}))
+            return 0
+        ivs: dict[str, Any] | None = None
+    else:
+        if state["control"] is not True:
+            raise ConfigError(f"run {run}'s agent did not opt in: attach(..., allow_control=True)")
+        ivs = build_intervention(args, store)
+        version = set_interventions(store.r, run, [ivs])
+        out(f"asked run {run}'s agent to {ivs['op']} along {ivs['id']} at {ivs['tap']} (version {version})")
+        if not args.wait:
+            if args.json:
+                print(json.dumps({"run": run, "version": version, "status": "asked", "id": ivs["id"], "events": []}))
+            return 0
+    events = _wait(store, run, version, args.timeout_s)
+    if events is None:
+        status = "timeout"
+        print(f"interlatent: run {run}'s agent has not confirmed version {version} within {args.timeout_s:g}s; is it stepping, and is "
+              "the monitor running (`interlatent status`)? It applies the change when it next steps; `--clear` takes it back",
+              file=sys.stderr)
+    else:
+        for e in events:
+            out(_describe(e))
+        mine = [e for e in events if ivs is not None and e.get("id") == ivs["id"]]
+        refused = [e for e in mine if e["event"] == "refused"]
+        if refused:
+            status = "refused"
+            clear_interventions(store.r, run, [ivs["id"]])  # not left asking for what the agent cannot do
+            print(f"interlatent: run {run}'s agent refused {ivs['id']}: {refused[-1].get('reason', '')}", file=sys.stderr)
+        elif ivs is not None and not mine:
+            status = "applied" if ivs["id"] in store.steering(run)["active"] else "superseded"
+            out(f"{ivs['id']} is {'active' if status == 'applied' else 'not active: a later change replaced it'}")
+        else:
+            status = "applied" if ivs is not None else "cleared"
+            if ivs is None and not events:
+                out("nothing was active")
+    if args.json:
+        print(json.dumps({"run": run, "version": version, "status": status, "events": events or []}))
+    return 0 if status in ("applied", "cleared") else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    sp = sub.add_parser("steer", help="steer a running agent along a transcoder latent, live (the agent must opt in)")
+    common(sp)
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--tap", help="where to steer: a tap that one of the run's transcoders writes (default: --transcoder's target)")
+    sp.add_argument("--latent", type=int, help="the latent whose decoder direction to use")
+    sp.add_argument("--transcoder", help="a name from `interlatent transcoders` (default: the run's one transcoder that writes --tap)")
+    sp.add_argument("--op", choices=OPS, default="add", help="add alpha*direction, scale its component by alpha, ablate it, or clamp the latent")
+    sp.add_argument("--alpha", type=float, help="add: the multiple of the direction; scale: the factor")
+    sp.add_argument("--value", type=float, help="clamp: the value to hold the latent at")
+    sp.add_argument("--id", help="the steer's id (default latents:TRANSCODER/LATENT); with --clear, the one steer to take off")
+    sp.add_argument("--clear", action="store_true", help="take the run's steering off (all of it, or --id)")
+    sp.add_argument("--no-wait", dest="wait", action="store_false", help="return once asked, without waiting for the agent")
+    sp.add_argument("--timeout-s", type=float, default=10.0, help="how long to wait for the agent to confirm")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.set_defaults(fn=cmd_steer)

@@ -1,0 +1,98 @@
+"""Language-model taps: the agent names each forward's tokens, the monitor keeps them, and the
+explainer shows (and scores on) the token each activation fired on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import wait_until
+
+import agent_side
+from agent_side.wire import WireError, decode, encode_tok
+from explainer import Worker, explanations, file_job
+from explainer.context import build_context, render_prompt, token_context
+from monitor.store import Store
+
+WORDS = [f"w{i}" for i in range(40)] + [" cat", " dog", " the", " a", ".", ",", " sat", " ran", " on", " mat"]
+
+
+def _b(parts: list) -> list[bytes]:
+    return [bytes(p) for p in parts]
+
+
+def test_tok_frames_round_trip_and_bad_ones_are_refused() -> None:
+    f = decode(_b(encode_tok("lm", "p", 3, 0, 7, [["a", "b", "c"], ["d", "e", "f"]])))
+    assert (f.kind, f.step, f.tokens, f.rows) == ("tok", 7, [["a", "b", "c"], ["d", "e", "f"]], 6)
+    good = _b(encode_tok("lm", "p", 3, 0, 7, [["a", "b"]]))
+    import msgpack
+
+    for body, reason in [
+        (msgpack.packb([["a"]]), "bad_header"),  # shape says 1x2
+        (msgpack.packb([["a", 3]]), "bad_header"),  # not a string
+        (msgpack.packb([["a", "x" * 300]]), "bad_header"),  # a token over the name limit
+        (b"\xc1", "bad_msgpack"),
+    ]:
+        with pytest.raises(WireError) as e:
+            decode([good[0], body])
+        assert e.value.reason == reason
+    with pytest.raises(WireError) as e:
+        decode(good[:1])
+    assert e.value.reason == "bad_frame"
+
+
+def test_token_context_marks_the_token() -> None:
+    rows = [["A", " b", " c"], [" x", " y", " z"]]
+    assert token_context(rows, 1) == "A⟦ b⟧ c"
+    assert token_context(rows, 5, before=1) == " y⟦ z⟧"
+
+
+@pytest.mark.timeout(120)
+def test_gpt2_tokens_reach_the_prompt_and_the_rules_backend_names_the_token(store: Store, live_monitor) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(WORDS), n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    cat = WORDS.index(" cat")
+    with torch.no_grad():  # plant: embedding channel 0 is high on " cat" only
+        model.transformer.wte.weight[:, 0] = -1.0
+        model.transformer.wte.weight[cat, 0] = 5.0
+    rng = np.random.default_rng(0)
+    n, batch, length = 80, 2, 10
+    sent: list[list[list[str]]] = []
+    with agent_side.attach(model, ["transformer.wte:out"], run="lm", endpoint=live_monitor.endpoint) as tap:
+        assert tap.wait_for_monitor(10)
+        with torch.no_grad():
+            for _ in range(n):
+                ids = rng.integers(0, len(WORDS), (batch, length))
+                toks = [[WORDS[i] for i in row] for row in ids]
+                tap.tokens(toks)
+                model(torch.as_tensor(ids))
+                sent.append(toks)
+        tap.flush()
+        wait_until(lambda: store.analytics("lm", "transformer.wte:out") is not None and len(store.token_steps("lm")) == n, what="tokens and analytics")
+
+    assert store.token_steps("lm") == list(range(n))
+    assert store.tokens("lm", [0, n - 1]) == {0: sent[0], n - 1: sent[-1]}
+    ctx = build_context(store, "lm", "transformer.wte:out", 0)
+    assert ctx is not None and ctx.tokens and ctx.metrics == ["token_pos"]
+    for e in ctx.top:  # every top example is a " cat", shown in its own sentence
+        b, t = divmod(e["index"], length)
+        assert e["token"] == " cat" == sent[e["step"]][b][t]
+        assert "⟦ cat⟧" in e["context"] and e["context"] in render_prompt(ctx)
+    assert len(ctx.heldout_tokens) == len(ctx.heldout_values) > 200
+
+    assert file_job(store.r, "lm", "transformer.wte:out", 0, reason="test")
+    assert Worker(store, consumer="w").run(burst=True) == 1
+    (e,) = explanations(store.r, "lm")
+    assert "' cat'" in e["label"] and e["conditions"] == [{"tokens": [" cat"]}]
+    s = e["score"]
+    assert s["balanced_accuracy"] > 0.95 and s["balanced_accuracy"] > s["shuffled"] + 0.3
+
+
+def test_tokens_need_equal_lengths(store: Store, live_monitor) -> None:
+    with agent_side.attach(torch.nn.Linear(2, 2), [":out"], run="x", endpoint=live_monitor.endpoint) as tap:
+        with pytest.raises(ValueError, match="equal length"):
+            tap.tokens([["a", "b"], ["c"]])
+        with pytest.raises(ValueError):
+            tap.tokens([])
