@@ -1,4 +1,5 @@
-"""Start and stop Interlatent's services: an embedded Redis (unless given a URL) and the monitor."""
+"""Start and stop Interlatent's services: an embedded Redis (unless given a URL), the monitor, an
+explainer worker and the panel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from monitor.embedded import EmbeddedRedis
+from monitor.embedded import EmbeddedRedis, free_port
 from monitor.store import Store, connect
 
 __all__ = ["Services"]
@@ -32,6 +33,7 @@ class Services:
         log_dir: Path | None = None,
         extra_monitor_args: list[str] | None = None,
         explainer: bool = True,
+        panel_port: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.redis_url = redis_url
@@ -39,6 +41,8 @@ class Services:
         self.log_dir = log_dir
         self.extra_monitor_args = extra_monitor_args or []
         self.explainer = explainer
+        self.panel_port = panel_port  # None: no panel
+        self.panel_url: str | None = None
         self.embedded: EmbeddedRedis | None = None
         self.children: dict[str, subprocess.Popen] = {}
         self._logs: list[IO] = []
@@ -59,6 +63,15 @@ class Services:
             time.sleep(0.1)
         if self.explainer:
             self._spawn("explainer", ["explainer", "--redis", self.redis_url])
+        if self.panel_port is not None:
+            from monitor.cli_live import port_free
+
+            port = self.panel_port
+            if not port_free(port):
+                port = free_port()
+                log.warning("panel port %d is taken; serving the panel on %d", self.panel_port, port)
+            self._spawn("panel", ["panel", "--redis", self.redis_url, "--port", str(port)])
+            self.panel_url = f"http://127.0.0.1:{port}"
         store.r.close()
         return self
 
