@@ -10,11 +10,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from agent_side.attach import DEFAULT_ENDPOINT
 from monitor.cli_alerts import cmd_alerts, cmd_evaluate_alerts, cmd_explain, cmd_explainer, cmd_explanations
+from monitor.cli_bench import add_parsers as add_bench_parsers
 from monitor.cli_common import Settings, pin_threads, sigterm_as_interrupt
+from monitor.cli_experiments import add_parsers as add_experiment_parsers
+from monitor.cli_live import PANEL_PORT
+from monitor.cli_live import add_parsers as add_live_parsers
+from monitor.cli_steer import add_parsers as add_steer_parsers
 from monitor.cli_train import cmd_import, cmd_inspect, cmd_report, cmd_train, cmd_transcoders
 from monitor.demo import TRAIN_STEPS
 from monitor.store import ConfigError, Store, connect
@@ -36,10 +40,13 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
         except RulesError as e:
             print(f"interlatent: {e}", file=sys.stderr)
             return 2
-    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, extra_monitor_args=extra)
+    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, extra_monitor_args=extra,
+                        panel_port=None if args.no_panel else args.panel_port)
     try:
         services.start()
         print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}, /metrics on http://127.0.0.1:9108/metrics")
+        if services.panel_url:
+            print(f"panel: {services.panel_url}")
         print("attach an agent with agent_side.attach(...); `interlatent status` shows what streams; Ctrl-C stops")
         return services.wait()
     except KeyboardInterrupt:
@@ -73,7 +80,8 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
             raise ConfigError(str(e)) from e
         auto = AutoTrain(pairs=pairs, redis_url=resolve_redis_url(s.redis_url, s.data_dir), data_dir=s.data_dir,
                          steps=args.auto_train_steps, latents=args.auto_train_latents, epochs=args.auto_train_epochs)
-    mon = Monitor(store, endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir, auto_train=auto)
+    mon = Monitor(store, endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir, auto_train=auto,
+                  control_endpoint=args.control_endpoint)
     server = None
     if args.metrics_port >= 0:
         try:
@@ -174,12 +182,14 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     # the demo trains a 4-latent transcoder on its hidden layer after a warm-up, then shows its latents
     auto = ["--auto-train", f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}", "--auto-train-steps", str(args.warmup_steps), "--auto-train-latents", "4"]
     services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs",
-                        extra_monitor_args=auto)
+                        extra_monitor_args=auto, panel_port=None if args.headless else args.panel_port)
     try:
         model = demo_policy(s.data_dir, train_steps=args.train_steps, progress=print)
         services.start()
         store = Store(connect(services.redis_url))
         print(f"redis {services.redis_url}; monitor on {s.endpoint}; logs in {s.data_dir / 'logs'}")
+        if services.panel_url:
+            print(f"panel: {services.panel_url}  (open it in a browser)")
 
         def tick(n: int, returns: list[float]) -> None:
             for r in store.status()["runs"]:
@@ -204,63 +214,6 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
         services.stop()
 
 
-def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
-    from monitor import bench
-
-    pin_threads(args.threads)
-    if args.what == "hook":
-        res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
-        if not args.json:
-            _print_hook_table(res)
-    elif args.what == "encode":
-        res = {"encode": bench.bench_encode()}
-        if not args.json:
-            _print_encode_table(res["encode"])
-    else:
-        res = {"stats": bench.bench_stats()}
-        if not args.json:
-            _print_stats_table(res["stats"])
-    print(json.dumps(res))
-    return 0
-
-
-def _print_encode_table(enc: dict[str, Any]) -> None:
-    print(f"online encoding vs a bare matmul of the same shapes, frames of {enc['rows_per_frame']} rows, torch threads {enc['threads']}")
-    print(f"  {'d_in':>6}{'latents':>9}{'encode rows/s':>16}{'matmul rows/s':>16}{'ratio (median [min, max])':>30}")
-    for r in enc["shapes"]:
-        q = r["ratio"]
-        print(f"  {r['d_in']:>6}{r['latents']:>9}{r['encode_rows_per_s']:>16,.0f}{r['matmul_rows_per_s']:>16,.0f}"
-              f"{q['median']:>12.3f} [{q['min']:.3f}, {q['max']:.3f}]")
-
-
-def _print_stats_table(st: dict[str, Any]) -> None:
-    print(f"live statistics vs {st['metrics']} metrics, window {st['window_steps']} steps, one thread")
-    print(f"  {'latents':>8}{'rolling Pearson':>18}{'all analytics':>22}{'river, one object a pair':>28}{'speedup':>10}")
-    for r in st["rows"]:
-        river = f"{r['river_us_per_step']:,.0f} us" + ("" if r["river_measured"] else " (extrap.)")
-        print(f"  {r['latents']:>8}{r['rolling_pearson_us_per_step']:>15,.1f} us{r['all_analytics_us_per_row_in_frames']:>15,.1f} us/row"
-              f"{river:>28}{r['speedup_vs_river']:>9,.0f}x")
-    print(f"  (all analytics: rolling + EW correlations, top-k, in frames of {st['frame_rows']} rows; "
-          f"river measured at {st['river_us_per_pair_update']:.2f} us per pair update)")
-
-
-def _print_hook_table(res: dict[str, Any]) -> None:
-    h, i = res["hook"], res["ingest"]
-    sps = h["steps_per_s"]
-    print(f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
-          f"torch threads {h['threads']}, taps {', '.join(h['taps'])}")
-    print(f"  {'variant':<22}{'steps/s':>10}{'ratio (median [min, max])':>34}")
-    print(f"  {'plain':<22}{sps['plain']:>10.0f}{'1.000':>34}")
-    for name, key in (("attached, no monitor", "ratio_no_monitor"), ("attached, live monitor", "ratio_monitor")):
-        r = h[key]
-        v = sps["attached_no_monitor" if key == "ratio_no_monitor" else "attached_monitor"]
-        print(f"  {name:<22}{v:>10.0f}{r['median']:>16.3f} [{r['min']:.3f}, {r['max']:.3f}]")
-    print(f"monitor ingest, {i['width']}-wide {i['dtype']} rows, {i['rows_per_frame']} rows/frame:")
-    print(f"  bare decode        {i['decode_rows_per_s']:>12,.0f} rows/s")
-    print(f"  monitor in-process {i['monitor_rows_per_s']:>12,.0f} rows/s ({i['monitor_vs_decode']:.2f} of decode)")
-    print(f"  over a socket      {i['socket_rows_per_s']:>12,.0f} rows/s")
-
-
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interlatent", description="Watch the minds of running agents.")
@@ -276,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("up", help="start Redis (embedded unless --redis) and the monitor; Ctrl-C stops all")
     common(sp, endpoint=True)
     sp.add_argument("--rules", help="YAML alert rules for the monitor")
+    sp.add_argument("--panel-port", type=int, default=PANEL_PORT, help="port of the live panel (a free one if taken)")
+    sp.add_argument("--no-panel", action="store_true", help="do not start the panel")
     sp.set_defaults(fn=cmd_up)
 
     sp = sub.add_parser("monitor", help="run the monitor's receive loop")
@@ -288,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=10, help="top activating steps kept per channel")
     sp.add_argument("--no-analytics", action="store_true", help="keep only counters and moments")
     sp.add_argument("--rules", help="YAML alert rules (see deploy/alerts.example.yaml)")
+    sp.add_argument("--control-endpoint", help="endpoint of the live-steering channel the monitor binds (default: --endpoint's port + 1)")
     sp.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics on loopback (0: any free port, -1: off)")
     sp.add_argument("--auto-train", help="SOURCE>TARGET tap pairs (comma separated) to train transcoders for after a warm-up")
     sp.add_argument("--auto-train-steps", type=int, default=2000, help="warm-up steps recorded before auto-training")
@@ -406,17 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C, or 2000 with --headless)")
     sp.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="PPO training steps for the cached demo policy")
     sp.add_argument("--warmup-steps", type=int, default=1000, help="steps recorded before the monitor trains the demo transcoder")
+    sp.add_argument("--panel-port", type=int, default=PANEL_PORT, help="port of the live panel (not started with --headless)")
     sp.set_defaults(fn=cmd_demo)
 
-    sp = sub.add_parser("bench", help="measure overheads side by side")
-    common(sp)
-    sp.add_argument("what", choices=["hook", "stats", "encode"],
-                    help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul")
-    sp.add_argument("--json", action="store_true", help="print only the JSON line")
-    sp.add_argument("--rounds", type=int, default=9)
-    sp.add_argument("--steps", type=int, default=3000)
-    sp.add_argument("--threads", type=int, default=1, help="torch threads for the agent loop (stated in the output)")
-    sp.set_defaults(fn=cmd_bench)
+    add_live_parsers(sub, common)
+    add_experiment_parsers(sub, common)
+    add_steer_parsers(sub, common)
+
+    add_bench_parsers(sub, common)
     return p
 
 
