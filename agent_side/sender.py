@@ -96,8 +96,20 @@ class Sender:
             self.drops += 1
 
     def wait_connected(self, timeout_s: float = 10.0) -> bool:
-        """Block until a monitor is connected (for scripts and tests that must not drop)."""
-        return self._up.wait(timeout_s)
+        """Block until a monitor is connected and a send would be taken (for scripts and tests
+        that must not drop): the handshake event can come before the new pipe is attached, and a
+        send in between would find no peer and count as a drop."""
+        deadline = time.monotonic() + timeout_s
+        if not self._up.wait(timeout_s):
+            return False
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._closed:
+                    return False
+                if self._sock.poll(0, zmq.POLLOUT):
+                    return True
+            time.sleep(0.005)
+        return False
 
     def send(self, build: Callable[[str, int, int], list[Any]], records: int) -> bool:
         """Build one message with ``build(pub, seq, drops)`` and hand it to ZeroMQ without blocking.
@@ -113,8 +125,15 @@ class Sender:
             try:
                 self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=nbytes < COPY_THRESHOLD)
             except zmq.Again:
-                self.drops += records
-                return False
+                # libzmq throttles command processing inside send, so a pipe that has just
+                # attached can be missed; a zero-timeout poll processes the commands, never blocks
+                try:
+                    if not (self.connected and self._sock.poll(0, zmq.POLLOUT)):
+                        raise zmq.Again()
+                    self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=nbytes < COPY_THRESHOLD)
+                except zmq.Again:
+                    self.drops += records
+                    return False
             self.seq += 1
             return True
 

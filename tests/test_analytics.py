@@ -76,7 +76,9 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
     try:
         agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "400", "--run", "stats"],
                       stdout=subprocess.PIPE, text=True)
-        assert agent.wait(timeout=120) == 0
+        out, _ = agent.communicate(timeout=120)
+        assert agent.returncode == 0
+        counters = json.loads(out.strip().splitlines()[-1])
         tap = "mlp_extractor.policy_net.0:in"
 
         seen: list[object] = []
@@ -91,7 +93,7 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
         try:
             d = wait_until(ready, 60, what="400 paired rows")
         except AssertionError as e:
-            raise AssertionError(f"{e}; paired counts seen: {seen[-5:]}") from None
+            raise AssertionError(f"{e}; paired counts seen: {seen[-5:]}; agent counters: {counters}") from None
         names = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
         for i, name in enumerate(names):  # the input tap is the observation itself
             assert d["channels"][i]["corr"][name] > 0.9999
