@@ -111,6 +111,7 @@ def cmd_explanations(args: argparse.Namespace, s: Settings) -> int:
     if not out:
         print(f"no explanations for run {args.run!r} yet: `interlatent explain --run {args.run} --latent TAP/INDEX`, with a worker running")
     for e in out:
-        sc = (e.get("score") or {}).get("balanced_accuracy")
-        print(f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  (score {sc}, {e['backend']})")
+        sc = e.get("score") or {}
+        print(f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  "
+              f"(detection {sc.get('balanced_accuracy')}, simulation {sc.get('simulation')}, {e['backend']})")
     return 0

@@ -171,7 +171,8 @@ def _latent_card(store: Store, run: str, tap: str, latent: int) -> None:
         st.text(e.get("label", ""))
         st.text(e.get("text", ""))
         s = e.get("score") or {}
-        st.caption(f"backend {e.get('backend')} · detection score {s.get('balanced_accuracy')} (shuffled {s.get('shuffled')}, n={s.get('n')})")
+        st.caption(f"backend {e.get('backend')} · detection score {s.get('balanced_accuracy')} (shuffled {s.get('shuffled')}) · "
+                   f"simulation r {s.get('simulation')} (shuffled {s.get('simulation_shuffled')}) · n={s.get('n')}")
     st.markdown("**Top-activating steps**")
     if len(card["top"]):
         st.dataframe(card["top"], hide_index=True, width="stretch")

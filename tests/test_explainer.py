@@ -42,6 +42,7 @@ def test_rules_explanation_names_the_planted_metric_and_beats_shuffled(store: St
     assert "pole_angle" in e0["label"] and "pole_angle" in e0["text"] and e0["conditions"][0]["metric"] == "pole_angle"
     s = e0["score"]
     assert s["n"] > 300 and s["balanced_accuracy"] > 0.8 and s["balanced_accuracy"] > s["shuffled"] + 0.25
+    assert s["simulation"] > 0.5 and abs(s["simulation_shuffled"]) < 0.2  # the soft rule tracks the activation itself
     assert e0["backend"] == "rules" and len(e0["prompt_hash"]) == 16 and e0["examples"]
     assert e1["conditions"] == [] or e1["score"]["balanced_accuracy"] < 0.7  # noise gets no confident story
     assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0

@@ -88,6 +88,7 @@ def test_gpt2_tokens_reach_the_prompt_and_the_rules_backend_names_the_token(stor
     assert "' cat'" in e["label"] and e["conditions"] == [{"tokens": [" cat"]}]
     s = e["score"]
     assert s["balanced_accuracy"] > 0.95 and s["balanced_accuracy"] > s["shuffled"] + 0.3
+    assert s["simulation"] > s["simulation_shuffled"] + 0.3
 
 
 def test_tokens_need_equal_lengths(store: Store, live_monitor) -> None:
