@@ -1,8 +1,10 @@
 """``interlatent bench``: speed measured side by side in one run, reported as ratios.
 
-``hook``: the SB3 CartPole predict+step loop plain, attached with no monitor, and attached to a
-live monitor, in interleaved rounds (A B C A B C ...), so drift of a noisy machine hits every
-variant alike; the median of the per-round ratios is reported with min and max. Then the
+``hook``: the SB3 CartPole predict+step loop plain, attached with no monitor, attached to a bare
+sink (a process that only receives: the agent's own cost of capturing and sending), and attached
+to a live monitor (the sink's cost plus the monitor's work competing for the same cores), in
+interleaved rounds (A B C D A B C D ...), so drift of a noisy machine hits every variant alike;
+the median of the per-round ratios is reported with min and max. Then the
 monitor's ingest rate: bare ``wire.decode`` (the decode limit), the monitor's full per-frame
 work in-process, and end to end over a socket from a sending process.
 """
@@ -36,6 +38,30 @@ def _loop(model: Any, env: Any, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def _sink(endpoint: str) -> None:
+    """Receive and discard until a ``stop`` message: a peer that costs the agent nothing."""
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(endpoint)
+    while s.recv_multipart() != [b"stop"]:
+        pass
+    s.close(linger=0)
+    ctx.term()
+
+
+def _stop_sink(endpoint: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(endpoint)
+    s.send(b"stop")
+    s.close(linger=2000)
+    ctx.term()
+
+
 def _ratios(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -52,30 +78,45 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
     model = make_ppo()
     live_ep = f"tcp://127.0.0.1:{free_port()}"
     dead_ep = f"tcp://127.0.0.1:{free_port()}"  # nobody binds it
-    plain, nomon, live = [], [], []
-    with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
-        with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp), explainer=False):
-            env = gym.make("CartPole-v1")
-            _loop(model, env, warmup)
-            for _ in range(rounds):
-                plain.append(_loop(model, env, steps))
-                with agent_side.attach(model.policy, DEMO_TAPS, run="bench-nomon", endpoint=dead_ep) as tap:
-                    nomon.append(_loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps))
-                with agent_side.attach(model.policy, DEMO_TAPS, run="bench-live", endpoint=live_ep) as tap:
-                    if not tap.wait_for_monitor(10):
-                        raise RuntimeError("benchmark monitor did not connect")
-                    live.append(_loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps))
-                    live_drops = tap.counters()["drops"]
+    sink_ep = f"tcp://127.0.0.1:{free_port()}"
+    plain, nomon, sunk, live = [], [], [], []
+
+    def attached(endpoint: str, run: str) -> float:
+        with agent_side.attach(model.policy, DEMO_TAPS, run=run, endpoint=endpoint) as tap:
+            if endpoint != dead_ep and not tap.wait_for_monitor(10):
+                raise RuntimeError(f"benchmark peer at {endpoint} did not connect")
+            return _loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps)
+
+    sink = mp.get_context("spawn").Process(target=_sink, args=(sink_ep,), daemon=True)
+    sink.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
+            with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp), explainer=False):
+                env = gym.make("CartPole-v1")
+                _loop(model, env, warmup)
+                for _ in range(rounds):
+                    plain.append(_loop(model, env, steps))
+                    nomon.append(attached(dead_ep, "bench-nomon"))
+                    sunk.append(attached(sink_ep, "bench-sink"))
+                    live.append(attached(live_ep, "bench-live"))
+    finally:
+        _stop_sink(sink_ep)
+        sink.join(timeout=10)
+        if sink.is_alive():
+            sink.kill()
     return {
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "steps_per_round": steps,
         "taps": DEMO_TAPS,
         "steps_per_s": {"plain": statistics.median(plain), "attached_no_monitor": statistics.median(nomon),
-                        "attached_monitor": statistics.median(live)},
-        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon, strict=False)]),
-        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live, strict=False)]),
-        "drops_last_live_round": live_drops,
+                        "attached_sink": statistics.median(sunk), "attached_monitor": statistics.median(live)},
+        # the same cost in absolute terms: what an agent with a heavier step would pay
+        "overhead_us_per_step": {k: round(1e6 * (1 / statistics.median(v) - 1 / statistics.median(plain)), 1)
+                                 for k, v in (("attached_no_monitor", nomon), ("attached_sink", sunk), ("attached_monitor", live))},
+        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon, strict=True)]),
+        "ratio_sink": _ratios([b / a for a, b in zip(plain, sunk, strict=True)]),
+        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live, strict=True)]),
     }
 
 

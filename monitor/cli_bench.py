@@ -57,12 +57,14 @@ def _print_hook_table(res: dict[str, Any]) -> None:
     sps = h["steps_per_s"]
     print(f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
           f"torch threads {h['threads']}, taps {', '.join(h['taps'])}")
-    print(f"  {'variant':<22}{'steps/s':>10}{'ratio (median [min, max])':>34}")
-    print(f"  {'plain':<22}{sps['plain']:>10.0f}{'1.000':>34}")
-    for name, key in (("attached, no monitor", "ratio_no_monitor"), ("attached, live monitor", "ratio_monitor")):
+    print(f"  {'variant':<24}{'steps/s':>10}{'ratio (median [min, max])':>30}{'added us/step':>15}")
+    print(f"  {'plain':<24}{sps['plain']:>10.0f}{'1.000':>12}{'':>18}{'0':>15}")
+    us = h["overhead_us_per_step"]
+    for name, key, var in (("attached, no monitor", "ratio_no_monitor", "attached_no_monitor"),
+                           ("attached, bare sink", "ratio_sink", "attached_sink"),
+                           ("attached, live monitor", "ratio_monitor", "attached_monitor")):
         r = h[key]
-        v = sps["attached_no_monitor" if key == "ratio_no_monitor" else "attached_monitor"]
-        print(f"  {name:<22}{v:>10.0f}{r['median']:>16.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+        print(f"  {name:<24}{sps[var]:>10.0f}{r['median']:>12.3f} [{r['min']:.3f}, {r['max']:.3f}]{us[var]:>15.1f}")
     print(f"monitor ingest, {i['width']}-wide {i['dtype']} rows, {i['rows_per_frame']} rows/frame:")
     print(f"  bare decode        {i['decode_rows_per_s']:>12,.0f} rows/s")
     print(f"  monitor in-process {i['monitor_rows_per_s']:>12,.0f} rows/s ({i['monitor_vs_decode']:.2f} of decode)")
