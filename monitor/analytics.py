@@ -145,6 +145,14 @@ class TapAnalytics:
         new = np.where((order >= k)[:, :, None], y[np.clip(order - k, 0, n - 1)], np.take_along_axis(old, np.minimum(order, k - 1)[:, :, None], axis=0))
         self.top_metrics[:, cols] = new
 
+    def restore_top(self, state: dict[str, Any]) -> None:
+        """Put back the top-k examples of :meth:`Store.analytics` (a restarted monitor's all-time top)."""
+        if state["k"] != self.cfg.top_k or state["width"] != self.width or list(state["metrics"]) != self.metric_names:
+            return
+        self.top_value = np.asarray(state["top_value"], dtype=np.float64).copy()  # replayed rows are among them already
+        self.top_key = np.asarray(state["top_key"], dtype=np.int64).copy()
+        self.top_metrics = np.asarray(state["top_metrics"], dtype=np.float64).copy()
+
     # -- reading --------------------------------------------------------------------------------
     def window_stats(self) -> dict[str, np.ndarray]:
         """Mean, std, max and fraction active (> 0) of each channel over the paired window."""

@@ -141,8 +141,12 @@ class Monitor:
             frame = decode(parts, self.limits)
             st = self.runs.get(frame.run)
             if st is None:
-                st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS) or RunState(run=frame.run)
-                st.analytics_cfg = self.analytics
+                st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS)
+                if st is None:
+                    st = RunState(run=frame.run, analytics_cfg=self.analytics)
+                else:  # a restart: the analytics continue from what Redis kept
+                    st.analytics_cfg = self.analytics
+                    st.restore_analytics({t: a for t in st.taps if (a := self.store.analytics(frame.run, t)) is not None})
                 self.runs[frame.run] = st
                 self.control.known(frame.run)
             if frame.kind == "ctl":

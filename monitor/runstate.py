@@ -232,6 +232,33 @@ class RunState:
             while sum(len(d) for d, _ in early) > limit and len(early) > 1:
                 early.pop(0)
 
+    def restore_analytics(self, saved: dict[str, dict[str, Any]]) -> None:
+        """After a monitor restart: rebuild each tap's analytics by replaying the recent rows kept
+        in Redis against the recent metric rows, then put back the all-time top examples and the
+        paired count from ``saved`` (:meth:`Store.analytics` of each tap). The rolling window
+        starts from the replayed rows and refills as new ones come."""
+        cfg = self.analytics_cfg
+        if cfg is None:
+            return
+        replay: Joiner | None = None  # the kept metric rows, for the replay only: an agent that
+        for tap, state in saved.items():  # restarts the run at step 0 must not pair with them later
+            ts, names = self.taps.get(tap), list(state["metrics"])
+            ring = self.metrics.recent.get(tuple(names))
+            if ts is None or ring is None or ts.width != state["width"]:
+                continue
+            if self.joiner is None:
+                self.joiner, replay = Joiner(names, capacity=max(8192, 4 * cfg.window_steps)), Joiner(names, capacity=ring.capacity)
+                replay.add(*ring.get())
+            elif replay is None or names != self.joiner.names:
+                continue
+            an = self._analytics_for(tap, ts.width)
+            if an is None:
+                continue
+            an.offer(*ts.recent.get(), replay)
+            an.pending_x, an.pending_keys = [], []  # rows whose metric rows are gone will not be paired
+            an.restore_top(state)
+            an.paired = max(an.paired, int(state["paired"]))
+
     def _analytics_for(self, tap: str, width: int) -> TapAnalytics | None:
         cfg = self.analytics_cfg
         if cfg is None or self.joiner is None or width > cfg.max_channels:

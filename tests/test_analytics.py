@@ -123,3 +123,43 @@ def test_more_than_a_window_of_rows_before_the_first_metrics_is_paired_whole(sto
     finally:
         mon.close()
     assert store.analytics("r", "h:in")["paired"] == 300
+
+
+def test_a_restarted_monitor_continues_the_analytics(store: Store) -> None:
+    """A monitor that dies and comes back keeps each tap's paired count, its all-time top examples
+    and its correlations: it replays the recent rows Redis kept instead of starting from nothing.
+    An agent that restarts the run from step 0 is paired with its own metrics, never the old ones."""
+    rng = np.random.default_rng(1)
+    n = 1600
+    a, noise = rng.standard_normal(n), rng.standard_normal(n)
+    x = np.stack([a, noise], axis=1).astype(np.float32)
+    x[100, 1] = 50.0  # a spike long before the restart: outside every window and recent buffer
+    cfg = AnalyticsConfig(window_steps=400, top_k=3)
+
+    def stream(mon: Monitor, pub: str, steps: np.ndarray, x: np.ndarray, a: np.ndarray) -> None:
+        for seq, s in enumerate(range(0, len(steps), 50)):  # the agent's order: tap rows, then metrics
+            st, at = steps[s : s + 50], slice(s, s + 50)
+            assert mon.handle(encode_act("r", pub, 2 * seq, 0, "h:out", x[at], _pos(st)))
+            assert mon.handle(encode_met("r", pub, 2 * seq + 1, 0, ["a"], a[at, None], _pos(st)))
+        mon.flush(final=True)
+
+    first = Monitor(store, endpoint="tcp://127.0.0.1:0", analytics=cfg)
+    try:
+        stream(first, "p", np.arange(1500), x[:1500], a[:1500])
+    finally:
+        first.close()
+    before = tap_stats(store, "r", "h:out", top=3)
+    assert before["paired"] == 1500 and before["channels"][1]["top"][0]["step"] == 100
+
+    second = Monitor(store, endpoint="tcp://127.0.0.1:0", analytics=cfg)
+    try:
+        # a restarted agent at steps whose old metric rows Redis still holds, with new values
+        b = rng.standard_normal(100)
+        stream(second, "q", np.arange(1400, 1500), np.stack([b, np.zeros(100)], axis=1).astype(np.float32), b)
+    finally:
+        second.close()
+    d = tap_stats(store, "r", "h:out", top=3)
+    assert d["paired"] == 1600
+    assert d["channels"][1]["top"][0]["step"] == 100 and d["channels"][1]["top"][0]["value"] == 50.0
+    assert d["window_n"] == 400  # the window holds replayed rows (Redis keeps 512), not just the new ones
+    assert d["channels"][0]["corr"]["a"] > 0.999  # old rows with old metrics, new rows with new ones
