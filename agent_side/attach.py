@@ -109,6 +109,8 @@ class Attachment:
         if len({str(s) for s in specs}) != len(specs):
             raise ValueError(f"duplicate taps in {[str(s) for s in specs]}")
         self._targets: list[tuple[TapSpec, torch.nn.Module]] = [(s, resolve(module, s)) for s in specs]
+        self._module = module
+        self._extra_hooks: list[Callable[[], Any]] = []  # registered with the taps: track_tokens()
         self.run = run
         self.endpoint = endpoint or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT
         self.flush_rows = int(flush_rows)
@@ -144,6 +146,7 @@ class Attachment:
                         self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
                     else:
                         self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+                self._handles.extend(add() for add in self._extra_hooks)
             elif not connected:
                 self._disarm()
 
@@ -305,20 +308,20 @@ class Attachment:
                     break
 
     # -- language models --------------------------------------------------------------------
-    def tokens(self, tokens: Sequence[str] | Sequence[Sequence[str]], *, max_chars: int = 64) -> None:
-        """Name the tokens of the next forward: one prompt, or a batch of equal-length prompts
-        (``tokenizer.convert_ids_to_tokens(ids)``). Each call is one step; its token rows
-        ``b * T + t`` get the metric ``token_pos`` = t, so the monitor pairs and ranks them, and
-        the explainer and panel show each activation in its context.
-
-        Example::
-
-            tap.tokens(tok.convert_ids_to_tokens(ids[0]))
-            model(ids)
-        """
+    def tokens(self, tokens: Sequence[str] | Sequence[Sequence[str]], *, context: Sequence[str] | Sequence[Sequence[str]] | None = None,
+               start: int = 0, max_chars: int = 64) -> None:
+        """Name the tokens of the next forward (``tok.convert_ids_to_tokens(ids[0])``), or of a batch
+        of equal-length prompts. Each call is one step; token row ``b * T + t`` gets the metric
+        ``token_pos`` = ``start + t``. A generation step passes the tokens it continues as
+        ``context`` and its position as ``start``; :meth:`track_tokens` does all this by itself."""
         batch = [list(tokens)] if tokens and isinstance(tokens[0], str) else [list(r) for r in tokens]
         if not batch or not batch[0] or len({len(r) for r in batch}) != 1:
             raise ValueError("tokens() needs one non-empty prompt or a batch of prompts of equal length (pad them)")
+        before = [] if not context else [list(context)] if isinstance(context[0], str) else [list(r) for r in context]
+        if before and (len(before) != len(batch) or len({len(r) for r in before}) != 1):
+            raise ValueError(f"context needs one list of equal length per prompt ({len(batch)})")
+        if start < 0:
+            raise ValueError("start must be >= 0")
         self.env_steps = True
         if self._prompts:
             self.advance()
@@ -326,12 +329,30 @@ class Attachment:
         if not self._sender.connected:
             self._sender.drops += 1
             return
-        batch = [[str(x)[:max_chars] for x in r] for r in batch]
+        n_ctx = len(before[0]) if before else 0
+        rows = [[str(x)[:max_chars] for x in (before[b] if before else []) + r] for b, r in enumerate(batch)]
         run, step, length = self.run, self.step, len(batch[0])
-        self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, batch), 1)
+        self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1)
         for b in range(len(batch)):
             for t in range(length):
-                self.log_row(("token_pos",), [float(t)], index=b * length + t)
+                self.log_row(("token_pos",), [float(start + t)], index=b * length + t)
+
+    def track_tokens(self, tokenizer: Any, *, module: torch.nn.Module | None = None, context: int = 32) -> None:
+        """Name every forward's tokens from its ``input_ids``, for teacher-forced prompts and
+        ``generate()`` alike (a cached generation step is shown with the ``context`` tokens it
+        continues). ``module`` is the model that receives ``input_ids`` (default: the attached one)."""
+        from agent_side.lm import TokenTracker
+
+        tracker = TokenTracker(self, tokenizer, context=context)
+        target = module if module is not None else self._module
+
+        def add() -> Any:  # first among the model's pre-hooks: the step moves on before any tap sees the forward
+            return target.register_forward_pre_hook(tracker.hook, with_kwargs=True, prepend=True)
+
+        with self._arm_lock:
+            self._extra_hooks.append(add)
+            if self._handles:  # a monitor already listens
+                self._handles.append(add())
 
     # -- environments -----------------------------------------------------------------------
     def wrap(self, env: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:

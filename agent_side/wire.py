@@ -13,8 +13,11 @@ No pickle, no per-element encoding.
     header: v, kind="ep", run, pub, seq, t, drops, episodes=[[step, index, return, length, terminated, truncated], ...]
     parts:  header
 ``tok`` frame: the tokens of one language-model forward (one prompt, or a batch of equal length).
-    header: v, kind="tok", run, pub, seq, t, drops, step, shape=[batch, tokens]
+    header: v, kind="tok", run, pub, seq, t, drops, step, shape=[batch, tokens], [context, start]
     parts:  header, msgpack list of ``batch`` lists of ``tokens`` strings
+    Each list may begin with ``context`` tokens that came before the forward (a generation step
+    sees only its new token; its context is what it continues); ``start`` is the sequence position
+    of the first token after them. Row ``b * (tokens - context) + t`` is ``tokens[b][context + t]``.
 ``ctl`` frame: what the agent's control end did (see :mod:`agent_side.control`).
     header: v, kind="ctl", run, pub, seq, t, drops, event={event: hello|applied|reverted|refused|synced, ...}
     parts:  header
@@ -120,7 +123,9 @@ class Frame:
     lead: list[int] = field(default_factory=list)
     episodes: list[list[float]] = field(default_factory=list)
     step: int = 0  # tok frames: the forward these tokens belong to
-    tokens: list[list[str]] = field(default_factory=list)  # tok frames: [batch][tokens]
+    tokens: list[list[str]] = field(default_factory=list)  # tok frames: [batch][context + tokens]
+    context: int = 0  # tok frames: leading tokens of each list that precede the forward
+    start: int = 0  # tok frames: sequence position of tokens[b][context]
     event: dict[str, Any] = field(default_factory=dict)  # ctl frames
 
     @property
@@ -128,7 +133,7 @@ class Frame:
         if self.data is not None:
             return int(self.data.shape[0])
         if self.tokens:
-            return len(self.tokens) * len(self.tokens[0])
+            return len(self.tokens) * (len(self.tokens[0]) - self.context)
         return len(self.episodes)
 
 
@@ -159,9 +164,12 @@ def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Seque
     return [_header("ep", run, pub, seq, drops, episodes=[list(map(float, e)) for e in episodes])]
 
 
-def encode_tok(run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]]) -> list[Any]:
-    """Parts of a token frame: ``tokens[b][t]`` is the token at row ``b * T + t`` of ``step``."""
-    hdr = _header("tok", run, pub, seq, drops, step=int(step), shape=[len(tokens), len(tokens[0]) if tokens else 0])
+def encode_tok(run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]], *,
+               context: int = 0, start: int = 0) -> list[Any]:
+    """Parts of a token frame: ``tokens[b][context + t]`` is the token at row ``b * T + t`` of
+    ``step``, at sequence position ``start + t``; the first ``context`` tokens of each list precede it."""
+    extra = {"context": int(context), "start": int(start)} if context or start else {}
+    hdr = _header("tok", run, pub, seq, drops, step=int(step), shape=[len(tokens), len(tokens[0]) if tokens else 0], **extra)
     return [hdr, msgpack.packb([list(row) for row in tokens], use_bin_type=True)]
 
 
@@ -353,6 +361,9 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
         frame.step = _need(h, "step", int)
         if frame.step < 0:
             raise WireError("bad_header", "step must be >= 0")
+        frame.context, frame.start = h.get("context", 0), h.get("start", 0)
+        if not (type(frame.context) is int and type(frame.start) is int and 0 <= frame.context < length and frame.start >= 0):
+            raise WireError("bad_header", f"tok context must be in [0, {length}) and start >= 0")
         frame.tokens = _tokens(parts[1], batch, length, limits)
         return frame
 

@@ -51,9 +51,9 @@ def build_context(store: Store, run: str, tap: str, latent: int, *, top: int = 1
     if toks:
         ctx.tokens = True
         for e in ctx.top + ctx.quantiles:
-            rows = toks.get(e["step"])
-            if rows:
-                e["token"], e["context"] = token_at(rows, e["index"]), token_context(rows, e["index"])
+            tk = toks.get(e["step"])
+            if tk:
+                e["token"], e["context"] = token_at(tk, e["index"]), token_context(tk, e["index"])
     recent, met = store.recent(run, tap), store.recent_metrics(run)
     if recent is not None and met and all(m in met for m in ctx.metrics):
         rows, pos = recent
@@ -71,18 +71,25 @@ def build_context(store: Store, run: str, tap: str, latent: int, *, top: int = 1
     return ctx
 
 
-def token_at(rows: list[list[str]], index: int) -> str:
-    b, t = divmod(int(index), len(rows[0]))
-    return rows[b][t] if b < len(rows) else ""
+def _token_pos(tokens: dict[str, Any], index: int) -> tuple[list[str], int] | None:
+    """The row of token ``index`` (``b * T + t``) of a forward and where in it that token is."""
+    rows, context = tokens["rows"], tokens.get("context", 0)
+    b, t = divmod(int(index), len(rows[0]) - context)
+    return (rows[b], context + t) if b < len(rows) else None
 
 
-def token_context(rows: list[list[str]], index: int, *, before: int = BEFORE, after: int = AFTER) -> str:
-    """The tokens around row ``index`` (``b * T + t``) of a forward, the token itself marked ⟦so⟧."""
-    length = len(rows[0])
-    b, t = divmod(int(index), length)
-    if b >= len(rows):
+def token_at(tokens: dict[str, Any], index: int) -> str:
+    at = _token_pos(tokens, index)
+    return at[0][at[1]] if at else ""
+
+
+def token_context(tokens: dict[str, Any], index: int, *, before: int = BEFORE, after: int = AFTER) -> str:
+    """The tokens around row ``index`` (``b * T + t``) of a forward, the token itself marked ⟦so⟧.
+    A generation step's context is the tokens it continues (there is nothing after it yet)."""
+    at = _token_pos(tokens, index)
+    if at is None:
         return ""
-    row = rows[b]
+    row, t = at
     return "".join(row[max(0, t - before) : t]) + f"⟦{row[t]}⟧" + "".join(row[t + 1 : t + 1 + after])
 
 

@@ -240,7 +240,7 @@ def page_transcoders(store: Store) -> None:
 def page_language(store: Store, run: str, tap: str, latent: int) -> None:
     steps = store.token_steps(run)
     if not steps:
-        st.info("This run streams no tokens. Call `tap.tokens(tokenizer.convert_ids_to_tokens(ids[0]))` before each forward.")
+        st.info("This run streams no tokens. Call `tap.track_tokens(tokenizer)` once, or `tap.tokens(tokenizer.convert_ids_to_tokens(ids[0]))` before each forward.")
         return
 
     @st.fragment(run_every=REFRESH_S)
@@ -251,10 +251,10 @@ def page_language(store: Store, run: str, tap: str, latent: int) -> None:
             return
         last = int(cross["prompt"].max())
         one = cross[cross["prompt"] == last].assign(label=lambda d: d["position"].astype(str) + " " + d["token"])
-        st.subheader(f"#{latent} over the tokens of step {last}")
+        st.subheader(f"#{latent} over the tokens of the sequence from step {last}")
         st.altair_chart(alt.Chart(one).mark_bar().encode(x=alt.X("label:N", sort=list(one["label"]), title="token"), y="value:Q",
                                                          tooltip=["position", "token", "value"]), width="stretch")
-        st.subheader(f"#{latent} across the last {cross['prompt'].nunique()} prompts")
+        st.subheader(f"#{latent} across the last {cross['prompt'].nunique()} sequences")
         base = alt.Chart(cross).encode(x="position:O", y="prompt:O")
         st.altair_chart(base.mark_rect().encode(color=alt.Color("value:Q", scale=alt.Scale(scheme="oranges")), tooltip=["prompt", "token", "value"])
                         + base.mark_text(fontSize=9).encode(text="token:N"), width="stretch")

@@ -133,32 +133,48 @@ def transcoder_table(store: Store) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sequence(tokens: dict[int, dict], step: int) -> list[int]:
+    """The consecutive forwards of one sequence around ``step``: a prompt and the generation
+    steps that continue it (``start`` > 0)."""
+    first = last = step
+    while tokens[first]["start"] > 0 and first - 1 in tokens:
+        first -= 1
+    while last + 1 in tokens and tokens[last + 1]["start"] > 0:
+        last += 1
+    return list(range(first, last + 1))
+
+
 def token_trace(store: Store, run: str, tap: str, latent: int, step: int) -> pd.DataFrame | None:
-    """One prompt: (position, token, value) of a latent over the tokens of forward ``step``
-    (the first sequence of a batch)."""
-    toks = store.tokens(run, [step]).get(step)
+    """One sequence: (position, token, value) of a latent over the tokens of forward ``step`` (the
+    first sequence of a batch), with the generation steps before and after it when it has them."""
     got = store.recent(run, tap)
-    if not toks or got is None:
+    tokens = store.tokens(run, store.token_steps(run))
+    if step not in tokens or got is None:
         return None
     rows, pos = got
-    sel = pos[:, 0] == step
-    length = len(toks[0])
-    idx = pos[sel, 1]
-    first = idx < length
-    if not first.any():
-        return None
-    return pd.DataFrame({"position": idx[first], "token": [toks[0][i] for i in idx[first]],
-                         "value": rows[sel][first, latent].astype(float)})
+    parts = []
+    for s in _sequence(tokens, step):
+        tk = tokens[s]
+        context, length = tk["context"], len(tk["rows"][0]) - tk["context"]
+        sel = pos[:, 0] == s
+        idx = pos[sel, 1]
+        first = idx < length
+        if first.any():
+            parts.append(pd.DataFrame({"position": tk["start"] + idx[first], "token": [tk["rows"][0][context + i] for i in idx[first]],
+                                       "value": rows[sel][first, latent].astype(float)}))
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def cross_prompt(store: Store, run: str, tap: str, latent: int, *, prompts: int = 12) -> pd.DataFrame | None:
-    """The last ``prompts`` forwards still in the recent rows: (prompt, position, token, value)."""
+    """The last ``prompts`` sequences still in the recent rows: (prompt, position, token, value);
+    ``prompt`` is the step of the sequence's first forward."""
     got = store.recent(run, tap)
     if got is None:
         return None
-    steps = [int(s) for s in np.unique(got[1][:, 0])[-prompts:]]
+    tokens = store.tokens(run, store.token_steps(run))
+    firsts = list(dict.fromkeys(_sequence(tokens, int(s))[0] for s in np.unique(got[1][:, 0]) if int(s) in tokens))
     frames = []
-    for s in steps:
+    for s in firsts[-prompts:]:
         tr = token_trace(store, run, tap, latent, s)
         if tr is not None:
             frames.append(tr.assign(prompt=s))

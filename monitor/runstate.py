@@ -117,8 +117,8 @@ class RunState:
     steps_per_s: float = 0.0
     rows_per_s: float = 0.0
     _rate_at: tuple[float, int, int] = (0.0, 0, 0)  # (time, steps, rows) at the last rates() call
-    tokens: dict[int, list[list[str]] | None] = field(default_factory=dict)  # step -> tokens, oldest first (None: in Redis only)
-    new_tokens: dict[int, list[list[str]]] = field(default_factory=dict)  # not yet written to Redis
+    tokens: dict[int, dict[str, Any] | None] = field(default_factory=dict)  # step -> tokens, oldest first (None: in Redis only)
+    new_tokens: dict[int, dict[str, Any]] = field(default_factory=dict)  # not yet written to Redis
     evicted_tokens: list[int] = field(default_factory=list)  # to delete from Redis
 
     @property
@@ -166,7 +166,7 @@ class RunState:
         if frame.kind == "act":
             self.rows += frame.rows
         if frame.kind == "tok":
-            self.add_tokens(frame.step, frame.tokens)
+            self.add_tokens(frame.step, {"rows": frame.tokens, "context": frame.context, "start": frame.start})
         elif frame.kind == "act":
             self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
         else:
@@ -196,8 +196,9 @@ class RunState:
         if not t0 or now - t0 > 0.05:
             self._rate_at = (now, self.steps, self.rows)
 
-    def add_tokens(self, step: int, tokens: list[list[str]]) -> None:
-        """The tokens of one language-model forward; the oldest beyond TOKEN_PROMPTS are let go."""
+    def add_tokens(self, step: int, tokens: dict[str, Any]) -> None:
+        """The tokens of one language-model forward (``{"rows", "context", "start"}``, see
+        :func:`agent_side.wire.encode_tok`); the oldest beyond TOKEN_PROMPTS are let go."""
         self.tokens.pop(step, None)
         self.tokens[step] = self.new_tokens[step] = tokens
         while len(self.tokens) > TOKEN_PROMPTS:

@@ -187,13 +187,20 @@ class Store:
         """The steps of a run whose tokens are kept, oldest first."""
         return sorted(int(k) for k in self.r.hkeys(keys.tokens(run)))
 
-    def tokens(self, run: str, steps: Iterable[int]) -> dict[int, list[list[str]]]:
-        """The tokens of these steps (language-model forwards), where kept: ``out[step][b][t]``."""
+    def tokens(self, run: str, steps: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The tokens of these steps (language-model forwards), where kept: ``out[step]`` is
+        ``{"rows": [b][context + t], "context": leading tokens before the forward, "start": the
+        sequence position of rows[b][context]}``."""
         steps = list(dict.fromkeys(int(s) for s in steps))
         if not steps:
             return {}
         vals = self.r.hmget(keys.tokens(run), [str(s) for s in steps])
-        return {s: json.loads(v) for s, v in zip(steps, vals, strict=True) if v is not None}
+        out = {}
+        for s, v in zip(steps, vals, strict=True):
+            if v is not None:
+                d = json.loads(v)
+                out[s] = d if isinstance(d, dict) else {"rows": d, "context": 0, "start": 0}
+        return out
 
     def runs(self) -> list[str]:
         return [r.decode() for r in self.r.zrange(keys.RUNS, 0, -1)]

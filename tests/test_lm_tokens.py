@@ -41,8 +41,22 @@ def test_tok_frames_round_trip_and_bad_ones_are_refused() -> None:
     assert e.value.reason == "bad_frame"
 
 
+def test_generation_steps_carry_their_context() -> None:
+    f = decode(_b(encode_tok("lm", "p", 3, 0, 8, [["a", "b", "c"], ["d", "e", "f"]], context=2, start=9)))
+    assert (f.context, f.start, f.rows) == (2, 9, 2)  # one new token per sequence, after two of context
+    import msgpack
+
+    hdr, body = _b(encode_tok("lm", "p", 3, 0, 8, [["a", "b", "c"]], context=1, start=1))
+    for context, start in [(3, 0), (-1, 0), (0, -2), (1.5, 0), ("1", 0), (True, 0)]:  # must leave a token; ints only
+        h = msgpack.unpackb(hdr) | {"context": context, "start": start}
+        with pytest.raises(WireError) as e:
+            decode([msgpack.packb(h), body])
+        assert e.value.reason == "bad_header"
+    assert token_context({"rows": [["x", " y", " z"]], "context": 2, "start": 5}, 0) == "x y⟦ z⟧"
+
+
 def test_token_context_marks_the_token() -> None:
-    rows = [["A", " b", " c"], [" x", " y", " z"]]
+    rows = {"rows": [["A", " b", " c"], [" x", " y", " z"]], "context": 0, "start": 0}
     assert token_context(rows, 1) == "A⟦ b⟧ c"
     assert token_context(rows, 5, before=1) == " y⟦ z⟧"
 
@@ -73,7 +87,7 @@ def test_gpt2_tokens_reach_the_prompt_and_the_rules_backend_names_the_token(stor
         wait_until(lambda: store.analytics("lm", "transformer.wte:out") is not None and len(store.token_steps("lm")) == n, what="tokens and analytics")
 
     assert store.token_steps("lm") == list(range(n))
-    assert store.tokens("lm", [0, n - 1]) == {0: sent[0], n - 1: sent[-1]}
+    assert store.tokens("lm", [0, n - 1]) == {0: {"rows": sent[0], "context": 0, "start": 0}, n - 1: {"rows": sent[-1], "context": 0, "start": 0}}
     ctx = build_context(store, "lm", "transformer.wte:out", 0)
     assert ctx is not None and ctx.tokens and ctx.metrics == ["token_pos"]
     for e in ctx.top:  # every top example is a " cat", shown in its own sentence
@@ -97,3 +111,48 @@ def test_tokens_need_equal_lengths(store: Store, live_monitor) -> None:
             tap.tokens([["a", "b"], ["c"]])
         with pytest.raises(ValueError):
             tap.tokens([])
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], pad_token=words[0], eos_token=words[0])
+
+
+@pytest.mark.timeout(120)
+def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monitor) -> None:
+    """tap.track_tokens(tokenizer): no tap.tokens() calls; a teacher-forced forward and a cached
+    generate() are both named from input_ids, and a generated token is shown in its text."""
+    transformers = pytest.importorskip("transformers")
+    from monitor.panel_data import token_trace
+
+    words = [f"w{i}" for i in range(30)]
+    tok = _word_tokenizer(words)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=64)).eval()
+    prompt = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    new = 5
+    with agent_side.attach(model, ["transformer.h.0:out"], run="gen", endpoint=live_monitor.endpoint) as tap:
+        assert tap.wait_for_monitor(10)
+        tap.track_tokens(tok, context=4)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))  # a teacher-forced forward: step 0
+            out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        tap.flush()
+        assert tap.counters()["drops"] == 0
+        wait_until(lambda: len(store.token_steps("gen")) == 1 + new and store.recent("gen", "transformer.h.0:out") is not None
+                   and len(store.recent("gen", "transformer.h.0:out")[1]) == 3 + 6 + new - 1, what="generation tokens")
+    seq = tok.convert_ids_to_tokens(out[0].tolist())  # prompt + generated
+    got = store.tokens("gen", range(1 + new))
+    assert got[0] == {"rows": [["w1", "w2", "w3"]], "context": 0, "start": 0}
+    assert got[1] == {"rows": [seq[:6]], "context": 0, "start": 0}  # generate's prompt pass: a new sequence
+    for k in range(1, new):  # each cached step: one new token after the last 4 it continues
+        p = 6 + k - 1
+        assert got[1 + k] == {"rows": [seq[p - 4 : p + 1]], "context": 4, "start": p}
+    assert token_context(got[new], 0, before=3) == "".join(seq[6 + new - 5 : 6 + new - 2]) + f"⟦{seq[6 + new - 2]}⟧"
+    tr = token_trace(store, "gen", "transformer.h.0:out", 0, new)  # the panel's trace: the whole sequence
+    assert tr["position"].tolist() == list(range(6 + new - 1)) and tr["token"].tolist() == seq[: 6 + new - 1]
+    assert tr["position"].tolist() == sorted(tr["position"].tolist())
