@@ -81,7 +81,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         auto = AutoTrain(pairs=pairs, redis_url=resolve_redis_url(s.redis_url, s.data_dir), data_dir=s.data_dir,
                          steps=args.auto_train_steps, latents=args.auto_train_latents, epochs=args.auto_train_epochs)
     mon = Monitor(store, endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir, auto_train=auto,
-                  control_endpoint=args.control_endpoint)
+                  control_endpoint=args.control_endpoint, evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None)
     server = None
     if args.metrics_port >= 0:
         try:
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--flush-ms", type=float, default=200.0, help="how often state is written to Redis")
     sp.add_argument("--max-frames", type=int, help="exit after this many frames (stop-when-done mode)")
     sp.add_argument("--idle-exit-s", type=float, help="exit after this many seconds without a frame")
+    sp.add_argument("--evict-idle-s", type=float, default=900.0,
+                    help="let a run quiet this long go from memory (its state stays in Redis; 0: never)")
     sp.add_argument("--window-steps", type=int, default=1000, help="rolling window of the live correlations")
     sp.add_argument("--ew-alpha", type=float, default=0.01, help="weight of a new step in the EW correlations")
     sp.add_argument("--top-k", type=int, default=10, help="top activating steps kept per channel")

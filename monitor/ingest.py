@@ -77,8 +77,10 @@ class Monitor:
         auto_train: AutoTrain | None = None,
         file_jobs: bool = True,
         control_endpoint: str | None = None,
+        evict_idle_s: float | None = 900.0,
     ) -> None:
         self.store = store
+        self._evict_idle_s = evict_idle_s  # a run quiet this long leaves memory (Redis has it all)
         self.endpoint = endpoint
         self.limits = limits
         self.analytics = analytics
@@ -237,12 +239,27 @@ class Monitor:
             if self.auto is not None:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
+            self._evict_idle()
             self.control.publish()
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
             self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
         except redis.RedisError as e:
             self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
+
+    def _evict_idle(self) -> None:
+        """Let go of runs quiet for ``evict_idle_s`` whose state is all in Redis, so a monitor that
+        serves many runs over weeks does not grow; a run that comes back is restored from Redis
+        (counters, moments, recent rows, analytics) like after a restart."""
+        if self._evict_idle_s is None:
+            return
+        now = time.time()
+        for run, st in list(self.runs.items()):
+            if now - st.last_seen > self._evict_idle_s and not st.dirty and not st.analytics_dirty and run not in self.recorders:
+                del self.runs[run]
+                if self.alerts is not None:
+                    self.alerts.forget(run)  # the job filer keeps its small per-tap state: no re-filing on return
+                log.info("run %r idle for %.0f s: its state is in Redis, let go from memory", run, now - st.last_seen)
 
     def _recordings(self, final: bool) -> None:
         """Start recordings that were asked for, report progress, close the finished ones."""

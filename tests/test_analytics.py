@@ -163,3 +163,33 @@ def test_a_restarted_monitor_continues_the_analytics(store: Store) -> None:
     assert d["channels"][1]["top"][0]["step"] == 100 and d["channels"][1]["top"][0]["value"] == 50.0
     assert d["window_n"] == 400  # the window holds replayed rows (Redis keeps 512), not just the new ones
     assert d["channels"][0]["corr"]["a"] > 0.999  # old rows with old metrics, new rows with new ones
+
+
+def test_an_idle_run_leaves_memory_and_comes_back_whole(store: Store) -> None:
+    """A run quiet for evict_idle_s is let go once Redis has all of it; when it returns it goes on
+    counting and pairing as if it had never left."""
+    import time
+
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", evict_idle_s=60, analytics=AnalyticsConfig(window_steps=100))
+    try:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal(400)
+        x = np.stack([a, -a], axis=1).astype(np.float32)
+        then = time.time() - 120  # the "old" run's frames were received two minutes ago
+        for run, now in (("old", then), ("live", time.time())):
+            st = np.arange(300)
+            assert mon.handle(encode_act(run, "p", 0, 0, "h:out", x[st], _pos(st)), now=now)
+            assert mon.handle(encode_met(run, "p", 1, 0, ["a"], a[st, None], _pos(st)), now=now)
+        mon.flush(final=True)
+        assert set(mon.runs) == {"live"}  # written, idle, let go
+        st = np.arange(300, 400)
+        assert mon.handle(encode_act("old", "p", 2, 0, "h:out", x[st], _pos(st)))
+        assert mon.handle(encode_met("old", "p", 3, 0, ["a"], a[st, None], _pos(st)))
+        mon.flush(final=True)
+        assert set(mon.runs) == {"old", "live"}
+    finally:
+        mon.close()
+    d = tap_stats(store, "old", "h:out")
+    assert d["paired"] == 400 and d["channels"][0]["corr"]["a"] > 0.999 and d["channels"][1]["corr"]["a"] < -0.999
+    (info,) = [r for r in store.status()["runs"] if r["run"] == "old"]
+    assert info["frames"] == 4 and info["gaps"] == 0 and info["rows"] == 400
