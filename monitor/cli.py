@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("transcoders", help="every registered transcoder with its quality figures")
     common(sp)
+    onoff = sp.add_mutually_exclusive_group()
+    onoff.add_argument("--activate", metavar="NAME", help="have the monitor encode with this transcoder again")
+    onoff.add_argument("--deactivate", metavar="NAME", help="have the monitor stop encoding with this transcoder (it stays registered)")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_transcoders)
 

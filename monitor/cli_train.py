@@ -69,16 +69,26 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
 def _print_transcoders(infos: list[dict[str, Any]]) -> None:
     if not infos:
         print("no transcoders yet: `interlatent train ...` or `interlatent import PATH ...`")
-    print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5} {'return recovered':>17}")
+    print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5} {'return recovered':>17} {'active':>7}")
     for t in infos:
         q = t.get("quality") or {}
         cells = [format(q[k], f) if q.get(k) is not None else "-"
                  for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"), ("return_recovered", "6.3f"))]
-        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5} {cells[4]:>17}")
+        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5} {cells[4]:>17} "
+              f"{'yes' if t.get('active', True) else 'no':>7}")
 
 
 def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:
-    infos = s.store().transcoders()
+    store = s.store()
+    for name, active in ((args.activate, True), (args.deactivate, False)):
+        if name is not None:
+            if not store.set_transcoder_active(name, active):
+                names = [t["name"] for t in store.transcoders()]
+                raise ConfigError(f"no transcoder {name!r}; registered: {', '.join(names) or 'none'}")
+            if not args.json:
+                print(f"transcoder {name!r} {'activated' if active else 'deactivated'}: the monitor "
+                      f"{'starts' if active else 'stops'} encoding with it at its next flush")
+    infos = store.transcoders()
     if args.json:
         print(json.dumps({"transcoders": infos}))
     else:

@@ -251,6 +251,16 @@ class Store:
         p.incr(keys.TRANSCODERS_VERSION)
         p.execute()
 
+    def set_transcoder_active(self, name: str, active: bool) -> bool:
+        """Turn a registered transcoder's online encoding on or off; False if no such name."""
+        blob = self.r.hget(keys.TRANSCODERS, name)
+        if blob is None:
+            return False
+        info = json.loads(blob)
+        info["active"] = bool(active)
+        self.register_transcoder(info)
+        return True
+
     def transcoders_version(self) -> int:
         return int(self.r.get(keys.TRANSCODERS_VERSION) or 0)
 

@@ -78,3 +78,39 @@ def test_a_broken_artifact_is_skipped_not_fatal(tmp_path: Path, store: Store) ->
         assert list(store.status()["runs"][0]["taps"]) == ["h:out"]
     finally:
         mon.close()
+
+
+def test_deactivate_stops_the_encoding_and_activate_resumes_it(tmp_path: Path, store: Store, redis_url: str) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    _register(store, tmp_path, "sae4", 4, seed=0)
+    x = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    latents = LATENT_PREFIX + "sae4"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "monitor", "transcoders", *args, "--redis", redis_url],
+                              capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+
+    def latent_rows() -> int:
+        return store.status()["runs"][0]["taps"].get(latents, {}).get("rows", 0)
+
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        for seq, start in enumerate(range(0, 300, 100)):
+            if seq == 1:
+                r = cli("--deactivate", "sae4")
+                assert r.returncode == 0 and "deactivated" in r.stdout
+            if seq == 2:
+                assert cli("--activate", "sae4").returncode == 0
+            mon.flush(final=True)  # the monitor sees the registry change between frames
+            assert mon.handle(encode_act("r", "p", seq, 0, "h:out", x[start : start + 100], _pos(range(start, start + 100))))
+            mon.flush(final=True)
+            assert latent_rows() == (100 if seq < 2 else 200)  # nothing encoded while deactivated
+    finally:
+        mon.close()
+    assert [t["active"] for t in store.transcoders()] == [True]
+    r = cli("--deactivate", "nope")
+    assert r.returncode == 2 and "no transcoder 'nope'" in r.stderr and "sae4" in r.stderr
