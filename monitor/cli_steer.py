@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monitor.cli_common import Settings
-from monitor.control import clear_interventions, set_interventions, steer_id
+from monitor.control import clear_interventions, set_interventions, steer_effects, steer_id
 from monitor.store import ConfigError, Store
 
 __all__ = ["add_parsers", "cmd_steer"]
@@ -103,13 +103,22 @@ def cmd_steer(args: argparse.Namespace, s: Settings) -> int:
     state = store.steering(run)
     out: Callable[[str], None] = (lambda _line: None) if args.json else print
     if not args.clear and args.latent is None and args.tap is None and args.transcoder is None:
+        effects = steer_effects(store, run)
         if args.json:
-            print(json.dumps({"run": run, **state}))
+            print(json.dumps({"run": run, **state, "effects": effects}))
             return 0
         agent = {True: "accepts steering", False: "did not opt in", None: "has not said whether it accepts steering"}[state["control"]]
         print(f"run {run}: agent {agent}; asked for (version {state['version']}): "
               + (", ".join(m["id"] for m in state["interventions"]) or "nothing")
               + f"; active (version {state['applied_version']}): {', '.join(state['active']) or 'nothing'}")
+        for ef in effects:
+            b, d, diff = ef["before"], ef["during"], ef["difference"]
+            span = f"steps {ef['applied_step']}-{ef['reverted_step'] if ef['reverted_step'] is not None else 'now'}"
+            line = (f"  {ef['id']} ({ef['op']}, {span}): mean return {d['mean_return']} over {d['episodes']} episodes ended while on, "
+                    f"{b['mean_return']} over {b['episodes']} before")
+            if diff is not None and diff["ci"][0] is not None:
+                line += f"; difference {diff['mean']:+.1f} [{diff['ci'][0]:+.1f}, {diff['ci'][1]:+.1f}]"
+            print(line)
         return 0
     if args.clear:
         have = [m["id"] for m in state["interventions"]]

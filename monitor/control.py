@@ -31,7 +31,7 @@ from monitor.encoding import LATENT_PREFIX
 from monitor.sinks import AlertSink
 from monitor.store import Store
 
-__all__ = ["ControlChannel", "set_interventions", "clear_interventions", "steer_id", "STEER_EVENTS_MAXLEN"]
+__all__ = ["ControlChannel", "set_interventions", "clear_interventions", "steer_effects", "steer_id", "STEER_EVENTS_MAXLEN"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,37 @@ class ControlChannel:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+
+def _returns(x: Any) -> dict[str, Any]:
+    return {"episodes": int(len(x)), "mean_return": round(float(x.mean()), 3) if len(x) else None}
+
+
+def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
+    """The live effect of each steer the agent applied: the returns of the episodes that ended
+    while it was active (some began before it), beside those that ended between the previous
+    steering change and it, with a Welch interval on the difference. An observation, not a
+    controlled test: ``interlatent sweep`` is that."""
+    import numpy as np
+
+    from monitor.sweep import diff_ci
+
+    events = [e for e in store.steer_events(run) if e["event"] in ("applied", "reverted")]
+    eps = store.episodes(run)
+    ends = np.array([e["step"] for e in eps], dtype=np.float64)
+    rets = np.array([e["return"] for e in eps], dtype=np.float64)
+    out = []
+    for i, e in enumerate(events):
+        if e["event"] != "applied":
+            continue
+        until = next((f["step"] for f in events[i + 1 :] if f["event"] == "reverted" and f.get("id") == e.get("id")), None)
+        since = max((f["step"] for f in events[:i]), default=0)
+        during = rets[(ends >= e["step"]) & (ends < (np.inf if until is None else until))]
+        before = rets[(ends >= since) & (ends < e["step"])]
+        out.append({"id": e.get("id"), "op": e.get("op"), "applied_step": e["step"], "reverted_step": until,
+                    "before": _returns(before), "during": _returns(during),
+                    "difference": diff_ci(before.tolist(), during.tolist()) if len(before) and len(during) else None})
+    return out
 
 
 def _alert(e: dict[str, Any]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def _steer_form(store: Store, run: str, tap: str, latent: int) -> None:
     import argparse
 
     from monitor.cli_steer import build_intervention
-    from monitor.control import clear_interventions, set_interventions
+    from monitor.control import clear_interventions, set_interventions, steer_effects
 
     name = tap.removeprefix("latents:") if data.is_latent_tap(tap) else None
     state = store.steering(run)
@@ -142,6 +142,16 @@ def _steer_form(store: Store, run: str, tap: str, latent: int) -> None:
                 st.error(str(e))
         if c4.button("clear all", key="steer_clear"):
             st.success(f"cleared all steering of {run} (version {clear_interventions(store.r, run)})")
+        effects = steer_effects(store, run)
+        if effects:
+            st.caption("Episode returns while each steer was on, beside those since the change before it "
+                       "(an observation; `interlatent sweep` is the controlled test):")
+            st.dataframe(pd.DataFrame([{
+                "steer": e["id"], "op": e["op"], "steps": f"{e['applied_step']}-{e['reverted_step'] if e['reverted_step'] is not None else 'now'}",
+                "episodes on": e["during"]["episodes"], "mean return on": e["during"]["mean_return"],
+                "episodes before": e["before"]["episodes"], "mean return before": e["before"]["mean_return"],
+                "difference": None if e["difference"] is None else round(e["difference"]["mean"], 2),
+            } for e in effects]), hide_index=True, width="stretch", key="steer_effects")
 
 
 def _latent_card(store: Store, run: str, tap: str, latent: int) -> None:

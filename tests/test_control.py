@@ -30,7 +30,7 @@ from agent_side.wire import WireError
 from monitor.artifacts import save_artifact
 from monitor.cli_common import Settings
 from monitor.cli_steer import add_parsers
-from monitor.control import clear_interventions, set_interventions, steer_id
+from monitor.control import clear_interventions, set_interventions, steer_effects, steer_id
 from monitor.store import ConfigError, Store
 from monitor.training import artifact_info
 
@@ -337,6 +337,12 @@ def test_steer_a_running_agent_end_to_end(store: Store, redis_url: str, tmp_path
         wait_until(lambda: agent.last_step() >= s_off + 60, what="60 steps after the revert")
         assert set(agent.actions(s_off, s_off + 60)) == {0, 1}, "after the revert the policy balances again"
         assert store.steering(run)["active"] == []
+        # the episode returns show it: pushed one way, the pole falls within a few dozen steps
+        wait_until(lambda: steer_effects(store, run)[0]["during"]["episodes"] >= 2, what="episodes that ended while steered")
+        (ef,) = steer_effects(store, run)
+        assert (ef["applied_step"], ef["reverted_step"]) == (s_on, s_off)
+        steered = [e["return"] for e in store.episodes(run) if s_on <= e["step"] < s_off][1:]  # the first began unsteered
+        assert steered and max(steered) < 30
         alerts = [(a["state"], a["step"]) for a in store.alerts(run) if a["rule"] == "steering"]
         assert alerts == [("applied", s_on), ("reverted", s_off)]
 
@@ -445,6 +451,9 @@ def test_the_panel_steers_an_opted_in_agent(store: Store, redis_url: str, live_m
             assert time.monotonic() < deadline, "clearing from the panel never arrived"
             steps(1)
         assert set(steps(40)) == {0, 1}
+        at.run()
+        (table,) = [d.value for d in at.dataframe if "mean return on" in d.value.columns]
+        assert table["steer"].tolist() == [f"latents:{name}/0"]  # the panel shows the steer's effect on returns
     assert [e["event"] for e in store.steer_events(run) if e["event"] != "synced"][-2:] == ["applied", "reverted"]
 
 
@@ -475,6 +484,39 @@ def test_the_action_metric_the_monitor_keeps_shows_the_steer(store: Store, live_
     values, pos = store.recent_metrics(run)["action"]
     assert set(np.unique(values[pos[:, 0] >= on])) == {1.0}
     assert set(np.unique(values[pos[:, 0] < on])) == {0.0, 1.0}
+
+
+def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Store, redis_url: str) -> None:
+    """The episodes that ended while a steer was on, beside those since the previous change, from
+    what the monitor stored of the agent's episode and ctl frames."""
+    from monitor.ingest import Monitor
+
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", control_endpoint="tcp://127.0.0.1:0")
+    seq = iter(range(100))
+    applied = {"event": "applied", "id": "latents:tc/0", "op": "add", "tap": TAP, "version": 1, "alpha": 2.0, "value": 0.0}
+
+    def ep(step: int, ret: float) -> list:
+        return wire.encode_ep("fx", "p", next(seq), 0, [[step, 0, ret, ret, 1.0, 0.0]])
+
+    try:
+        frames = [ep(20, 100), ep(50, 110), ep(90, 90),
+                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "step": 100}),
+                  ep(120, 10), ep(150, 12), ep(190, 11),
+                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 2, "step": 200}),
+                  ep(260, 95)]
+        for parts in frames:
+            assert mon.handle([bytes(p) for p in parts])
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    (ef,) = steer_effects(store, "fx")
+    assert (ef["applied_step"], ef["reverted_step"]) == (100, 200)
+    assert ef["before"] == {"episodes": 3, "mean_return": 100.0} and ef["during"] == {"episodes": 3, "mean_return": 11.0}
+    d = ef["difference"]
+    assert d["mean"] == -89.0 and d["ci"][1] < 0 and d["p_value"] < 0.01
+    rc, out, err = _steer(redis_url, "--run", "fx")
+    assert rc == 0, err
+    assert "latents:tc/0 (add, steps 100-200): mean return 11.0 over 3 episodes ended while on, 100.0 over 3 before; difference -89.0" in out
 
 
 def test_a_steer_that_fails_at_a_forward_leaves_it_unchanged_and_comes_off() -> None:
