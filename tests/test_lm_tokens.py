@@ -156,3 +156,39 @@ def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monito
     tr = token_trace(store, "gen", "transformer.h.0:out", 0, new)  # the panel's trace: the whole sequence
     assert tr["position"].tolist() == list(range(6 + new - 1)) and tr["token"].tolist() == seq[: 6 + new - 1]
     assert tr["position"].tolist() == sorted(tr["position"].tolist())
+
+
+@pytest.mark.timeout(180)
+def test_the_generate_example_streams_every_sequence(store: Store, live_monitor) -> None:
+    """examples/lm_generate.py in its own process: each prompt's pass and each cached generation
+    step arrive named, and the monitor's tokens spell out the texts the script printed."""
+    import json
+    import subprocess
+
+    from conftest import ROOT, spawn
+
+    from monitor.panel_data import cross_prompt
+
+    proc = spawn([str(ROOT / "examples" / "lm_generate.py"), "--endpoint", live_monitor.endpoint, "--run", "ex",
+                  "--prompts", "3", "--new-tokens", "4"], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    lines = [json.loads(x) for x in out.splitlines()]
+    texts, done = [x["tokens"] for x in lines[:-1]], lines[-1]
+    assert len(texts) == 3 and done["done"] and done["drops"] == 0
+    forwards = 3 * 4  # per prompt: its pass, then three cached steps (the fourth token is sampled, never fed back)
+    wait_until(lambda: len(store.token_steps("ex")) == forwards, what="every forward's tokens")
+    got = store.tokens("ex", range(forwards))
+    for i, text in enumerate(texts):
+        first = got[4 * i]
+        assert first["start"] == 0 and first["rows"][0] == text[: len(first["rows"][0])]
+        n = len(first["rows"][0])
+        for k in range(1, 4):  # a cached step: the token at position n + k - 1, after its context
+            step = got[4 * i + k]
+            assert step["start"] == n + k - 1 and step["rows"][0][-1] == text[n + k - 1]
+    tap = "transformer.h.1:out"
+    wait_until(lambda: cross_prompt(store, "ex", tap, 0) is not None and cross_prompt(store, "ex", tap, 0)["prompt"].nunique() == 3,
+               what="three sequences in the panel's data")
+    cross = cross_prompt(store, "ex", tap, 0)
+    for i, (_, seq) in enumerate(cross.groupby("prompt", sort=True)):
+        assert seq["token"].tolist() == texts[i][: len(seq)] and len(seq) == len(texts[i]) - 1
