@@ -322,10 +322,7 @@ class Attachment:
             raise ValueError(f"context needs one list of equal length per prompt ({len(batch)})")
         if start < 0:
             raise ValueError("start must be >= 0")
-        self.env_steps = True
-        if self._prompts:
-            self.advance()
-        self._prompts += 1
+        self._new_forward()
         if not self._sender.connected:
             self._sender.drops += 1
             return
@@ -337,10 +334,19 @@ class Attachment:
             for t in range(length):
                 self.log_row(("token_pos",), [float(start + t)], index=b * length + t)
 
+    def _new_forward(self) -> None:
+        """The next forward is a step of its own (named by tokens(), or one the tracker cannot name)."""
+        self.env_steps = True
+        if self._prompts:
+            self.advance()
+        self._prompts += 1
+
     def track_tokens(self, tokenizer: Any, *, module: torch.nn.Module | None = None, context: int = 32) -> None:
         """Name every forward's tokens from its ``input_ids``, for teacher-forced prompts and
         ``generate()`` alike (a cached generation step is shown with the ``context`` tokens it
-        continues). ``module`` is the model that receives ``input_ids`` (default: the attached one)."""
+        continues). ``module`` is the model that receives ``input_ids`` (default: the attached one).
+        With beam search the beams are reordered between steps, so a step's context may be another
+        beam's; a forward without ``input_ids`` (``inputs_embeds``) is a step with no token names."""
         from agent_side.lm import TokenTracker
 
         tracker = TokenTracker(self, tokenizer, context=context)

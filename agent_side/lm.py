@@ -45,6 +45,7 @@ class TokenTracker:
         self.tokenizer = tokenizer
         self.context = max(0, int(context))
         self.history: list[list[str]] = []  # per sequence of the batch: its last `context` tokens
+        self.next_start: int | None = None  # where a forward continuing the last one would start
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         a = self.attachment
@@ -56,14 +57,22 @@ class TokenTracker:
             if ids is None and args and isinstance(args[0], torch.Tensor):
                 ids = args[0]
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
-                return  # inputs_embeds only, or an odd call: nothing to name
+                # inputs_embeds only, or an odd call: still a step of its own, so its rows never
+                # share (step, index) with the forward before; it just has no token names
+                self.history, self.next_start = [], None
+                a._new_forward()
+                return
             start = sequence_start(kwargs)
             rows = [self.tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()]
-            go_on = start > 0 and len(self.history) == len(rows) and self.context > 0
+            # the context is the previous forward's only if this one continues exactly where it
+            # ended (not after forwards missed while no monitor listened, nor another sequence)
+            go_on = start > 0 and start == self.next_start and len(self.history) == len(rows) and self.context > 0
             before = [h[-self.context :] for h in self.history] if go_on else None
             if before and len({len(h) for h in before}) != 1:
                 before = None
+            self.next_start = None  # until this forward is named
             a.tokens(rows, context=before or None, start=start)
             self.history = [((h if go_on else []) + r)[-self.context :] for h, r in zip(self.history if go_on else [[]] * len(rows), rows, strict=True)]
+            self.next_start = start + ids.shape[1]
         except Exception:  # naming tokens must never break the model's forward
             a._failed("tokens")

@@ -89,11 +89,6 @@ class AlertEngine:
         self.rules = rules
         self._tracks: dict[tuple[str, str, str], _Track | None] = {}
 
-    def forget(self, run: str) -> None:
-        """Drop a run's tracks (the monitor let the idle run go); it starts fresh if it returns."""
-        for key in [k for k in self._tracks if k[1] == run]:
-            del self._tracks[key]
-
     def _track(self, rule: Rule, run: str, tap: str, width: int) -> _Track | None:
         key = (rule.name, run, tap)
         if key not in self._tracks:

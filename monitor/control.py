@@ -175,7 +175,7 @@ def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
 
     from monitor.sweep import diff_ci
 
-    events = [e for e in store.steer_events(run) if e["event"] in ("applied", "reverted")]
+    events = [e for e in store.steer_events(run) if e["event"] in ("applied", "reverted", "refused")]
     eps = store.episodes(run)
     ends = np.array([e["step"] for e in eps], dtype=np.float64)
     rets = np.array([e["return"] for e in eps], dtype=np.float64)
@@ -183,8 +183,9 @@ def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
     for i, e in enumerate(events):
         if e["event"] != "applied":
             continue
-        until = next((f["step"] for f in events[i + 1 :] if f["event"] == "reverted" and f.get("id") == e.get("id")), None)
-        since = max((f["step"] for f in events[:i]), default=0)
+        # it ends when reverted, or when the agent dropped it (a forward it failed in: refused)
+        until = next((f["step"] for f in events[i + 1 :] if f["event"] != "applied" and f.get("id") == e.get("id")), None)
+        since = max((f["step"] for f in events[:i] if f["step"] < e["step"]), default=0)  # a change at the same step: a re-steer
         during = rets[(ends >= e["step"]) & (ends < (np.inf if until is None else until))]
         before = rets[(ends >= since) & (ends < e["step"])]
         out.append({"id": e.get("id"), "op": e.get("op"), "applied_step": e["step"], "reverted_step": until,

@@ -80,7 +80,8 @@ class Monitor:
         evict_idle_s: float | None = 900.0,
     ) -> None:
         self.store = store
-        self._evict_idle_s = evict_idle_s  # a run quiet this long leaves memory (Redis has it all)
+        self._evict_idle_s = evict_idle_s  # a run quiet this long leaves memory (Redis has nearly all of it)
+        self._kept_profiles: dict[str, dict[str, Any]] = {}  # failure profiles of evicted runs
         self.endpoint = endpoint
         self.limits = limits
         self.analytics = analytics
@@ -146,9 +147,10 @@ class Monitor:
                 st = self.store.load_run(frame.run, recent_rows=RECENT_ROWS)
                 if st is None:
                     st = RunState(run=frame.run, analytics_cfg=self.analytics)
-                else:  # a restart: the analytics continue from what Redis kept
+                else:  # a restart, or an idle run back: the analytics continue from what Redis kept
                     st.analytics_cfg = self.analytics
                     st.restore_analytics({t: a for t in st.taps if (a := self.store.analytics(frame.run, t)) is not None})
+                    st.failure_profiles = self._kept_profiles.pop(frame.run, {})
                 self.runs[frame.run] = st
                 self.control.known(frame.run)
             if frame.kind == "ctl":
@@ -248,17 +250,20 @@ class Monitor:
             self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
 
     def _evict_idle(self) -> None:
-        """Let go of runs quiet for ``evict_idle_s`` whose state is all in Redis, so a monitor that
-        serves many runs over weeks does not grow; a run that comes back is restored from Redis
-        (counters, moments, recent rows, analytics) like after a restart."""
+        """Let go of runs quiet for ``evict_idle_s`` whose state is written to Redis, so a monitor that
+        serves many runs over weeks does not grow by their windows and buffers; a run that comes
+        back is restored from Redis (counters, moments, recent rows, analytics) like after a restart."""
         if self._evict_idle_s is None:
             return
         now = time.time()
         for run, st in list(self.runs.items()):
             if now - st.last_seen > self._evict_idle_s and not st.dirty and not st.analytics_dirty and run not in self.recorders:
                 del self.runs[run]
-                if self.alerts is not None:
-                    self.alerts.forget(run)  # the job filer keeps its small per-tap state: no re-filing on return
+                # kept: what Redis does not hold. The failure profiles (the rules suggested from
+                # every failure so far); the alert engine's and job filer's small per-tap state
+                # stays with them, so a firing alert still resolves and nothing is filed twice
+                if st.failure_profiles:
+                    self._kept_profiles[run] = st.failure_profiles
                 log.info("run %r idle for %.0f s: its state is in Redis, let go from memory", run, now - st.last_seen)
 
     def _recordings(self, final: bool) -> None:

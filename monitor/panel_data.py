@@ -136,19 +136,25 @@ def transcoder_table(store: Store) -> pd.DataFrame:
 def _sequence(tokens: dict[int, dict], step: int) -> list[int]:
     """The consecutive forwards of one sequence around ``step``: a prompt and the generation
     steps that continue it (``start`` > 0)."""
+    def follows(s: int) -> bool:  # forward s continues forward s - 1 exactly
+        a, b = tokens.get(s - 1), tokens[s]
+        return a is not None and b["start"] > 0 and a["start"] + len(a["rows"][0]) - a["context"] == b["start"]
+
     first = last = step
-    while tokens[first]["start"] > 0 and first - 1 in tokens:
+    while follows(first):
         first -= 1
-    while last + 1 in tokens and tokens[last + 1]["start"] > 0:
+    while last + 1 in tokens and follows(last + 1):
         last += 1
     return list(range(first, last + 1))
 
 
-def token_trace(store: Store, run: str, tap: str, latent: int, step: int) -> pd.DataFrame | None:
+def token_trace(store: Store, run: str, tap: str, latent: int, step: int, *, tokens: dict[int, dict] | None = None,
+                got: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame | None:
     """One sequence: (position, token, value) of a latent over the tokens of forward ``step`` (the
-    first sequence of a batch), with the generation steps before and after it when it has them."""
-    got = store.recent(run, tap)
-    tokens = store.tokens(run, store.token_steps(run))
+    first sequence of a batch), with the generation steps before and after it when it has them.
+    ``tokens`` and ``got`` (the tap's recent rows) may be passed in when already read."""
+    got = store.recent(run, tap) if got is None else got
+    tokens = store.tokens(run, store.token_steps(run)) if tokens is None else tokens
     if step not in tokens or got is None:
         return None
     rows, pos = got
@@ -175,7 +181,7 @@ def cross_prompt(store: Store, run: str, tap: str, latent: int, *, prompts: int 
     firsts = list(dict.fromkeys(_sequence(tokens, int(s))[0] for s in np.unique(got[1][:, 0]) if int(s) in tokens))
     frames = []
     for s in firsts[-prompts:]:
-        tr = token_trace(store, run, tap, latent, s)
+        tr = token_trace(store, run, tap, latent, s, tokens=tokens, got=got)
         if tr is not None:
             frames.append(tr.assign(prompt=s))
     return pd.concat(frames, ignore_index=True) if frames else None

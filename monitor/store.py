@@ -278,7 +278,8 @@ class Store:
         return json.loads(blob) if blob else []
 
     def episodes(self, run: str, count: int = EPISODES_MAXLEN) -> list[dict[str, Any]]:
-        return [{k.decode(): float(v) for k, v in f.items()} for _, f in self.r.xrange(keys.episodes(run), count=count)]
+        """The newest ``count`` episode ends of a run, oldest first."""
+        return [{k.decode(): float(v) for k, v in f.items()} for _, f in reversed(self.r.xrevrange(keys.episodes(run), count=count))]
 
     def alerts(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
         out = [json.loads(f[b"json"]) for _, f in self.r.xrange(keys.ALERTS, count=count)]

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
-from agent_side.wire import encode_act, encode_met
+from agent_side.wire import encode_act, encode_ep, encode_met
 from monitor.analytics import AnalyticsConfig
 from monitor.ingest import Monitor
 from monitor.report import tap_stats
@@ -180,16 +180,20 @@ def test_an_idle_run_leaves_memory_and_comes_back_whole(store: Store) -> None:
             st = np.arange(300)
             assert mon.handle(encode_act(run, "p", 0, 0, "h:out", x[st], _pos(st)), now=now)
             assert mon.handle(encode_met(run, "p", 1, 0, ["a"], a[st, None], _pos(st)), now=now)
+        assert mon.handle(encode_ep("old", "p", 2, 0, [[299, 0, 300.0, 300, 1.0, 0.0]]), now=then)  # a failure
+        profiles = mon.runs["old"].failure_profiles
+        assert set(profiles) == {"h:out"}
         mon.flush(final=True)
         assert set(mon.runs) == {"live"}  # written, idle, let go
         st = np.arange(300, 400)
-        assert mon.handle(encode_act("old", "p", 2, 0, "h:out", x[st], _pos(st)))
-        assert mon.handle(encode_met("old", "p", 3, 0, ["a"], a[st, None], _pos(st)))
+        assert mon.handle(encode_act("old", "p", 3, 0, "h:out", x[st], _pos(st)))
+        assert mon.handle(encode_met("old", "p", 4, 0, ["a"], a[st, None], _pos(st)))
         mon.flush(final=True)
         assert set(mon.runs) == {"old", "live"}
+        assert mon.runs["old"].failure_profiles == profiles  # not in Redis, so kept while the run was away
     finally:
         mon.close()
     d = tap_stats(store, "old", "h:out")
     assert d["paired"] == 400 and d["channels"][0]["corr"]["a"] > 0.999 and d["channels"][1]["corr"]["a"] < -0.999
     (info,) = [r for r in store.status()["runs"] if r["run"] == "old"]
-    assert info["frames"] == 4 and info["gaps"] == 0 and info["rows"] == 400
+    assert info["frames"] == 5 and info["gaps"] == 0 and info["rows"] == 400

@@ -503,13 +503,25 @@ def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Sto
                   wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "step": 100}),
                   ep(120, 10), ep(150, 12), ep(190, 11),
                   wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 2, "step": 200}),
-                  ep(260, 95)]
+                  ep(260, 95),
+                  # a re-steer (reverted and applied at one step), then dropped by the agent (refused)
+                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 3, "step": 300}),
+                  ep(330, 20),
+                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 4, "step": 360}),
+                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 4, "alpha": 3.0, "step": 360}),
+                  ep(380, 30),
+                  wire.encode_ctl("fx", "p", next(seq), 0, {"event": "refused", "id": "latents:tc/0", "op": "add", "tap": TAP,
+                                                             "version": 4, "reason": "failed at a forward", "step": 400}),
+                  ep(450, 99)]
         for parts in frames:
             assert mon.handle([bytes(p) for p in parts])
         mon.flush(final=True)
     finally:
         mon.close()
-    (ef,) = steer_effects(store, "fx")
+    ef, second, third = steer_effects(store, "fx")
+    assert (second["applied_step"], second["reverted_step"], second["during"]["episodes"]) == (300, 360, 1)
+    assert (third["applied_step"], third["reverted_step"]) == (360, 400)  # ended by the agent's refusal
+    assert third["before"] == {"episodes": 1, "mean_return": 20.0} and third["during"] == {"episodes": 1, "mean_return": 30.0}
     assert (ef["applied_step"], ef["reverted_step"]) == (100, 200)
     assert ef["before"] == {"episodes": 3, "mean_return": 100.0} and ef["during"] == {"episodes": 3, "mean_return": 11.0}
     d = ef["difference"]

@@ -192,3 +192,39 @@ def test_the_generate_example_streams_every_sequence(store: Store, live_monitor)
     cross = cross_prompt(store, "ex", tap, 0)
     for i, (_, seq) in enumerate(cross.groupby("prompt", sort=True)):
         assert seq["token"].tolist() == texts[i][: len(seq)] and len(seq) == len(texts[i]) - 1
+
+
+@pytest.mark.timeout(120)
+def test_the_tracker_never_shares_a_step_or_borrows_context(store: Store, live_monitor) -> None:
+    """A forward it cannot name (inputs_embeds) is still a step of its own; a cached forward that
+    does not continue the last one exactly (missed forwards, another cache) gets no context; the
+    panel's sequences follow positions, not just neighbouring steps."""
+    transformers = pytest.importorskip("transformers")
+    from monitor.panel_data import token_trace
+
+    words = [f"w{i}" for i in range(12)]
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=32)
+    torch.manual_seed(0)
+    model, twin = transformers.GPT2LMHeadModel(cfg).eval(), transformers.GPT2LMHeadModel(cfg).eval()
+    tap_name = "transformer.h.0:out"
+    with agent_side.attach(model, [tap_name], run="edge", endpoint=live_monitor.endpoint) as tap:
+        assert tap.wait_for_monitor(10)
+        tap.track_tokens(_word_tokenizer(words), context=4)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))  # step 0
+            model(inputs_embeds=torch.zeros(1, 2, 16))  # step 1: no names
+            cache = model(torch.tensor([[4, 5]]), use_cache=True).past_key_values  # step 2: a new prompt
+            model(torch.tensor([[6]]), past_key_values=cache)  # step 3: continues step 2 at position 2
+            other = twin(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), use_cache=True).past_key_values  # not watched
+            model(torch.tensor([[9]]), past_key_values=other)  # step 4: position 8, not where step 3 ended
+        tap.flush()
+        wait_until(lambda: len(store.token_steps("edge")) == 4 and store.recent("edge", tap_name) is not None
+                   and len(store.recent("edge", tap_name)[1]) == 3 + 2 + 2 + 1 + 1, what="five forwards")
+    assert store.token_steps("edge") == [0, 2, 3, 4]
+    _, pos = store.recent("edge", tap_name)
+    assert sorted(set(pos[:, 0].tolist())) == [0, 1, 2, 3, 4] and (pos[:, 0] == 1).sum() == 2  # step 1's rows, apart
+    got = store.tokens("edge", [3, 4])
+    assert got[3] == {"rows": [["w4", "w5", "w6"]], "context": 2, "start": 2}
+    assert got[4] == {"rows": [["w9"]], "context": 0, "start": 8}
+    assert token_trace(store, "edge", tap_name, 0, 3)["token"].tolist() == ["w4", "w5", "w6"]
+    assert token_trace(store, "edge", tap_name, 0, 4)["position"].tolist() == [8]  # not joined to steps 2-3
