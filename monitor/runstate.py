@@ -132,6 +132,10 @@ class RunState:
         if frame.seq <= last:
             raise RejectFrame("stale_seq", f"seq {frame.seq} after {last} from {frame.pub}")
         self.gaps += frame.seq - last - 1
+        if p is None and self.pubs and self.joiner is not None:
+            # another process streams this run now (an agent restarted under the same name counts
+            # its steps from 0 again): its rows must not pair with the old one's metric rows
+            self.joiner = Joiner(self.joiner.names, capacity=self.joiner.capacity)
         self.pubs[frame.pub] = {"seq": frame.seq, "drops": frame.drops}
 
     def check(self, frame: Frame) -> None:

@@ -197,3 +197,25 @@ def test_an_idle_run_leaves_memory_and_comes_back_whole(store: Store) -> None:
     assert d["paired"] == 400 and d["channels"][0]["corr"]["a"] > 0.999 and d["channels"][1]["corr"]["a"] < -0.999
     (info,) = [r for r in store.status()["runs"] if r["run"] == "old"]
     assert info["frames"] == 5 and info["gaps"] == 0 and info["rows"] == 400
+
+
+def test_an_agent_restarted_under_the_same_run_name_pairs_with_its_own_metrics(store: Store) -> None:
+    """A new process streaming a known run counts its steps from 0 again: its activation rows,
+    which arrive before their metric rows, must wait for those, not pair with the old process's."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(200), rng.standard_normal(100)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", analytics=AnalyticsConfig(window_steps=100))
+    try:
+        for seq, s in enumerate(range(0, 200, 50)):
+            st = np.arange(s, s + 50)
+            assert mon.handle(encode_act("r", "old", 2 * seq, 0, "h:out", a[st, None].astype(np.float32), _pos(st)))
+            assert mon.handle(encode_met("r", "old", 2 * seq + 1, 0, ["m"], a[st, None], _pos(st)))
+        for seq, s in enumerate(range(0, 100, 50)):  # the restarted agent: steps 0.. again, new values
+            st = np.arange(s, s + 50)
+            assert mon.handle(encode_act("r", "new", 2 * seq, 0, "h:out", b[st, None].astype(np.float32), _pos(st)))
+            assert mon.handle(encode_met("r", "new", 2 * seq + 1, 0, ["m"], b[st, None], _pos(st)))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    d = tap_stats(store, "r", "h:out")
+    assert d["paired"] == 300 and d["channels"][0]["corr"]["m"] > 0.9999  # every row with its own metric
