@@ -116,8 +116,6 @@ class Store:
         if analytics and st.analytics_dirty:
             for tap, an in st.analytics.items():
                 p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
-                if on_analytics is not None:
-                    on_analytics(st.run, tap, an)
             suggested = []
             for tap, prof in st.failure_profiles.items():
                 m = st.taps[tap].moments.get()
@@ -136,6 +134,9 @@ class Store:
                                            "terminated": int(e[4]), "truncated": int(e[5])},
                    maxlen=EPISODES_MAXLEN, approximate=True)
         p.execute()
+        if analytics and st.analytics_dirty and on_analytics is not None:
+            for tap, an in st.analytics.items():  # after the write: a job filed here finds the analytics in Redis
+                on_analytics(st.run, tap, an)
         if analytics:
             st.analytics_dirty = False
         for s in changed.values():

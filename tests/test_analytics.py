@@ -9,6 +9,7 @@ import sys
 import numpy as np
 from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
+from agent_side.wire import decode as _decode
 from agent_side.wire import encode_act, encode_ep, encode_met
 from monitor.analytics import AnalyticsConfig
 from monitor.ingest import Monitor
@@ -219,3 +220,21 @@ def test_an_agent_restarted_under_the_same_run_name_pairs_with_its_own_metrics(s
         mon.close()
     d = tap_stats(store, "r", "h:out")
     assert d["paired"] == 300 and d["channels"][0]["corr"]["m"] > 0.9999  # every row with its own metric
+
+
+def decode_frame(parts: list) -> object:
+    return _decode([bytes(p) for p in parts])
+
+
+def test_analytics_are_in_redis_before_anyone_is_told(store: Store) -> None:
+    """The monitor files explain jobs from write_run's on_analytics: by then the analytics must be
+    readable, or a fast worker finds nothing and records the job as failed (seen in make demo)."""
+    from monitor.runstate import RunState
+
+    st = RunState(run="r", analytics_cfg=AnalyticsConfig(window_steps=50))
+    steps = np.arange(100)
+    st.update(decode_frame(encode_act("r", "p", 0, 0, "latents:x", np.ones((100, 2), np.float32), _pos(steps))), 0.0)
+    st.update(decode_frame(encode_met("r", "p", 1, 0, ["m"], steps[:, None].astype(np.float64), _pos(steps))), 0.0)
+    seen: list[bool] = []
+    store.write_run(st, analytics=True, on_analytics=lambda run, tap, an: seen.append(store.analytics(run, tap) is not None))
+    assert seen == [True]
