@@ -407,8 +407,9 @@ class Attachment:
         if self._episodes:
             self._flush_episodes()
 
-    def detach(self, *, linger_ms: int = 1000) -> None:
-        """Remove every hook, flush, and close the socket (waiting up to ``linger_ms`` for delivery)."""
+    def detach(self, *, linger_ms: int = 3000) -> None:
+        """Remove every hook, flush, and close the socket, waiting up to ``linger_ms`` for the last
+        frames to leave (no wait when they already have, or when no monitor is connected)."""
         with self._arm_lock:
             if self._detached:
                 return

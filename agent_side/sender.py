@@ -143,7 +143,9 @@ class Sender:
             if self._closed:
                 return
             self._closed = True
-            self._sock.setsockopt(zmq.LINGER, linger_ms if self.connected else 0)
+            # with IMMEDIATE nothing is queued for a peer that is not connected, so lingering costs
+            # nothing then; and a connection flag that is briefly stale must not drop the last frames
+            self._sock.setsockopt(zmq.LINGER, linger_ms)
             self._sock.disable_monitor()  # the watcher sees MONITOR_STOPPED and returns
         self._watcher.join(timeout=2)
         self._sock.close()
