@@ -21,6 +21,7 @@ import torch
 
 from agent_side import wire
 from agent_side.control import Controller, greeting
+from agent_side.lm import TokenTracker, token_rows
 from agent_side.sender import Sender
 from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve
 
@@ -314,25 +315,15 @@ class Attachment:
         of equal-length prompts. Each call is one step; token row ``b * T + t`` gets the metric
         ``token_pos`` = ``start + t``. A generation step passes the tokens it continues as
         ``context`` and its position as ``start``; :meth:`track_tokens` does all this by itself."""
-        batch = [list(tokens)] if tokens and isinstance(tokens[0], str) else [list(r) for r in tokens]
-        if not batch or not batch[0] or len({len(r) for r in batch}) != 1:
-            raise ValueError("tokens() needs one non-empty prompt or a batch of prompts of equal length (pad them)")
-        before = [] if not context else [list(context)] if isinstance(context[0], str) else [list(r) for r in context]
-        if before and (len(before) != len(batch) or len({len(r) for r in before}) != 1):
-            raise ValueError(f"context needs one list of equal length per prompt ({len(batch)})")
-        if start < 0:
-            raise ValueError("start must be >= 0")
+        rows, n_ctx, length = token_rows(tokens, context, start, max_chars=max_chars)
         self._new_forward()
         if not self._sender.connected:
             self._sender.drops += 1
             return
-        n_ctx = len(before[0]) if before else 0
-        rows = [[str(x)[:max_chars] for x in (before[b] if before else []) + r] for b, r in enumerate(batch)]
-        run, step, length = self.run, self.step, len(batch[0])
+        run, step = self.run, self.step
         self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1)
-        for b in range(len(batch)):
-            for t in range(length):
-                self.log_row(("token_pos",), [float(start + t)], index=b * length + t)
+        for i in range(len(rows) * length):
+            self.log_row(("token_pos",), [float(start + i % length)], index=i)
 
     def _new_forward(self) -> None:
         """The next forward is a step of its own (named by tokens(), or one the tracker cannot name)."""
@@ -347,8 +338,6 @@ class Attachment:
         continues). ``module`` is the model that receives ``input_ids`` (default: the attached one).
         With beam search the beams are reordered between steps, so a step's context may be another
         beam's; a forward without ``input_ids`` (``inputs_embeds``) is a step with no token names."""
-        from agent_side.lm import TokenTracker
-
         tracker = TokenTracker(self, tokenizer, context=context)
         target = module if module is not None else self._module
 

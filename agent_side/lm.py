@@ -14,9 +14,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["TokenTracker", "sequence_start"]
+__all__ = ["TokenTracker", "sequence_start", "token_rows"]
 
 log = logging.getLogger(__name__)
+
+
+def token_rows(tokens: Any, context: Any, start: int, *, max_chars: int) -> tuple[list[list[str]], int, int]:
+    """The rows of a ``tok`` frame from one prompt or a batch of equal-length prompts, each after
+    its ``context`` tokens: (rows, context length, tokens per prompt). Bad input raises ValueError."""
+    batch = [list(tokens)] if tokens and isinstance(tokens[0], str) else [list(r) for r in tokens]
+    if not batch or not batch[0] or len({len(r) for r in batch}) != 1:
+        raise ValueError("tokens() needs one non-empty prompt or a batch of prompts of equal length (pad them)")
+    before = [[] for _ in batch] if not context else [list(context)] if isinstance(context[0], str) else [list(r) for r in context]
+    if len(before) != len(batch) or len({len(r) for r in before}) != 1:
+        raise ValueError(f"context needs one list of equal length per prompt ({len(batch)})")
+    if start < 0:
+        raise ValueError("start must be >= 0")
+    rows = [[str(x)[:max_chars] for x in c + r] for c, r in zip(before, batch, strict=True)]
+    return rows, len(before[0]), len(batch[0])
 
 
 def sequence_start(kwargs: dict[str, Any]) -> int:

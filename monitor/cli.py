@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("explainer", help="run an explainer worker (jobs from Redis, explanations back)")
     common(sp)
-    sp.add_argument("--backend", default="rules", help="rules (LLM backends come later)")
+    sp.add_argument("--backend", default="rules", help="rules, hf:PATH (a local causal LM) or openai:BASE_URL")
     sp.add_argument("--burst", action="store_true", help="explain what is waiting, then exit")
     sp.set_defaults(fn=cmd_explainer)
 

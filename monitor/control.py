@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 import zmq
 
@@ -171,9 +172,7 @@ def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
     while it was active (some began before it), beside those that ended between the previous
     steering change and it, with a Welch interval on the difference. An observation, not a
     controlled test: ``interlatent sweep`` is that."""
-    import numpy as np
-
-    from monitor.sweep import diff_ci
+    from monitor.sweep import diff_ci  # sweep brings torch: only when asked
 
     events = [e for e in store.steer_events(run) if e["event"] in ("applied", "reverted", "refused")]
     eps = store.episodes(run)

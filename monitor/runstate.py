@@ -167,11 +167,10 @@ class RunState:
                                 prof = self.failure_profiles[name] = FailureProfile(t.width, k=self.analytics_cfg.early_k)
                             prof.failed(int(e[0]), int(e[1]))
             return
-        if frame.kind == "act":
-            self.rows += frame.rows
         if frame.kind == "tok":
             self.add_tokens(frame.step, {"rows": frame.tokens, "context": frame.context, "start": frame.start})
         elif frame.kind == "act":
+            self.rows += frame.rows
             self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
         else:
             self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
