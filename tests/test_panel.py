@@ -87,8 +87,11 @@ def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
         assert agent.returncode == 0, out.decode()[-2000:]
         _lm_run(endpoint, store)
         wait_until(lambda: any(a["rule"] == "cart-far-out" for a in store.alerts("cartpole")), 30, what="the spike's alert")
-        wait_until(lambda: store.r.xlen("il:explain:jobs") > 0, 30, what="explain jobs filed by the monitor")
-        Worker(store, consumer="panel-test").run(burst=True)
+        # the spike's alert files a job at once, the 500-example jobs for every latent come with an
+        # analytics write (each second): explain what is filed until latent 0's is among it
+        worker = Worker(store, consumer="panel-test")
+        wait_until(lambda: worker.run(burst=True) >= 0 and store.explanation("cartpole", "latents:tc", 0), 30,
+                   what="explain jobs filed by the monitor, latent 0's explained")
         yield store
     finally:
         mon.terminate()
