@@ -1,18 +1,29 @@
-# Two commands matter: `make demo` and `make test`. Both build .venv from nothing.
+# Two commands matter: `make demo` and `make test`. Both build .venv from nothing, with the exact
+# versions in requirements.lock (CPython 3.11 on Linux), so a fresh machine gets what was tested.
+SHELL   := /bin/bash
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
+# torch is pinned apart from the lock: here ==2.13.0 takes the local CPU build; anything looser
+# pulls GBs of CUDA packages. Its own dependencies are in the lock.
+TORCH   := torch==2.13.0
+PIP_VER := pip==26.3
+UV_VER  := uv==0.13.9
+EXTRAS  := service,rl,hf,dev
+# the oldest transformers the hf extra allows, beside the venv's own, for tests/test_transformers_range.py
+HF_OLD  := hf-oldest
 
-.PHONY: demo test bench install browser lint clean
+.PHONY: demo test test-latest bench install browser lint lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock requirements-hf-oldest.txt Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch is pinned: here that takes the local CPU build; anything looser pulls GBs of CUDA packages
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[service,rl,hf,dev]"
+	$(BIN)/pip install --quiet "$(PIP_VER)"
+	$(BIN)/pip install --quiet --no-deps "$(TORCH)" -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	rm -rf $(VENV)/$(HF_OLD) && $(BIN)/pip install --quiet --no-deps --target $(VENV)/$(HF_OLD) -r requirements-hf-oldest.txt
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +42,29 @@ browser:
 test: $(STAMP) browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(ARGS)
 
+# Drift before users see it: a separate venv with the newest releases pyproject.toml's ranges allow
+# (torch pinned as above), and the whole suite on it. Not part of .ci/run.
+test-latest: browser
+	rm -rf .venv-latest && $(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet "$(TORCH)"
+	.venv-latest/bin/pip install --quiet --upgrade -e ".[$(EXTRAS)]"
+	.venv-latest/bin/pip install --quiet --no-deps --target .venv-latest/$(HF_OLD) -r requirements-hf-oldest.txt
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
+	@diff <(grep -v '^ *#' requirements.lock | grep '==') <(grep -v '^torch==' .venv-latest/freeze.txt) \
+		| grep '^[<>]' | sed 's/^</lock:  /; s/^>/latest:/' || echo "the newest releases are the locked ones"
+	OMP_NUM_THREADS=1 .venv-latest/bin/python -m pytest -q $(ARGS)
+
+# Regenerate requirements.lock from pyproject.toml's extras with uv. torch resolves against the
+# local CPU wheel where the machine has one (/opt/wheels), so no CUDA package enters the lock.
+lock:
+	test -x .venv-lock/bin/uv || ($(PY) -m venv .venv-lock && .venv-lock/bin/pip install --quiet "$(UV_VER)")
+	echo "$(TORCH)$$(test -d /opt/wheels && echo +cpu)" > .venv-lock/torch-constraint.txt
+	.venv-lock/bin/uv pip compile pyproject.toml --extra service --extra rl --extra hf --extra dev --python-version 3.11 \
+		--no-emit-package torch --constraint .venv-lock/torch-constraint.txt \
+		$$(test -d /opt/wheels && echo --find-links /opt/wheels) --quiet --output-file requirements.lock
+	@! grep -nE '^(nvidia|triton|cuda)' requirements.lock || (echo "CUDA packages in the lock: resolve torch against a CPU wheel"; exit 1)
+
 bench: $(STAMP)
 	$(BIN)/interlatent bench hook $(ARGS)
 
@@ -38,4 +72,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent_side monitor explainer tests examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache

@@ -112,6 +112,7 @@ class Attachment:
         self._targets: list[tuple[TapSpec, torch.nn.Module]] = [(s, resolve(module, s)) for s in specs]
         self._module = module
         self._extra_hooks: list[Callable[[], Any]] = []  # registered with the taps: track_tokens()
+        self._trackers: list[TokenTracker] = []
         self.run = run
         self.endpoint = endpoint or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT
         self.flush_rows = int(flush_rows)
@@ -339,6 +340,7 @@ class Attachment:
         With beam search the beams are reordered between steps, so a step's context may be another
         beam's; a forward without ``input_ids`` (``inputs_embeds``) is a step with no token names."""
         tracker = TokenTracker(self, tokenizer, context=context)
+        self._trackers.append(tracker)
         target = module if module is not None else self._module
 
         def add() -> Any:  # first among the model's pre-hooks: the step moves on before any tap sees the forward
@@ -383,6 +385,7 @@ class Attachment:
         """What this handle has done: messages sent, records dropped, connection, current step."""
         s = self._sender
         return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step,
+                "tokens_unplaced": sum(t.unplaced for t in self._trackers),
                 **(self._control.counters() if self._control is not None else {"control": False})}
 
     def flush(self) -> None:

@@ -281,7 +281,8 @@ class Monitor:
         for run, rec in list(self.recorders.items()):
             st = self.runs.get(run)
             quiet = st is not None and rec.steps > 0 and time.time() - st.last_seen > RECORD_IDLE_S  # the run ended early
-            if rec.full or final or quiet:
+            metrics_expected = st is not None and bool(st.metrics.names)  # a run that logs metrics: wait for the last step's
+            if rec.finished(time.monotonic(), metrics_expected=metrics_expected, grace_s=RECORD_IDLE_S) or final or quiet:
                 path = rec.close()
                 del self.recorders[run]
                 req = self._record_req.pop(run, {})

@@ -67,6 +67,8 @@ class Recorder:
         self.metric_names: list[str] = []
         self.first_step: int | None = None
         self.last_step = -1
+        self.metrics_last_step = -1  # metric frames trail the tap frames of their steps
+        self.full_since: float | None = None
         self.done = False
 
     @property
@@ -106,6 +108,8 @@ class Recorder:
         if list(names) != self.metric_names:
             return  # only the run's first set of metric names is recorded
         keep = self._take(pos, may_start=False)
+        if keep.any():
+            self.metrics_last_step = max(self.metrics_last_step, int(pos[keep, 0].max()))
         self._append(self.metrics, data[keep], pos[keep])
 
     def _append(self, s: _Stream, data: np.ndarray, pos: np.ndarray) -> None:
@@ -146,6 +150,17 @@ class Recorder:
     @property
     def full(self) -> bool:
         return self.steps >= self.max_steps
+
+    def finished(self, now_s: float, *, metrics_expected: bool = True, grace_s: float = 5.0) -> bool:
+        """Full, and the metric rows of the last step are in too (they come in frames of their own,
+        after the activations); without them, ``grace_s`` after the taps filled up."""
+        if not self.full:
+            return False
+        if not metrics_expected or self.metrics_last_step >= self.last_step:
+            return True
+        if self.full_since is None:
+            self.full_since = now_s
+        return now_s - self.full_since >= grace_s
 
     def close(self) -> Path:
         """Write what is buffered and mark the recording complete; returns its directory."""

@@ -93,3 +93,23 @@ def test_interlatent_record_with_a_live_agent(tmp_path: Path, redis_url: str, st
     finally:
         mon.terminate()
         mon.wait(timeout=20)
+
+
+def test_a_full_recording_waits_for_the_metrics_of_its_last_steps(tmp_path: Path) -> None:
+    """Metric frames trail the tap frames of their steps: a recording whose taps filled up closes
+    only once the metric rows of its last step are in (or a grace period passed), so every
+    recorded step pairs (CI once saw 199 of 300 paired under load)."""
+    rec = Recorder(tmp_path / "rec", "r", max_steps=10)
+    rec.add_tap("t", np.ones((12, 3), np.float32), _pos(np.arange(12)))
+    assert rec.full and rec.steps == 10
+    rec.add_metrics(["m"], np.ones((5, 1)), _pos(np.arange(5)))
+    assert not rec.finished(100.0, grace_s=5.0)
+    assert not rec.finished(104.0, grace_s=5.0)
+    assert rec.finished(105.0, grace_s=5.0)  # the grace period passed
+    assert rec.finished(0.0, metrics_expected=False)  # a run that logs no metrics
+    rec.full_since = None
+    rec.add_metrics(["m"], np.ones((7, 1)), _pos(np.arange(5, 12)))
+    assert rec.finished(100.0)
+    rec.close()
+    (taps,), met, _ = Recording(tmp_path / "rec").paired("t")
+    assert taps.shape == (10, 3) and met.shape == (10, 1)
