@@ -17,6 +17,22 @@ HF_OLD  := hf-oldest
 
 .PHONY: demo test test-latest bench install browser lint lock clean
 
+# what the newest releases change against the lock, one line a package (names normalized as pip does)
+define LOCK_DIFF
+import re, sys
+def pins(path):
+    out = {}
+    for line in open(path):
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, version = line.split(";")[0].strip().split("==", 1)
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return out
+lock, latest = pins(sys.argv[1]), pins(sys.argv[2])
+moved = [f"{n}: {lock.get(n, '-')} -> {latest.get(n, '-')}" for n in sorted(set(lock) | set(latest)) if n != "torch" and lock.get(n) != latest.get(n)]
+print("\n".join(moved) if moved else "the newest releases are the locked ones")
+endef
+export LOCK_DIFF
+
 $(STAMP): pyproject.toml requirements.lock requirements-hf-oldest.txt Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(PIP_VER)"
@@ -51,8 +67,7 @@ test-latest: browser
 	.venv-latest/bin/pip install --quiet --upgrade -e ".[$(EXTRAS)]"
 	.venv-latest/bin/pip install --quiet --no-deps --target .venv-latest/$(HF_OLD) -r requirements-hf-oldest.txt
 	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
-	@diff <(grep -v '^ *#' requirements.lock | grep '==') <(grep -v '^torch==' .venv-latest/freeze.txt) \
-		| grep '^[<>]' | sed 's/^</lock:  /; s/^>/latest:/' || echo "the newest releases are the locked ones"
+	.venv-latest/bin/python -c "$$LOCK_DIFF" requirements.lock .venv-latest/freeze.txt
 	OMP_NUM_THREADS=1 .venv-latest/bin/python -m pytest -q $(ARGS)
 
 # Regenerate requirements.lock from pyproject.toml's extras with uv. torch resolves against the
@@ -68,8 +83,10 @@ lock:
 bench: $(STAMP)
 	$(BIN)/interlatent bench hook $(ARGS)
 
+# ruff, and the import contracts in pyproject.toml (the layers of ARCHITECTURE.md)
 lint: $(STAMP)
 	$(BIN)/ruff check agent_side monitor explainer tests examples
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache

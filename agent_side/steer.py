@@ -29,7 +29,7 @@ from torch import nn
 from agent_side.taps import TapError, TapSpec, first_tensor, parse_tap, resolve
 
 if TYPE_CHECKING:  # the agent side stays importable without the monitor package
-    from monitor.transcoder import Transcoder
+    from monitor.transcoders.model import Transcoder
 
 __all__ = ["SteerError", "Steer", "add", "scale", "ablate", "clamp", "steer_latent", "Intervention", "from_transcoder", "OPS"]
 

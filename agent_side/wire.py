@@ -47,6 +47,7 @@ import msgpack
 import numpy as np
 
 __all__ = [
+    "DEFAULT_ENDPOINT",
     "VERSION",
     "Frame",
     "WireError",
@@ -67,6 +68,8 @@ __all__ = [
     "CONTROL_MAX_BYTES",
     "CONTROL_MAX_STEERS",
 ]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"  # where an agent sends and a monitor binds by default
 
 VERSION = 1
 ACT_DTYPES = ("float16", "float32", "float64")

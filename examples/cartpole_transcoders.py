@@ -35,15 +35,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from monitor.artifacts import load_artifact
-from monitor.demo import CARTPOLE_OBS
-from monitor.inspect_latents import inspect_latents
-from monitor.multiscale import write_report
-from monitor.probes import collect
-from monitor.recorder import Recorder, Recording
-from monitor.sweep import mean_ci, plot_sweep, run_episodes, sweep, sweep_table_md
-from monitor.training import train_sizes
-from monitor.transcoder import TrainConfig
+from monitor.experiments.inspect_latents import inspect_latents
+from monitor.experiments.multiscale import write_report
+from monitor.experiments.probes import collect
+from monitor.experiments.sweep import plot_sweep, run_episodes, sweep, sweep_table_md
+from monitor.stats.intervals import mean_ci
+from monitor.store.recording import Recorder, Recording
+from monitor.tools.demo import CARTPOLE_OBS
+from monitor.transcoders.artifacts import load_artifact
+from monitor.transcoders.model import TrainConfig
+from monitor.transcoders.training import train_sizes
 
 RUN = "cartpole-reinforce"
 ENV_ID = "CartPole-v1"
@@ -414,7 +415,7 @@ def main() -> None:
     md += ["## Against the seed post", "",
            "The seed's figures are quoted as published. Latent numbers are arbitrary per training run, so 'layer 2 latent 2' here is "
            "not the post's 'layer 2 neuron 2'. The post's failure labels name the sides the other way round from gymnasium's sign "
-           "convention (see `monitor/failure_modes.py`).", "",
+           "convention (see `monitor/experiments/failure_modes.py`).", "",
            comparison_md(base, best, policy_info, b["episodes"]), "",
            f"The best nudge is the best of {best['tests']} cells, so its own difference is biased upward (the Bonferroni p "
            f"corrects the test, not the size); the last row reruns it and the baseline on {b['episodes']} fresh episode seeds.", "",

@@ -24,10 +24,10 @@ import torch
 import yaml
 
 import agent_side
-from monitor.demo import CARTPOLE_OBS, DEMO_TAPS, demo_policy
-from monitor.embedded import EmbeddedRedis, free_port
-from monitor.services import Services
-from monitor.store import Store, connect
+from monitor.store.embedded import EmbeddedRedis, free_port
+from monitor.store.records import Store, connect
+from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS, demo_policy
+from monitor.tools.services import Services
 
 
 def stream(model, endpoint: str, run: str, steps: int, seed: int) -> None:

@@ -1,6 +1,6 @@
 """The asynchronous explainer: workers that say what each latent means, and how sure they are."""
 
 from explainer.worker import BACKENDS, Worker
-from monitor.explain_jobs import explanations, file_job
+from monitor.store.jobs import explanations, file_job
 
 __all__ = ["BACKENDS", "Worker", "explanations", "file_job"]

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from monitor.analytics import key_of
-from monitor.report import tap_stats
-from monitor.store import Store
+from monitor.stats.analytics import key_of
+from monitor.store.records import Store
+from monitor.store.tapstats import tap_stats
 
 __all__ = ["LatentContext", "build_context", "render_prompt", "token_context"]
 

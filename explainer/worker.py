@@ -18,9 +18,9 @@ from explainer.backends import make_backend
 from explainer.context import build_context, prompt_hash, render_prompt
 from explainer.rules import conditions_from_text, explain_rules
 from explainer.scoring import detection_score
-from monitor import keys
-from monitor.explain_jobs import ensure_group, store_explanation
-from monitor.store import Store
+from monitor.store import keys
+from monitor.store.jobs import ensure_group, store_explanation
+from monitor.store.records import Store
 
 __all__ = ["Worker", "BACKENDS"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor.embedded import EmbeddedRedis
-from monitor.ingest import Monitor
-from monitor.store import Store, connect
+from monitor.service.ingest import Monitor
+from monitor.store.embedded import EmbeddedRedis
+from monitor.store.records import Store, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = ROOT / "tests" / "agents"

@@ -14,6 +14,7 @@ from torch import nn
 
 import agent_side
 from agent_side import TapError
+from monitor.service.persist import load_run
 
 try:  # tests/ is not a package: pytest puts it on sys.path (rootdir-relative "prepend" import)
     from conftest import LiveMonitor, free_endpoint, wait_until
@@ -261,7 +262,7 @@ def test_lstm_tuple_output_sequence_rows(store, live_monitor):
     assert st["taps"]["lstm:out"]["rows"] == n * batch * seq
     assert st["steps"] == n  # no env: the step is the tap's forward index
     assert st["drops"] == 0 and st["gaps"] == 0
-    assert store.load_run("lstm", recent_rows=512).taps["lstm:out"].lead == [batch, seq]
+    assert load_run(store, "lstm", recent_rows=512).taps["lstm:out"].lead == [batch, seq]
 
     rows, pos = store.recent("lstm", "lstm:out")
     assert rows.shape == (n * batch * seq, 8)

@@ -15,13 +15,13 @@ import pytest
 from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from agent_side.wire import encode_act, encode_met
-from monitor import keys
-from monitor.alerts import WARMUP_ROWS, AlertEngine
-from monitor.analytics import AnalyticsConfig, TapAnalytics
-from monitor.ingest import Monitor
-from monitor.prom import serve_metrics
-from monitor.rules import RulesError, parse_rules
-from monitor.store import Store
+from monitor.alerts.engine import WARMUP_ROWS, AlertEngine
+from monitor.alerts.prom import serve_metrics
+from monitor.alerts.rules import RulesError, parse_rules
+from monitor.service.ingest import Monitor
+from monitor.stats.analytics import AnalyticsConfig, TapAnalytics
+from monitor.store import keys
+from monitor.store.records import Store
 
 
 def _pos(steps) -> np.ndarray:

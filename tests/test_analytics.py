@@ -11,10 +11,11 @@ from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_
 
 from agent_side.wire import decode as _decode
 from agent_side.wire import encode_act, encode_ep, encode_met
-from monitor.analytics import AnalyticsConfig
-from monitor.ingest import Monitor
-from monitor.report import tap_stats
-from monitor.store import Store
+from monitor.service.ingest import Monitor
+from monitor.service.persist import write_run
+from monitor.stats.analytics import AnalyticsConfig
+from monitor.store.records import Store
+from monitor.store.tapstats import tap_stats
 
 
 def _pos(steps: np.ndarray) -> np.ndarray:
@@ -229,12 +230,12 @@ def decode_frame(parts: list) -> object:
 def test_analytics_are_in_redis_before_anyone_is_told(store: Store) -> None:
     """The monitor files explain jobs from write_run's on_analytics: by then the analytics must be
     readable, or a fast worker finds nothing and records the job as failed (seen in make demo)."""
-    from monitor.runstate import RunState
+    from monitor.service.runstate import RunState
 
     st = RunState(run="r", analytics_cfg=AnalyticsConfig(window_steps=50))
     steps = np.arange(100)
     st.update(decode_frame(encode_act("r", "p", 0, 0, "latents:x", np.ones((100, 2), np.float32), _pos(steps))), 0.0)
     st.update(decode_frame(encode_met("r", "p", 1, 0, ["m"], steps[:, None].astype(np.float64), _pos(steps))), 0.0)
     seen: list[bool] = []
-    store.write_run(st, analytics=True, on_analytics=lambda run, tap, an: seen.append(store.analytics(run, tap) is not None))
+    write_run(store, st, analytics=True, on_analytics=lambda run, tap, an: seen.append(store.analytics(run, tap) is not None))
     assert seen == [True]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import AGENT_DIR, free_endpoint, spawn, spawn_monitor, wait_until
 
-from monitor.autotrain import parse_pairs
-from monitor.demo import DEMO_TAPS
-from monitor.encoding import LATENT_PREFIX
-from monitor.store import Store
+from monitor.service.autotrain import parse_pairs
+from monitor.service.encoding import LATENT_PREFIX
+from monitor.store.records import Store
+from monitor.tools.demo import DEMO_TAPS
 
 
 def test_pairs_parse_and_refuse_nonsense() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, wait_until
 
-from monitor.store import Store, connect
+from monitor.store.records import Store, connect
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

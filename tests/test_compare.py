@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.compare import _assign, compare_report, match_latents
-from monitor.transcoder import Transcoder
+from monitor.experiments.compare import _assign, compare_report, match_latents
+from monitor.transcoders.model import Transcoder
 
 D_IN, D_SAE, D_OUT = 16, 12, 32
 
@@ -133,6 +133,6 @@ def test_report_lists_shared_and_unique_latents_with_their_explanations() -> Non
 
 
 def test_exported_names() -> None:
-    import monitor.compare
+    import monitor.experiments.compare
 
-    assert monitor.compare.__all__ == ["match_latents", "compare_report"]
+    assert monitor.experiments.compare.__all__ == ["match_latents", "compare_report"]

@@ -27,12 +27,12 @@ import agent_side
 from agent_side import wire
 from agent_side.steer import Intervention, from_transcoder
 from agent_side.wire import WireError
-from monitor.artifacts import save_artifact
-from monitor.cli_common import Settings
-from monitor.cli_steer import add_parsers
-from monitor.control import clear_interventions, set_interventions, steer_effects, steer_id
-from monitor.store import ConfigError, Store
-from monitor.training import artifact_info
+from monitor.cli.common import Settings
+from monitor.cli.steer import add_parsers
+from monitor.service.steering import clear_interventions, set_interventions, steer_effects, steer_id
+from monitor.store.records import ConfigError, Store
+from monitor.transcoders.artifacts import save_artifact
+from monitor.transcoders.training import artifact_info
 
 OPT_IN = "did not opt in: attach(..., allow_control=True)"
 
@@ -362,7 +362,7 @@ def test_steer_a_running_agent_end_to_end(store: Store, redis_url: str, tmp_path
 
 
 def make_wide():  # noqa: ANN201
-    from monitor.transcoder import Transcoder
+    from monitor.transcoders.model import Transcoder
 
     torch.manual_seed(3)
     return Transcoder(4, 2, 8)
@@ -436,7 +436,7 @@ def test_the_panel_steers_an_opted_in_agent(store: Store, redis_url: str, live_m
             steps(5)
         assert set(steps(40)) == {0, 1}
         monkeypatch.setenv("INTERLATENT_REDIS_URL", redis_url)
-        at = testing.AppTest.from_file(str(Path(__file__).parent.parent / "monitor" / "panel_app.py"), default_timeout=60)
+        at = testing.AppTest.from_file(str(Path(__file__).parent.parent / "monitor" / "panel" / "app.py"), default_timeout=60)
         at.query_params.update(page="Latents", run=run, tap=f"latents:{name}", latent="0")
         at.run()
         at.number_input(key="steer_alpha").set_value(50.0)
@@ -489,7 +489,7 @@ def test_the_action_metric_the_monitor_keeps_shows_the_steer(store: Store, live_
 def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Store, redis_url: str) -> None:
     """The episodes that ended while a steer was on, beside those since the previous change, from
     what the monitor stored of the agent's episode and ctl frames."""
-    from monitor.ingest import Monitor
+    from monitor.service.ingest import Monitor
 
     mon = Monitor(store, endpoint="tcp://127.0.0.1:0", control_endpoint="tcp://127.0.0.1:0")
     seq = iter(range(100))
@@ -543,7 +543,7 @@ def test_a_steer_that_fails_at_a_forward_leaves_it_unchanged_and_comes_off() -> 
 
 
 def test_steer_finds_the_transcoder_that_writes_the_tap_or_says_which_to_use(store: Store, tmp_path: Path) -> None:
-    from monitor.cli_steer import build_intervention
+    from monitor.service.steering import build_intervention
 
     run = "resolve"
     _register(store, tmp_path, run)  # steer-tc: 1:out -> 1:out
@@ -551,24 +551,23 @@ def test_steer_finds_the_transcoder_that_writes_the_tap_or_says_which_to_use(sto
     store.register_transcoder(artifact_info("reader", save_artifact(tmp_path / "reader", wide, source="0:out", target="2:in", run=run),
                                             wide, run=run, source="0:out", target="2:in", q=None))
 
-    def args(**kw: object) -> argparse.Namespace:
-        base = {"run": run, "tap": TAP, "latent": 0, "transcoder": None, "op": "add", "alpha": 1.0, "value": None, "id": None}
-        return argparse.Namespace(**{**base, **kw})
+    def args(**kw: object) -> dict[str, object]:
+        return {"tap": TAP, "latent": 0, "transcoder": None, "op": "add", "alpha": 1.0, "value": None, **kw}
 
-    msg = build_intervention(args(), store)
+    msg = build_intervention(store, run, **args())
     assert (msg["id"], msg["tap"], msg["op"], msg["alpha"]) == (steer_id("steer-tc", 0), TAP, "add", 1.0)
-    msg = build_intervention(args(op="clamp", alpha=None, value=0.5, latent=2), store)
+    msg = build_intervention(store, run, **args(op="clamp", alpha=None, value=0.5, latent=2))
     iv = Intervention.from_msg(msg)
     assert iv.op == "clamp" and iv.value == 0.5 and len(iv.w_enc) == 16 and iv.source is None  # an SAE reads its own tap
     with pytest.raises(ConfigError, match="reader reads '0:out' and writes '2:in'"):
-        build_intervention(args(tap="0:out"), store)
+        build_intervention(store, run, **args(tap="0:out"))
     with pytest.raises(ConfigError, match="steer-tc"):
-        build_intervention(args(tap="9:out"), store)
+        build_intervention(store, run, **args(tap="9:out"))
     with pytest.raises(ConfigError, match="writes '2:in'.*pass --tap 2:in"):
-        build_intervention(args(transcoder="reader"), store)
+        build_intervention(store, run, **args(transcoder="reader"))
     with pytest.raises(ConfigError, match="latent must be an int in"):
-        build_intervention(args(latent=3), store)
+        build_intervention(store, run, **args(latent=3))
     with pytest.raises(ConfigError, match="needs --value"):
-        build_intervention(args(op="clamp", alpha=None), store)
-    msg = build_intervention(args(transcoder="reader", tap=None, op="clamp", alpha=None, value=1.0), store)
+        build_intervention(store, run, **args(op="clamp", alpha=None))
+    msg = build_intervention(store, run, **args(transcoder="reader", tap=None, op="clamp", alpha=None, value=1.0))
     assert msg["tap"] == "2:in" and msg["source"] == "0:out" and len(msg["w_enc"]) == 4 and len(msg["direction"]) == 8

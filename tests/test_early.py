@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from agent_side.wire import encode_act, encode_ep
-from monitor.analytics import AnalyticsConfig
-from monitor.early import evaluate_alerts
-from monitor.ingest import Monitor
-from monitor.store import Store
+from monitor.service.ingest import Monitor
+from monitor.stats.analytics import AnalyticsConfig
+from monitor.stats.early import evaluate_alerts
+from monitor.store.records import Store
 
 
 def test_evaluate_alerts_precision_recall_and_lead() -> None:

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from agent_side.wire import encode_act, encode_met
-from monitor.artifacts import save_artifact
-from monitor.encoding import LATENT_PREFIX
-from monitor.ingest import Monitor
-from monitor.report import tap_stats
-from monitor.store import Store
-from monitor.training import artifact_info
-from monitor.transcoder import Transcoder
+from monitor.service.encoding import LATENT_PREFIX
+from monitor.service.ingest import Monitor
+from monitor.store.records import Store
+from monitor.store.tapstats import tap_stats
+from monitor.transcoders.artifacts import save_artifact
+from monitor.transcoders.model import Transcoder
+from monitor.transcoders.training import artifact_info
 
 
 def _pos(steps: range) -> np.ndarray:

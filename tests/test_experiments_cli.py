@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor.artifacts import save_artifact
-from monitor.demo import DEMO_TAPS
-from monitor.failure_modes import CARTPOLE_MODES
-from monitor.store import Store
-from monitor.training import artifact_info
-from monitor.transcoder import Transcoder
+from monitor.experiments.failure_modes import CARTPOLE_MODES
+from monitor.store.records import Store
+from monitor.tools.demo import DEMO_TAPS
+from monitor.transcoders.artifacts import save_artifact
+from monitor.transcoders.model import Transcoder
+from monitor.transcoders.training import artifact_info
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = "agents.cartpole_factory:make"

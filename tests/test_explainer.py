@@ -7,9 +7,9 @@ import numpy as np
 from agent_side.wire import encode_act, encode_met
 from explainer import Worker, explanations, file_job
 from explainer.worker import _clean
-from monitor import keys
-from monitor.ingest import Monitor
-from monitor.store import Store
+from monitor.service.ingest import Monitor
+from monitor.store import keys
+from monitor.store.records import Store
 
 NAMES = ["cart_pos", "cart_vel", "pole_angle", "angle_vel"]
 
@@ -107,10 +107,10 @@ def test_explain_commands(redis_url: str, store: Store) -> None:
 def test_the_monitor_files_jobs_and_alerts_carry_explanations(tmp_path, store: Store) -> None:
     import torch
 
-    from monitor.artifacts import save_artifact
-    from monitor.rules import parse_rules
-    from monitor.training import artifact_info
-    from monitor.transcoder import Transcoder
+    from monitor.alerts.rules import parse_rules
+    from monitor.transcoders.artifacts import save_artifact
+    from monitor.transcoders.model import Transcoder
+    from monitor.transcoders.training import artifact_info
 
     torch.manual_seed(0)
     tc = Transcoder(4, 3, 4).eval()
@@ -144,7 +144,7 @@ def test_the_monitor_files_jobs_and_alerts_carry_explanations(tmp_path, store: S
 
 
 def test_drift_files_again_only_the_latents_that_moved(store: Store) -> None:
-    from monitor.filing import JobFiler
+    from monitor.service.filing import JobFiler
 
     f = JobFiler(store.r, min_examples=10, drift=0.3)
     corr = np.array([[0.9, 0.0], [0.1, 0.2]])

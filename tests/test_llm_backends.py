@@ -14,7 +14,7 @@ from test_explainer import _stream_planted
 
 from explainer import Worker, explanations, file_job
 from explainer.backends import BackendError, HFBackend, OpenAIBackend
-from monitor.store import Store
+from monitor.store.records import Store
 
 
 class ChatServer:
@@ -124,8 +124,7 @@ def test_a_worker_killed_mid_job_has_its_job_reclaimed(redis_url: str, store: St
 
     from conftest import spawn, wait_until
 
-    from monitor import keys
-
+    from monitor.store import keys
     _stream_planted(store, n=400)
     srv = ChatServer(["slow"] * 100, "never read")  # every reply takes 1.5 s: the first worker dies waiting
     try:

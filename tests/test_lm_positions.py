@@ -12,7 +12,7 @@ from conftest import wait_until
 
 import agent_side
 from agent_side.lm import _named, sequence_start
-from monitor.store import Store
+from monitor.store.records import Store
 
 transformers = pytest.importorskip("transformers")
 

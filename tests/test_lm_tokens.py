@@ -12,7 +12,7 @@ import agent_side
 from agent_side.wire import WireError, decode, encode_tok
 from explainer import Worker, explanations, file_job
 from explainer.context import build_context, render_prompt, token_context
-from monitor.store import Store
+from monitor.store.records import Store
 
 WORDS = [f"w{i}" for i in range(40)] + [" cat", " dog", " the", " a", ".", ",", " sat", " ran", " on", " mat"]
 
@@ -127,7 +127,7 @@ def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monito
     """tap.track_tokens(tokenizer): no tap.tokens() calls; a teacher-forced forward and a cached
     generate() are both named from input_ids, and a generated token is shown in its text."""
     transformers = pytest.importorskip("transformers")
-    from monitor.panel_data import token_trace
+    from monitor.panel.data import token_trace
 
     words = [f"w{i}" for i in range(30)]
     tok = _word_tokenizer(words)
@@ -167,7 +167,7 @@ def test_the_generate_example_streams_every_sequence(store: Store, live_monitor)
 
     from conftest import ROOT, spawn
 
-    from monitor.panel_data import cross_prompt
+    from monitor.panel.data import cross_prompt
 
     proc = spawn([str(ROOT / "examples" / "lm_generate.py"), "--endpoint", live_monitor.endpoint, "--run", "ex",
                   "--prompts", "3", "--new-tokens", "4"], stdout=subprocess.PIPE, text=True)
@@ -200,7 +200,7 @@ def test_the_tracker_never_shares_a_step_or_borrows_context(store: Store, live_m
     does not continue the last one exactly (missed forwards, another cache) gets no context; the
     panel's sequences follow positions, not just neighbouring steps."""
     transformers = pytest.importorskip("transformers")
-    from monitor.panel_data import token_trace
+    from monitor.panel.data import token_trace
 
     words = [f"w{i}" for i in range(12)]
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=32)

@@ -8,9 +8,9 @@ import zmq
 from conftest import LiveMonitor, wait_until
 
 from agent_side.wire import encode_act, encode_ep, encode_met
-from monitor import keys
-from monitor.ingest import Monitor
-from monitor.store import Store
+from monitor.service.ingest import Monitor
+from monitor.store import keys
+from monitor.store.records import Store
 
 
 def _pos(steps: range, index: int = 0) -> np.ndarray:

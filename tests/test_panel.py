@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import agent_side
-from monitor.store import Store, connect
+from monitor.store.records import Store, connect
 
 try:
     from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
@@ -27,7 +27,7 @@ except ImportError:
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-APP = str(ROOT / "monitor" / "panel_app.py")
+APP = str(ROOT / "monitor" / "panel" / "app.py")
 RAW = "mlp_extractor.policy_net.0:in"
 RULES = f"""
 rules:
@@ -65,9 +65,9 @@ def _lm_run(endpoint: str, store: Store) -> None:
 def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     """A Redis as a short real session leaves it. Tests here read it and never flush it."""
     from explainer import Worker
-    from monitor.artifacts import save_artifact
-    from monitor.training import artifact_info
-    from monitor.transcoder import Transcoder
+    from monitor.transcoders.artifacts import save_artifact
+    from monitor.transcoders.model import Transcoder
+    from monitor.transcoders.training import artifact_info
 
     store = Store(connect(redis_url))
     store.r.flushdb()
@@ -90,8 +90,11 @@ def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
         # the spike's alert files a job at once, the 500-example jobs for every latent come with an
         # analytics write (each second): explain what is filed until latent 0's is among it
         worker = Worker(store, consumer="panel-test")
-        wait_until(lambda: worker.run(burst=True) >= 0 and store.explanation("cartpole", "latents:tc", 0), 30,
-                   what="explain jobs filed by the monitor, latent 0's explained")
+        def explained() -> object:
+            worker.run(burst=True)  # whatever has been filed so far
+            return store.explanation("cartpole", "latents:tc", 0)
+
+        wait_until(explained, 30, what="explain jobs filed by the monitor, latent 0's explained")
         yield store
     finally:
         mon.terminate()
@@ -215,7 +218,7 @@ def test_panel_in_headless_chromium(filled: Store, redis_url: str, tmp_path: Pat
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (`make test` installs it with apt-get where it can)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from monitor.embedded import free_port
+    from monitor.store.embedded import free_port
 
     port = free_port()
     panel = spawn(["-m", "monitor", "panel", "--redis", redis_url, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

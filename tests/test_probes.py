@@ -10,9 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from monitor.interrogate import ablation_effect, greedy_subspace, pca, plot_ablation_curve, polarity_inversion, projected
-from monitor.probes import collect, fit_probe, plot_probe_heatmap, probe_table, r2_score
-from monitor.splice import mean_return
+from monitor.experiments.interrogate import (
+    ablation_effect,
+    greedy_subspace,
+    pca,
+    plot_ablation_curve,
+    polarity_inversion,
+    projected,
+)
+from monitor.experiments.probes import collect, fit_probe, plot_probe_heatmap, probe_table, r2_score
+from monitor.transcoders.splice import mean_return
 
 # A linear CartPole controller (push right when theta + theta_dot / 2 > 0) that reaches 500 from seeds 0-4.
 GOOD_W = torch.tensor([0.0, 0.0, 1.0, 0.5])
@@ -212,11 +219,11 @@ def test_greedy_subspace_stops_at_the_first_k_that_keeps_the_return(tmp_path: Pa
 
 
 def test_exported_names() -> None:
-    import monitor.interrogate
-    import monitor.probes
+    import monitor.experiments.interrogate
+    import monitor.experiments.probes
 
-    assert sorted(monitor.probes.__all__) == sorted(["Rollouts", "collect", "Probe", "fit_probe", "r2_score", "probe_table", "plot_probe_heatmap"])
-    assert sorted(monitor.interrogate.__all__) == sorted(
+    assert sorted(monitor.experiments.probes.__all__) == sorted(["Rollouts", "collect", "Probe", "fit_probe", "r2_score", "probe_table", "plot_probe_heatmap"])
+    assert sorted(monitor.experiments.interrogate.__all__) == sorted(
         ["polarity_inversion", "ablation_effect", "PCA", "pca", "projected", "greedy_subspace", "plot_ablation_curve"])
-    for mod in (monitor.probes, monitor.interrogate):
+    for mod in (monitor.experiments.probes, monitor.experiments.interrogate):
         assert all(hasattr(mod, n) for n in mod.__all__)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
-from monitor.demo import CARTPOLE_OBS, DEMO_TAPS
-from monitor.recorder import Recorder, Recording, RecordingError
-from monitor.store import Store
+from monitor.store.recording import Recorder, Recording, RecordingError
+from monitor.store.records import Store
+from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS
 
 
 def _pos(steps: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.rolling import EWCorr, RollingCorr
+from monitor.stats.rolling import EWCorr, RollingCorr
 
 
 def _corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from monitor.splice import mean_return, return_recovered, spliced
-from monitor.transcoder import Transcoder
+from monitor.transcoders.model import Transcoder
+from monitor.transcoders.splice import mean_return, return_recovered, spliced
 
 
 def _policy() -> nn.Sequential:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.stats import Moments, Recent
+from monitor.stats.moments import Moments, Recent
 
 
 @pytest.mark.parametrize("width", [1, 7, 64])

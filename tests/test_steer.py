@@ -13,7 +13,7 @@ from torch import nn
 
 import agent_side.steer as steer_mod
 from agent_side.steer import Intervention, SteerError, ablate, add, clamp, from_transcoder, scale, steer_latent
-from monitor.transcoder import Transcoder
+from monitor.transcoders.model import Transcoder
 
 
 def _mlp() -> nn.Sequential:

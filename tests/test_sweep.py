@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from monitor import failure_modes
-from monitor.failure_modes import CARTPOLE_MODES, classifier_for, classify, modes_for, register
-from monitor.sweep import diff_ci, mean_ci, plot_sweep, run_episodes, scan, sweep, sweep_table_md, t_ppf, t_pvalue
-from monitor.transcoder import Transcoder
+from monitor.experiments import failure_modes
+from monitor.experiments.failure_modes import CARTPOLE_MODES, classifier_for, classify, modes_for, register
+from monitor.experiments.sweep import plot_sweep, run_episodes, scan, sweep, sweep_table_md
+from monitor.stats.intervals import diff_ci, mean_ci, t_ppf, t_pvalue
+from monitor.transcoders.model import Transcoder
 
 N = 5
 FLAW = 0.1  # the policy pushes right when theta + theta_dot/2 > -FLAW: balances the pole, drives the cart off
@@ -277,10 +278,10 @@ def test_table_and_plot(tmp_path) -> None:
 def test_sweep_on_the_demo_agent(tmp_path, monkeypatch) -> None:
     """The demo agent as `load_agent("demo")` builds it, but trained for 2048 steps, not 40k
     (which takes about a minute on two cores)."""
-    import monitor.demo
-    from monitor.splice import load_agent
+    import monitor.experiments.agents
+    from monitor.experiments.agents import load_agent
 
-    monkeypatch.setattr(monitor.demo, "demo_policy", functools.partial(monitor.demo.demo_policy, train_steps=2048))
+    monkeypatch.setattr(monitor.experiments.agents, "demo_policy", functools.partial(monitor.experiments.agents.demo_policy, train_steps=2048))
     agent = load_agent("demo", data_dir=tmp_path)
     torch.manual_seed(0)
     tc = Transcoder(4, 4, 64)

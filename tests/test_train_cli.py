@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from conftest import ROOT
 
-from monitor.artifacts import load_artifact
-from monitor.demo import DEMO_TAPS, make_ppo
-from monitor.recorder import Recorder
-from monitor.store import Store
+from monitor.store.recording import Recorder
+from monitor.store.records import Store
+from monitor.tools.demo import DEMO_TAPS, make_ppo
+from monitor.transcoders.artifacts import load_artifact
 
 
 def _record_policy(folder: Path, steps: int = 1200) -> Path:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from monitor.artifacts import ArtifactError, load_artifact, save_artifact
-from monitor.transcoder import TrainConfig, Transcoder, quality, train_transcoder
+from monitor.transcoders.artifacts import ArtifactError, load_artifact, save_artifact
+from monitor.transcoders.model import TrainConfig, Transcoder, quality, train_transcoder
 
 
 def _planted(n: int = 6000, d: int = 24, latents: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 import gymnasium as gym
 
-from monitor.demo import make_ppo
+from monitor.tools.demo import make_ppo
 
 
 def make():

@@ -9,7 +9,7 @@ import gymnasium as gym
 import torch
 
 import agent_side
-from monitor.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
+from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
 
 p = argparse.ArgumentParser()
 p.add_argument("--endpoint", required=True)

@@ -38,7 +38,7 @@ def make_policy() -> nn.Sequential:
 
 @torch.no_grad()
 def make_transcoder():  # noqa: ANN201 - keeps monitor out of the agent's imports until asked
-    from monitor.transcoder import Transcoder
+    from monitor.transcoders.model import Transcoder
 
     torch.manual_seed(1)
     tc = Transcoder(16, 3, 16)

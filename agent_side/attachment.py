@@ -1,0 +1,445 @@
+"""``attach()``: the one call a user adds to their agent.
+
+Each tap gets a forward hook (``:out``) or a forward pre-hook (``:in``) that copies the tensor's
+rows into a per-tap buffer and returns; a buffer goes out as one frame when it holds
+``flush_rows`` rows or its oldest row is ``flush_ms`` old. The hooks are on the model only while
+a monitor is connected: with nobody listening, torch runs its hook-free fast path and the agent
+pays nothing but a counter. Nothing here blocks the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent_side import wire
+from agent_side.control import Controller, greeting
+from agent_side.lm import TokenTracker, token_rows
+from agent_side.sender import Sender
+from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve
+from agent_side.wire import DEFAULT_ENDPOINT
+
+__all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT"]
+
+log = logging.getLogger(__name__)
+
+_SENDABLE = (torch.float16, torch.float32, torch.float64)
+_FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big language-model forwards)
+
+
+class _TapRows:
+    """Pending rows of one tap: a copied array and its step per forward, joined at flush."""
+
+    __slots__ = ("name", "arrays", "steps", "rows", "max_rows", "due", "lead", "calls", "width")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.arrays: list[np.ndarray] = []
+        self.steps: list[int] = []
+        self.rows = 0
+        self.max_rows = 1
+        self.due = 0.0  # when the oldest pending row must go out
+        self.lead: list[int] = []
+        self.calls = 0
+        self.width = -1
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The pending rows [n, width] and their (step, index) positions; empties the buffer."""
+        arrays, steps = self.arrays, self.steps
+        data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        n = data.shape[0]
+        pos = np.zeros((n, 2), dtype=np.int64)
+        if n == len(arrays) and min(a.shape[0] for a in arrays) == 1:  # one row per forward: the common RL case
+            pos[:, 0] = steps
+        else:
+            counts = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+            pos[:, 0] = np.repeat(np.asarray(steps, dtype=np.int64), counts)
+            pos[:, 1] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.arrays, self.steps, self.rows = [], [], 0
+        return data, pos, self.lead
+
+
+class _MetricRows:
+    """Coalescing buffer for one set of metric names: plain Python rows until flush."""
+
+    __slots__ = ("rows", "pos", "t0")
+
+    def __init__(self) -> None:
+        self.rows: list[list[float]] = []
+        self.pos: list[tuple[int, int]] = []
+        self.t0 = 0.0
+
+
+class Attachment:
+    """The handle :func:`attach` returns: a context manager with ``detach()``.
+
+    Example::
+
+        with agent_side.attach(model.policy, ["mlp_extractor.policy_net.0:in"], run="eval") as tap:
+            env = tap.wrap(env, obs_names=["cart_pos", "cart_vel", "pole_angle", "angle_vel"])
+            ...
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        taps: Sequence[str],
+        *,
+        run: str,
+        endpoint: str | None = None,
+        flush_rows: int = 256,
+        flush_ms: float = 100.0,
+        sndhwm: int = 128,
+        allow_control: bool = False,
+        control_endpoint: str | None = None,
+    ) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
+        if not run or not isinstance(run, str):
+            raise ValueError("attach() needs a non-empty run name")
+        specs = [parse_tap(t) for t in taps]
+        if not specs:
+            raise ValueError("attach() needs at least one tap")
+        if len({str(s) for s in specs}) != len(specs):
+            raise ValueError(f"duplicate taps in {[str(s) for s in specs]}")
+        self._targets: list[tuple[TapSpec, torch.nn.Module]] = [(s, resolve(module, s)) for s in specs]
+        self._module = module
+        self._extra_hooks: list[Callable[[], Any]] = []  # registered with the taps: track_tokens()
+        self._trackers: list[TokenTracker] = []
+        self.run = run
+        self.endpoint = endpoint or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT
+        self.flush_rows = int(flush_rows)
+        self._flush_s = flush_ms / 1000.0
+        self.paused = False
+        self.env_steps = False  # set by wrap() / the SB3 callback: steps come from the env
+        self.step = 0
+        self._prompts = 0  # forwards named by tokens()
+        self._taps = {str(s): _TapRows(str(s)) for s in specs}
+        self._metrics: dict[tuple[str, ...], _MetricRows] = {}
+        self._episodes: list[list[float]] = []
+        self._handles: list[Any] = []
+        self._arm_lock = threading.Lock()
+        self._detached = False
+        self._warned: set[str] = set()
+        self._control = Controller(module, run=run, endpoint=control_endpoint or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
+                                   or wire.control_endpoint(self.endpoint), width_of=lambda t: self._taps[t].width if t in self._taps else None,
+                                   step_of=lambda: self.step) if allow_control else None
+        self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection, greeting=greeting(run, self._control))
+        if self._control is not None:
+            self._control.start(self._sender)
+        log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
+
+    # -- hooks on while a monitor listens -----------------------------------------------------
+    def _on_connection(self, connected: bool) -> None:
+        """Called from the sender's watcher thread. Torch snapshots a module's hook dicts before
+        calling them, so adding or removing hooks while the agent runs a forward is safe."""
+        with self._arm_lock:
+            if connected and not self._handles and not self._detached:
+                for spec, mod in self._targets:
+                    name = str(spec)
+                    if spec.site == "in":
+                        self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    else:
+                        self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+                self._handles.extend(add() for add in self._extra_hooks)
+            elif not connected:
+                self._disarm()
+
+    def _disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre_hook(self, name: str) -> Callable:
+        s = self._taps[name]
+
+        # kwargs is optional: a hook removed between torch's snapshot and its call is called
+        # without it, and must still not fail
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+            if not self.paused:
+                t = args[0] if args and type(args[0]) is torch.Tensor else first_tensor(args)
+                if t is None:
+                    t = first_tensor(kwargs)
+                if t is not None:
+                    try:
+                        self._capture(s, t)
+                    except Exception:
+                        self._failed(s.name)
+
+        return hook
+
+    def _post_hook(self, name: str) -> Callable:
+        s = self._taps[name]
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self.paused:
+                return
+            t = output if type(output) is torch.Tensor else first_tensor(output)
+            if t is not None:
+                try:
+                    self._capture(s, t)
+                except Exception:
+                    self._failed(s.name)
+
+        return hook
+
+    def _failed(self, where: str) -> None:
+        """Watching must never break the agent: count the record as dropped, say so once."""
+        self._sender.drops += 1
+        if where not in self._warned:
+            self._warned.add(where)
+            log.warning("interlatent could not capture %s; skipping such records (counted as drops)", where, exc_info=True)
+
+    def _capture(self, s: _TapRows, t: torch.Tensor) -> None:
+        """The hot path: copy the rows, note the step; send everything when due."""
+        step = self.step if self.env_steps else s.calls
+        s.calls += 1
+        if t.dtype is torch.float32 and t.dim() == 2 and t.is_cpu and not t.requires_grad and t.shape[1] == s.width and s.arrays:
+            arr = t.numpy().copy()  # the copy: later in-place ops on t cannot touch the frame
+        else:
+            arr = self._first_of_kind(s, t)
+            if arr is None:
+                return
+        s.arrays.append(arr)
+        s.steps.append(step)
+        s.rows += arr.shape[0]
+        if s.rows >= s.max_rows or time.monotonic() >= s.due:
+            self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
+
+    def _first_of_kind(self, s: _TapRows, t: torch.Tensor) -> np.ndarray | None:
+        """The general path: any dtype, device and rank; starts a new frame when needed."""
+        if t.requires_grad:
+            t = t.detach()
+        if t.dim() == 2:
+            lead: list[int] = []
+        else:
+            t, lead = as_rows(t)
+        if t.dtype not in _SENDABLE:
+            t = t.float()
+        if not t.is_cpu:
+            t = t.cpu()
+        arr = t.numpy().copy()
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            return None
+        if s.arrays and (arr.shape[1] != s.width or lead != s.lead):
+            self._flush_tap(s)
+        if not s.arrays:
+            s.width = arr.shape[1]
+            s.lead = lead
+            s.due = time.monotonic() + self._flush_s
+            # a frame holds at most flush_rows rows, and about _FLUSH_BYTES for wide taps
+            s.max_rows = max(1, min(self.flush_rows, _FLUSH_BYTES // arr[0].nbytes))
+        return arr
+
+    def _flush_tap(self, s: _TapRows) -> None:
+        data, pos, lead = s.take()
+        run, name = self.run, s.name
+        step = max(1, _FLUSH_BYTES // max(1, data[0].nbytes))  # one huge forward goes out in pieces
+        for i in range(0, len(data), step):
+            d, p = data[i : i + step], pos[i : i + step]
+            self._sender.send(lambda pub, seq, drops, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead), len(d))
+
+    # -- metrics ----------------------------------------------------------------------------
+    def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
+        """Log one metric row (values in the order of ``names``) at ``step`` (default: now)."""
+        if not self._sender.connected:
+            self._sender.drops += 1
+            return
+        m = self._metrics.get(names)
+        if m is None:
+            m = self._metrics[names] = _MetricRows()
+        if not m.rows:
+            m.t0 = time.monotonic()
+        m.rows.append(row)
+        m.pos.append((self.step if step is None else step, index))
+        if len(m.rows) >= self.flush_rows:
+            self.flush()
+
+    def dropped(self, records: int = 1) -> None:
+        """Count records that were not built because no monitor is connected."""
+        self._sender.drops += records
+
+    def log(self, values: Mapping[str, float] | None = None, *, step: int | None = None, **named: float) -> None:
+        """Log user metrics for the current step: ``tap.log(danger=0.3)``."""
+        merged = {**(values or {}), **named}
+        if merged:
+            self.log_row(tuple(merged), [float(v) for v in merged.values()], step=step)
+
+    def _flush_metrics(self, names: tuple[str, ...], m: _MetricRows) -> None:
+        data = np.array(m.rows, dtype=np.float64).reshape(len(m.rows), len(names))
+        pos = np.array(m.pos, dtype=np.int64).reshape(-1, 2)
+        m.rows, m.pos = [], []
+        if not np.isfinite(data).all():
+            bad = [names[j] for j in np.nonzero(~np.isfinite(data).all(axis=0))[0]]
+            log.warning("metrics %s had NaN/Inf values; sent as 0", bad)
+            data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        run = self.run
+        self._sender.send(lambda pub, seq, drops: wire.encode_met(run, pub, seq, drops, names, data, pos), len(data))
+
+    def end_episode(self, index: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
+        """Record an episode end (the env wrappers call this); sent on the next ``advance()``."""
+        self._episodes.append([self.step, index, ret, length, float(terminated), float(truncated)])
+
+    def _flush_episodes(self) -> None:
+        eps, self._episodes = self._episodes, []
+        if not self._sender.connected:
+            self._sender.drops += len(eps)
+            return
+        run = self.run
+        self._sender.send(lambda pub, seq, drops: wire.encode_ep(run, pub, seq, drops, eps), len(eps))
+
+    def advance(self, n: int = 1) -> None:
+        """Move to the next env step; sends metric buffers that are old enough."""
+        self.step += n
+        if self._control is not None:
+            self._control.step()
+        if self._episodes:
+            self._flush_episodes()
+        if self._metrics:
+            now = time.monotonic()
+            for m in self._metrics.values():
+                if m.rows and now - m.t0 >= self._flush_s:
+                    self.flush()
+                    break
+
+    # -- language models --------------------------------------------------------------------
+    def tokens(self, tokens: Sequence[str] | Sequence[Sequence[str]], *, context: Sequence[str] | Sequence[Sequence[str]] | None = None,
+               start: int = 0, max_chars: int = 64) -> None:
+        """Name the tokens of the next forward (``tok.convert_ids_to_tokens(ids[0])``), or of a batch
+        of equal-length prompts. Each call is one step; token row ``b * T + t`` gets the metric
+        ``token_pos`` = ``start + t``. A generation step passes the tokens it continues as
+        ``context`` and its position as ``start``; :meth:`track_tokens` does all this by itself."""
+        rows, n_ctx, length = token_rows(tokens, context, start, max_chars=max_chars)
+        self._new_forward()
+        if not self._sender.connected:
+            self._sender.drops += 1
+            return
+        run, step = self.run, self.step
+        self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1)
+        for i in range(len(rows) * length):
+            self.log_row(("token_pos",), [float(start + i % length)], index=i)
+
+    def _new_forward(self) -> None:
+        """The next forward is a step of its own (named by tokens(), or one the tracker cannot name)."""
+        self.env_steps = True
+        if self._prompts:
+            self.advance()
+        self._prompts += 1
+
+    def track_tokens(self, tokenizer: Any, *, module: torch.nn.Module | None = None, context: int = 32) -> None:
+        """Name every forward's tokens from its ``input_ids``, for teacher-forced prompts and
+        ``generate()`` alike (a cached generation step is shown with the ``context`` tokens it
+        continues). ``module`` is the model that receives ``input_ids`` (default: the attached one).
+        With beam search the beams are reordered between steps, so a step's context may be another
+        beam's; a forward without ``input_ids`` (``inputs_embeds``) is a step with no token names."""
+        tracker = TokenTracker(self, tokenizer, context=context)
+        self._trackers.append(tracker)
+        target = module if module is not None else self._module
+
+        def add() -> Any:  # first among the model's pre-hooks: the step moves on before any tap sees the forward
+            return target.register_forward_pre_hook(tracker.hook, with_kwargs=True, prepend=True)
+
+        with self._arm_lock:
+            self._extra_hooks.append(add)
+            if self._handles:  # a monitor already listens
+                self._handles.append(add())
+
+    # -- environments -----------------------------------------------------------------------
+    def wrap(self, env: Any, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
+        """Wrap ``env`` so every step logs observations, action, reward and episode ends.
+
+        A ``gymnasium.Env`` gets a ``gymnasium.Wrapper``; a gymnasium vector env or a
+        stable-baselines3 ``VecEnv`` gets the matching vector wrapper (one row per env).
+        ``metrics`` maps names to callables ``f(step: StepInfo) -> float``.
+        """
+        from agent_side.envwrap import wrap_env
+
+        self.env_steps = True
+        return wrap_env(self, env, obs_names=obs_names, metrics=metrics)
+
+    def sb3_callback(self, *, obs_names: Sequence[str] | None = None, metrics: Mapping[str, Callable] | None = None) -> Any:
+        """A stable-baselines3 callback for ``model.learn(callback=...)``: streams rollout forwards
+        and their step metrics, and pauses the hooks during gradient updates."""
+        from agent_side.sb3 import make_callback
+
+        self.env_steps = True
+        return make_callback(self, obs_names=obs_names, metrics=metrics)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._sender.connected
+
+    def wait_for_monitor(self, timeout_s: float = 10.0) -> bool:
+        """Block until a monitor is connected (and the hooks are on); False on timeout."""
+        return self._sender.wait_connected(timeout_s)
+
+    def counters(self) -> dict[str, Any]:
+        """What this handle has done: messages sent, records dropped, connection, current step."""
+        s = self._sender
+        return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step,
+                "tokens_unplaced": sum(t.unplaced for t in self._trackers),
+                **(self._control.counters() if self._control is not None else {"control": False})}
+
+    def flush(self) -> None:
+        """Send everything buffered now."""
+        for s in self._taps.values():
+            if s.arrays:
+                self._flush_tap(s)
+        for names, m in self._metrics.items():
+            if m.rows:
+                self._flush_metrics(names, m)
+        if self._episodes:
+            self._flush_episodes()
+
+    def detach(self, *, linger_ms: int = 3000) -> None:
+        """Remove every hook, flush, and close the socket, waiting up to ``linger_ms`` for the last
+        frames to leave (no wait when they already have, or when no monitor is connected)."""
+        with self._arm_lock:
+            if self._detached:
+                return
+            self._detached = True
+            self._disarm()
+        if self._control is not None:
+            self._control.close()
+        self.flush()
+        self._sender.close(linger_ms=linger_ms)
+        log.info("detached run %r: %s", self.run, self.counters())
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach(
+    module: torch.nn.Module,
+    taps: Iterable[str] | str,
+    *,
+    run: str,
+    endpoint: str | None = None,
+    flush_rows: int = 256,
+    flush_ms: float = 100.0,
+    sndhwm: int = 128,
+    allow_control: bool = False,
+    control_endpoint: str | None = None,
+) -> Attachment:
+    """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
+
+    ``taps`` are ``"module.name:in"`` or ``"module.name:out"``; unknown names fail here with
+    close matches. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
+    The agent may start before the monitor, and the monitor may come and go: while none is
+    connected, nothing is copied and what would have been sent is counted as dropped.
+    ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;
+    ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1).
+    """
+    return Attachment(module, [taps] if isinstance(taps, str) else list(taps), run=run, endpoint=endpoint, flush_rows=flush_rows,
+                      flush_ms=flush_ms, sndhwm=sndhwm, allow_control=allow_control, control_endpoint=control_endpoint)

@@ -1,0 +1,3 @@
+"""Alert rules (the rules file), the engine that evaluates them per row batch, sinks (Redis stream, webhooks) and /metrics."""
+
+__all__: list[str] = []

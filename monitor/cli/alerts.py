@@ -1,0 +1,116 @@
+"""`interlatent alerts` and `evaluate-alerts`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from monitor.cli.common import Settings, sigterm_as_interrupt
+
+__all__ = ["cmd_alerts", "cmd_evaluate_alerts", "cmd_explainer", "cmd_explain", "cmd_explanations"]
+
+
+def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.store import keys
+    r = s.store().r
+
+    def wanted(a: dict) -> bool:
+        return args.run is None or a["run"] == args.run
+
+    def show(a: dict) -> None:
+        print(json.dumps(a) if args.json else f"{time.strftime('%H:%M:%S', time.localtime(a['time']))} {a['text']}", flush=True)
+
+    past = [(eid, json.loads(f[b"json"])) for eid, f in reversed(r.xrevrange(keys.ALERTS, count=args.last))]
+    past = [(eid, a) for eid, a in past if wanted(a)]
+    if not args.follow:
+        if args.json:
+            active = [json.loads(v) for v in r.hvals(keys.ALERTS_ACTIVE)]
+            print(json.dumps({"alerts": [a for _, a in past], "active": [a for a in active if wanted(a)]}))
+        elif not past:
+            print("no alerts yet" + (f" for run {args.run!r}" if args.run else "") + "; the monitor raises them with --rules FILE")
+        else:
+            for _, a in past:
+                show(a)
+        return 0
+    last = past[-1][0] if past else b"$"
+    for _, a in past:
+        show(a)
+    shown = len(past)
+    while args.max is None or shown < args.max:
+        for _, entries in r.xread({keys.ALERTS: last}, block=1000) or []:
+            for eid, f in entries:
+                last = eid
+                a = json.loads(f[b"json"])
+                if wanted(a):
+                    show(a)
+                    shown += 1
+    return 0
+
+
+def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.stats.early import evaluate_alerts
+
+    store = s.store_with_run(args.run)
+    res = evaluate_alerts(store.alerts(args.run), store.episodes(args.run), k=args.k)
+    res["run"] = args.run
+    res["suggested_rules"] = store.suggestions(args.run)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"run {args.run}: {res['episodes']} episodes, {res['failures']} failures; an alert counts if a failure follows within {args.k} steps")
+    if not res["rules"]:
+        print("  no alerts fired for this run (start the monitor with --rules FILE)")
+    for rule, r in res["rules"].items():
+        print(f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps")
+    for sug in res["suggested_rules"]:
+        print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
+              f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
+    return 0
+
+
+def cmd_explainer(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import Worker
+
+    w = Worker(s.store(), backend=args.backend)
+    if args.burst:
+        n = w.run(burst=True)
+        print(f"explained {n} latents ({w.failed} failed)")
+        return 0
+    sigterm_as_interrupt()
+    try:
+        w.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import file_job
+    from monitor.store.records import ConfigError
+
+    store = s.store_with_run(args.run)
+    tap, sep, index = args.latent.rpartition("/")
+    if not sep or not index.isdigit():
+        raise ConfigError(f"--latent takes TAP/INDEX, like latents:NAME/2 or mlp_extractor.policy_net.1:out/5; got {args.latent!r}")
+    if tap not in store.taps(args.run):
+        raise ConfigError(f"run {args.run!r} has no tap {tap!r}; it has {', '.join(store.taps(args.run))}")
+    filed = file_job(store.r, args.run, tap, int(index), reason="asked")
+    print(f"filed an explain job for {args.run} {tap} #{index}" if filed else "a job for that latent is already waiting")
+    return 0
+
+
+def cmd_explanations(args: argparse.Namespace, s: Settings) -> int:
+    from explainer import explanations
+
+    out = explanations(s.store().r, args.run)
+    if args.json:
+        print(json.dumps({"run": args.run, "explanations": out}))
+        return 0
+    if not out:
+        print(f"no explanations for run {args.run!r} yet: `interlatent explain --run {args.run} --latent TAP/INDEX`, with a worker running")
+    for e in out:
+        sc = e.get("score") or {}
+        print(f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  "
+              f"(detection {sc.get('balanced_accuracy')}, simulation {sc.get('simulation')}, {e['backend']})")
+    return 0

@@ -1,0 +1,187 @@
+"""What the panel shows, read from Redis as plain tables: no Streamlit here, so each view is
+testable on its own and the Streamlit script only lays them out.
+
+Every function reads; none writes. Empty results are empty lists or None, and the panel turns
+them into a sentence saying what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from monitor.store.records import Store
+from monitor.store.tapstats import tap_stats
+
+__all__ = ["overview", "heatmap", "metric_traces", "latent_card", "corr_matrix", "alerts_feed", "transcoder_table",
+           "token_trace", "cross_prompt", "is_latent_tap"]
+
+SEVERITIES = ("critical", "warning", "info")
+
+
+def is_latent_tap(tap: str) -> bool:
+    from monitor.store.keys import LATENT_PREFIX
+
+    return tap.startswith(LATENT_PREFIX)
+
+
+def overview(store: Store) -> dict[str, Any]:
+    """Runs (one row each), service health, the rejected-frame counts and the newest alerts."""
+    st = store.status()
+    runs = [{
+        "run": r["run"], "taps": ", ".join(sorted(r["taps"])), "steps": r["steps"], "steps/s": round(r["steps_per_s"], 1),
+        "rows/s": round(r["rows_per_s"], 1), "drops": r["drops"], "gaps": r["gaps"], "lag ms": round(1000 * r["lag_s"], 1),
+        "episodes": r["episodes"], "return (last 100)": round(r["return_mean_100"], 1), "last seen s": round(r["last_seen_s"], 1),
+    } for r in st["runs"]]
+    now = time.time()
+    services = [{"kind": h.get("kind", "?"), "id": h.get("id", "?"), "pid": h.get("pid"),
+                 "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "backend", "done", "failed") if k in h),
+                 "age s": round(now - float(h.get("time", now)), 1) if "time" in h else None} for h in st["services"]]
+    return {"runs": runs, "services": services, "rejected": st["monitor"]["rejected"],
+            "monitor_alive": st["monitor"]["alive"], "explainers": sum(1 for h in st["services"] if h.get("kind") == "explainer"),
+            "alerts": list(reversed(store.alerts(count=10_000)))[:10]}
+
+
+def _by_step(rows: np.ndarray, pos: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows averaged over each step's indices (vector envs, tokens), the last ``steps`` steps."""
+    uniq, inv = np.unique(pos[:, 0], return_inverse=True)
+    sums = np.zeros((len(uniq), rows.shape[1]))
+    np.add.at(sums, inv, rows)
+    mean = sums / np.bincount(inv, minlength=len(uniq))[:, None]
+    return uniq[-steps:], mean[-steps:]
+
+
+def heatmap(store: Store, run: str, tap: str, *, steps: int = 200, max_latents: int = 64) -> pd.DataFrame | None:
+    """Long table (step, latent, value) of the recent activations, for a heatmap; the
+    ``max_latents`` most variable latents of a wide tap."""
+    got = store.recent(run, tap)
+    if got is None or len(got[0]) == 0:
+        return None
+    st, mean = _by_step(*got, steps)
+    cols = np.arange(mean.shape[1])
+    if len(cols) > max_latents:
+        cols = np.sort(np.argsort(-mean.std(axis=0))[:max_latents])
+    return pd.DataFrame({"step": np.repeat(st, len(cols)), "latent": np.tile(cols, len(st)),
+                         "value": mean[:, cols].reshape(-1).astype(float)})
+
+
+def metric_traces(store: Store, run: str, first_step: int, last_step: int, *, names: list[str] | None = None) -> pd.DataFrame | None:
+    """Long table (step, metric, value) of the run's recent metrics in a step range."""
+    met = store.recent_metrics(run)
+    frames = []
+    for name, (vals, pos) in met.items():
+        if names is not None and name not in names or len(vals) == 0:
+            continue
+        st, mean = _by_step(vals.reshape(-1, 1), pos, len(vals))
+        keep = (st >= first_step) & (st <= last_step)
+        frames.append(pd.DataFrame({"step": st[keep], "metric": name, "value": mean[keep, 0]}))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def latent_card(store: Store, run: str, tap: str, latent: int, *, top: int = 10) -> dict[str, Any] | None:
+    """One latent: statistics, correlations, top-activating steps, explanation, its alerts."""
+    d = tap_stats(store, run, tap, top=top)
+    if d is None or not 0 <= latent < d["width"]:
+        return None
+    ch = d["channels"][latent]
+    stats = {k: ch.get(k) for k in ("count", "mean", "std", "min", "max")}
+    stats.update({f"window {k}": v for k, v in (ch.get("window") or {}).items()})
+    corr = pd.DataFrame([{"metric": m, "r": r} for m, r in ch.get("corr", {}).items() if r is not None])
+    rows = [{"step": e["step"], "index": e["index"], "value": e["value"], **e["metrics"]} for e in ch.get("top", [])]
+    alerts = [a for a in store.alerts(run) if a.get("tap") == tap and a.get("latent") == latent]
+    return {"width": d["width"], "stats": stats, "corr": corr, "top": pd.DataFrame(rows),
+            "explanation": store.explanation(run, tap, latent), "alerts": alerts[-20:]}
+
+
+def corr_matrix(store: Store, run: str, tap: str, *, sort_by: str | None = None, ew: bool = False) -> pd.DataFrame | None:
+    """Latents × metrics correlation table (rows sorted by |r| with ``sort_by``, when given)."""
+    d = tap_stats(store, run, tap, top=0)
+    if d is None or not d.get("metrics"):
+        return None
+    key = "ew_corr" if ew else "corr"
+    df = pd.DataFrame([{m: ch[key].get(m) for m in d["metrics"]} for ch in d["channels"]], dtype=float)
+    df.index.name = "latent"
+    if sort_by in df.columns:
+        df = df.reindex(df[sort_by].abs().sort_values(ascending=False, na_position="last").index)
+    return df
+
+
+def alerts_feed(store: Store, *, run: str | None = None, severity: list[str] | None = None, rule: list[str] | None = None,
+                state: list[str] | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    """Alert events, newest first, filtered by run, severity, rule and state."""
+    out = []
+    for a in reversed(store.alerts(run)):
+        if severity and a.get("severity") not in severity or rule and a.get("rule") not in rule or state and a.get("state") not in state:
+            continue
+        out.append(a)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def transcoder_table(store: Store) -> pd.DataFrame:
+    """Every registered transcoder with its quality figures."""
+    rows = []
+    for t in store.transcoders():
+        q = t.get("quality") or {}
+        rows.append({"name": t["name"], "run": t["run"], "source": t["source"], "target": t["target"], "latents": t["d_sae"],
+                     "arch": t.get("architecture"), "L0": q.get("l0"), "FVU": q.get("fvu"), "dead": q.get("dead_frac"),
+                     "return recovered": q.get("return_recovered"), "active": bool(t.get("active", True))})
+    return pd.DataFrame(rows)
+
+
+def _sequence(tokens: dict[int, dict], step: int) -> list[int]:
+    """The consecutive forwards of one sequence around ``step``: a prompt and the generation
+    steps that continue it (``start`` > 0)."""
+    def follows(s: int) -> bool:  # forward s continues forward s - 1 exactly
+        a, b = tokens.get(s - 1), tokens[s]
+        return a is not None and b["start"] > 0 and a["start"] + len(a["rows"][0]) - a["context"] == b["start"]
+
+    first = last = step
+    while follows(first):
+        first -= 1
+    while last + 1 in tokens and follows(last + 1):
+        last += 1
+    return list(range(first, last + 1))
+
+
+def token_trace(store: Store, run: str, tap: str, latent: int, step: int, *, tokens: dict[int, dict] | None = None,
+                got: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame | None:
+    """One sequence: (position, token, value) of a latent over the tokens of forward ``step`` (the
+    first sequence of a batch), with the generation steps before and after it when it has them.
+    ``tokens`` and ``got`` (the tap's recent rows) may be passed in when already read."""
+    got = store.recent(run, tap) if got is None else got
+    tokens = store.tokens(run, store.token_steps(run)) if tokens is None else tokens
+    if step not in tokens or got is None:
+        return None
+    rows, pos = got
+    parts = []
+    for s in _sequence(tokens, step):
+        tk = tokens[s]
+        context, length = tk["context"], len(tk["rows"][0]) - tk["context"]
+        sel = pos[:, 0] == s
+        idx = pos[sel, 1]
+        first = idx < length
+        if first.any():
+            parts.append(pd.DataFrame({"position": tk["start"] + idx[first], "token": [tk["rows"][0][context + i] for i in idx[first]],
+                                       "value": rows[sel][first, latent].astype(float)}))
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def cross_prompt(store: Store, run: str, tap: str, latent: int, *, prompts: int = 12) -> pd.DataFrame | None:
+    """The last ``prompts`` sequences still in the recent rows: (prompt, position, token, value);
+    ``prompt`` is the step of the sequence's first forward."""
+    got = store.recent(run, tap)
+    if got is None:
+        return None
+    tokens = store.tokens(run, store.token_steps(run))
+    firsts = list(dict.fromkeys(_sequence(tokens, int(s))[0] for s in np.unique(got[1][:, 0]) if int(s) in tokens))
+    frames = []
+    for s in firsts[-prompts:]:
+        tr = token_trace(store, run, tap, latent, s, tokens=tokens, got=got)
+        if tr is not None:
+            frames.append(tr.assign(prompt=s))
+    return pd.concat(frames, ignore_index=True) if frames else None

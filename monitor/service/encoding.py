@@ -1,0 +1,63 @@
+"""Online encoding: the monitor turns a source tap's rows into transcoder latents as they arrive.
+
+Every registered, active transcoder whose run is the frame's run (or ``*``) and whose source is
+the frame's tap encodes each frame; the latents enter the run as the tap ``latents:<name>``, so
+statistics, correlations, alerts and recordings treat them exactly like raw channels. The set is
+refreshed from the registry between frames: a newly registered transcoder takes over from the
+next frame on, and no frame is dropped for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from monitor.store.keys import LATENT_PREFIX
+from monitor.transcoders.artifacts import ArtifactError, load_artifact
+from monitor.transcoders.model import Transcoder
+
+__all__ = ["Encoders", "LATENT_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+class Encoders:
+    def __init__(self) -> None:
+        self.active: dict[str, tuple[dict[str, Any], Transcoder]] = {}  # name -> (registry entry, model)
+        self._failed: set[tuple[str, float]] = set()
+
+    def refresh(self, registry: list[dict[str, Any]]) -> None:
+        """Load new or changed transcoders, drop the ones no longer registered or active."""
+        wanted = {t["name"]: t for t in registry if t.get("active", True)}
+        for name in list(self.active):
+            if name not in wanted:
+                del self.active[name]
+                log.info("stopped encoding with %s", name)
+        for name, info in wanted.items():
+            have = self.active.get(name)
+            if have is not None and have[0].get("created") == info.get("created"):
+                continue
+            if (name, info.get("created")) in self._failed:
+                continue
+            try:
+                model, _ = load_artifact(info["path"])
+            except (ArtifactError, OSError, RuntimeError) as e:
+                self._failed.add((name, info.get("created")))
+                log.warning("cannot load transcoder %s from %s: %s", name, info["path"], e)
+                continue
+            self.active[name] = (info, model)
+            log.info("encoding %s of run %s with %s (%d latents)", info["source"], info["run"], name, model.d_sae)
+
+    @torch.no_grad()
+    def encode(self, run: str, tap: str, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(latent tap, latents [rows, d_sae]) for every transcoder that reads this tap of this run."""
+        out = []
+        x = None
+        for name, (info, model) in self.active.items():
+            if info["source"] == tap and info["run"] in (run, "*") and model.d_in == data.shape[1]:
+                if x is None:
+                    x = torch.from_numpy(data if data.dtype == np.float32 and data.flags.c_contiguous else np.ascontiguousarray(data, dtype=np.float32))
+                out.append((LATENT_PREFIX + name, model.encode(x).numpy()))
+        return out

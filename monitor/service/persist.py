@@ -1,0 +1,117 @@
+"""A run's state in Redis: what the monitor writes every flush, and reads back when a run it does
+not hold returns (after a restart, or an eviction). The store itself only reads and writes
+records; rates, rule suggestions and job filing are decided here, beside the service."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from monitor.service.runstate import MetricState, RunState, TapState
+from monitor.service.runstate import recent_rows as tap_recent_rows
+from monitor.stats.early import suggest_rules
+from monitor.stats.moments import Moments, Recent
+from monitor.store import keys
+from monitor.store.records import EPISODES_MAXLEN, Store, pack_recent, unpack_recent
+
+__all__ = ["load_run", "write_run"]
+
+
+def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytics: Any = None) -> None:
+    """Write one run's registry entry, counters, taps, statistics and recent rows
+    (and, with ``analytics``, every tap's live analytics)."""
+    p = store.r.pipeline(transaction=False)
+    p.zadd(keys.RUNS, {st.run: st.last_seen})
+    mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
+    st.rates(time.time())
+    p.hset(keys.run(st.run), mapping={
+        "steps": st.steps, "gaps": st.gaps, "frames": st.frames, "episodes": st.episodes,
+        "first_seen": st.first_seen, "last_seen": st.last_seen, "return_mean_100": mean_ret,
+        "returns": json.dumps(st.returns), "rows": st.rows, "lag_s": round(st.lag_s, 4),
+        "steps_per_s": round(st.steps_per_s, 2), "rows_per_s": round(st.rows_per_s, 2),
+    })
+    changed = {t: s for t, s in st.taps.items() if s.dirty}
+    if changed:
+        p.hset(keys.run_taps(st.run), mapping={t: json.dumps(s.info()) for t, s in changed.items()})
+        for tap, s in changed.items():
+            p.set(keys.tap_stats(st.run, tap), msgpack.packb(s.moments.to_state(), use_bin_type=True))
+            p.set(keys.recent(st.run, tap), pack_recent(s.recent))
+    if st.pubs:
+        p.hset(keys.run_pubs(st.run), mapping={k: json.dumps(v) for k, v in st.pubs.items()})
+    if st.metrics.names:
+        m = st.metrics
+        p.set(keys.run_metrics(st.run), msgpack.packb({
+            "names": m.names, "rows": m.rows,
+            "moments": {n: m.moments[n].to_state() for n in m.names},
+            "recent": [{"names": list(k), "blob": pack_recent(r)} for k, r in m.recent.items()],
+        }, use_bin_type=True))
+    if analytics and st.analytics_dirty:
+        for tap, an in st.analytics.items():
+            p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
+        suggested = []
+        for tap, prof in st.failure_profiles.items():
+            m = st.taps[tap].moments.get()
+            suggested += suggest_rules(tap, prof, m["mean"], m["std"])
+        if suggested:
+            p.set(keys.suggestions(st.run), json.dumps(sorted(suggested, key=lambda x: -x["score_std"])))
+    if st.new_tokens:
+        p.hset(keys.tokens(st.run), mapping={str(k): json.dumps(v) for k, v in st.new_tokens.items()})
+        st.new_tokens = {}
+    if st.evicted_tokens:
+        p.hdel(keys.tokens(st.run), *map(str, st.evicted_tokens))
+        st.evicted_tokens = []
+    episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
+    for e in episodes:
+        p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
+                                       "terminated": int(e[4]), "truncated": int(e[5])},
+               maxlen=EPISODES_MAXLEN, approximate=True)
+    p.execute()
+    if analytics and st.analytics_dirty and on_analytics is not None:
+        for tap, an in st.analytics.items():  # after the write: a job filed here finds the analytics in Redis
+            on_analytics(st.run, tap, an)
+    if analytics:
+        st.analytics_dirty = False
+    for s in changed.values():
+        s.dirty = False
+    st.dirty = False
+
+
+def _restore_recent(blob: bytes | None, capacity: int, width: int, dtype: Any) -> Recent:
+    ring = Recent(capacity, width, dtype)
+    if blob:
+        data, pos = unpack_recent(blob)
+        if data.ndim == 2 and data.shape[1] == width:
+            ring.update(data.astype(dtype, copy=False), pos)
+    return ring
+
+
+def load_run(store: Store, run: str, *, recent_rows: int) -> RunState | None:
+    """A run's state as the last monitor left it, or None for a new run."""
+    h = {k.decode(): v.decode() for k, v in store.r.hgetall(keys.run(run)).items()}
+    if not h:
+        return None
+    st = RunState(run=run, steps=int(h.get("steps", 0)), gaps=int(h.get("gaps", 0)), frames=int(h.get("frames", 0)),
+                  episodes=int(h.get("episodes", 0)), first_seen=float(h.get("first_seen", time.time())),
+                  last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")), rows=int(h.get("rows", 0)))
+    st.pubs = {k.decode(): json.loads(v) for k, v in store.r.hgetall(keys.run_pubs(run)).items()}
+    for tap_b, info_b in store.r.hgetall(keys.run_taps(run)).items():
+        tap, info = tap_b.decode(), json.loads(info_b)
+        mom = store.r.get(keys.tap_stats(run, tap))
+        ts = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
+                      moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else None,
+                      recent=_restore_recent(store.r.get(keys.recent(run, tap)), min(recent_rows, tap_recent_rows(info["width"])),
+                                             info["width"], np.float32))
+        st.taps[tap] = ts
+    blob = store.r.get(keys.run_metrics(run))
+    if blob:
+        d = msgpack.unpackb(blob, raw=False)
+        st.metrics = MetricState(names=d["names"], rows=d["rows"],
+                                 moments={n: Moments.from_state(s) for n, s in d["moments"].items()})
+        for item in d["recent"]:
+            st.metrics.recent[tuple(item["names"])] = _restore_recent(item["blob"], recent_rows, len(item["names"]), np.float64)
+    st.tokens = dict.fromkeys(store.token_steps(run))
+    return st

@@ -1,0 +1,264 @@
+"""The monitor's end of live steering: each run's wanted interventions, published to its agent.
+
+State, not commands: ``interlatent steer`` writes a run's whole wanted set to Redis
+(:func:`set_interventions`, :func:`clear_interventions`; ``keys.steer(run)`` with a version, and
+the global ``keys.STEER_VERSION`` bumped). The monitor binds a PUB socket (by default the data
+endpoint's port + 1) and publishes each opted-in run's set when that counter moves and again every
+``republish_s`` (ZeroMQ drops what a subscriber that is still joining misses; the agent ignores a
+set it already holds). Only runs whose agent said ``hello`` with ``control: true`` get anything.
+
+Agents answer on the data socket with ``ctl`` frames (:mod:`agent_side.control`):
+``hello`` and ``synced`` update ``keys.control(run)`` (opted in or not, the version held, the ids
+active); ``applied`` / ``reverted`` / ``refused`` go to the capped stream ``keys.STEER_EVENTS`` and,
+as alert events of rule ``steering`` (kind ``steer``, state = the event), to the alerts stream,
+so ``interlatent alerts`` and the panel show every change and its revert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import redis
+import zmq
+
+from agent_side.wire import Frame, encode_control
+from monitor.alerts.sinks import AlertSink
+from monitor.stats.intervals import diff_ci
+from monitor.store import keys
+from monitor.store.keys import LATENT_PREFIX
+from monitor.store.records import ConfigError, Store
+
+__all__ = ["ControlChannel", "build_intervention", "set_interventions", "clear_interventions", "steer_effects", "steer_id", "STEER_EVENTS_MAXLEN"]
+
+log = logging.getLogger(__name__)
+
+STEER_EVENTS_MAXLEN = 10_000
+
+
+def steer_id(transcoder: str, latent: int) -> str:
+    """The id of a steer along a transcoder latent: its latent tap and index, like explanations'."""
+    return f"{LATENT_PREFIX}{transcoder}/{latent}"
+
+
+def _update(r: redis.Redis, run: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> int:
+    """Apply ``change`` to a run's wanted set atomically (optimistic lock); the new version."""
+
+    def tx(pipe: redis.client.Pipeline) -> int:
+        blob = pipe.get(keys.steer(run))
+        cur = json.loads(blob) if blob else {"version": 0, "interventions": []}
+        version = int(cur["version"]) + 1
+        pipe.multi()
+        pipe.set(keys.steer(run), json.dumps({"version": version, "interventions": change(cur["interventions"])}))
+        pipe.incr(keys.STEER_VERSION)
+        return version
+
+    return r.transaction(tx, keys.steer(run), value_from_callable=True)
+
+
+def set_interventions(r: redis.Redis, run: str, msgs: list[dict[str, Any]]) -> int:
+    """Add these interventions (``Intervention.to_msg()``) to a run's set, replacing any of the same id."""
+    ids = {m["id"] for m in msgs}
+    return _update(r, run, lambda cur: [m for m in cur if m["id"] not in ids] + list(msgs))
+
+
+def clear_interventions(r: redis.Redis, run: str, ids: list[str] | None = None) -> int:
+    """Remove these ids (default: all) from a run's set."""
+    return _update(r, run, lambda cur: [] if ids is None else [m for m in cur if m["id"] not in ids])
+
+
+class ControlChannel:
+    """Publishes wanted sets to agents and records what they report (see the module docstring).
+
+    ``endpoint=None`` publishes nothing (agents' reports are still recorded).
+    """
+
+    def __init__(self, store: Store, ctx: zmq.Context, endpoint: str | None, *, sink: AlertSink, republish_s: float = 1.0) -> None:
+        self.store, self.sink = store, sink
+        self.endpoint = endpoint
+        self._republish_s = republish_s
+        self._sock: zmq.Socket | None = None
+        if endpoint is not None:
+            sock = ctx.socket(zmq.PUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
+            self._sock = sock
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            log.info("steering control channel on %s", self.endpoint)
+        self.opted: set[str] = set()
+        self._seen = -1  # keys.STEER_VERSION when the bodies below were read
+        self._bodies: dict[str, list[bytes]] = {}
+        self._due: set[str] = set()
+        self._next = 0.0
+        self.published = 0
+
+    # -- what agents report -----------------------------------------------------------------------
+    def known(self, run: str) -> None:
+        """A run this monitor sees for the first time: publish to it if its agent opted in before
+        (a restarted monitor; the agent's next hello confirms or withdraws it)."""
+        if self.store.r.hget(keys.control(run), "control") == b"1":
+            self._hello(run, True)
+
+    def _hello(self, run: str, control: bool) -> None:
+        if control:
+            self.opted.add(run)
+            self._due.add(run)
+        else:
+            self.opted.discard(run)
+
+    def on_event(self, frame: Frame) -> None:
+        """One ``ctl`` frame from an agent (already validated by the wire decoder)."""
+        ev, run, now = frame.event, frame.run, time.time()
+        kind = ev["event"]
+        if kind == "hello":
+            control = bool(ev.get("control"))
+            self.store.r.hset(keys.control(run), mapping={"control": int(control), "pub": frame.pub, "hello": now,
+                                                          "version": int(ev.get("version", -1)), "time": now})
+            self._hello(run, control)
+            log.info("run %r (%s) %s steering", run, frame.pub, "accepts" if control else "does not accept")
+            return
+        if kind == "synced":
+            self.store.r.hset(keys.control(run), mapping={"version": int(ev.get("version", -1)),
+                                                          "active": json.dumps(ev.get("active", [])), "time": now})
+            return
+        record = {"run": run, "pub": frame.pub, "time": now, **ev}
+        self.store.r.xadd(keys.STEER_EVENTS, {"json": json.dumps(record)}, maxlen=STEER_EVENTS_MAXLEN, approximate=True)
+        self.sink.emit(_alert(record))
+
+    # -- what the monitor publishes ---------------------------------------------------------------
+    def publish(self) -> None:
+        """Send the wanted set of every opted-in run that is due (called on every monitor flush)."""
+        if self._sock is None or not self.opted:
+            return
+        now = time.monotonic()
+        version = int(self.store.r.get(keys.STEER_VERSION) or 0)
+        if version != self._seen:
+            self._seen = version
+            self._bodies.clear()
+        if not self._bodies or now >= self._next:
+            self._next = now + self._republish_s
+            self._due |= self.opted
+        for run in self._due & self.opted:
+            parts = self._bodies.get(run)
+            if parts is None:
+                want = self.store.steering(run)
+                parts = self._bodies[run] = encode_control(run, want["version"], want["interventions"])
+            try:
+                self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
+                self.published += 1
+            except zmq.Again:
+                log.debug("control message to %r dropped at the high-water mark", run)
+        self._due.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+def _returns(x: Any) -> dict[str, Any]:
+    return {"episodes": int(len(x)), "mean_return": round(float(x.mean()), 3) if len(x) else None}
+
+
+def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
+    """The live effect of each steer the agent applied: the returns of the episodes that ended
+    while it was active (some began before it), beside those that ended between the previous
+    steering change and it, with a Welch interval on the difference. An observation, not a
+    controlled test: ``interlatent sweep`` is that."""
+    events = [e for e in store.steer_events(run) if e["event"] in ("applied", "reverted", "refused")]
+    eps = store.episodes(run)
+    ends = np.array([e["step"] for e in eps], dtype=np.float64)
+    rets = np.array([e["return"] for e in eps], dtype=np.float64)
+    out = []
+    for i, e in enumerate(events):
+        if e["event"] != "applied":
+            continue
+        # it ends when reverted, or when the agent dropped it (a forward it failed in: refused)
+        until = next((f["step"] for f in events[i + 1 :] if f["event"] != "applied" and f.get("id") == e.get("id")), None)
+        since = max((f["step"] for f in events[:i] if f["step"] < e["step"]), default=0)  # a change at the same step: a re-steer
+        during = rets[(ends >= e["step"]) & (ends < (np.inf if until is None else until))]
+        before = rets[(ends >= since) & (ends < e["step"])]
+        out.append({"id": e.get("id"), "op": e.get("op"), "applied_step": e["step"], "reverted_step": until,
+                    "before": _returns(before), "during": _returns(during),
+                    "difference": diff_ci(before.tolist(), during.tolist()) if len(before) and len(during) else None})
+    return out
+
+
+def _alert(e: dict[str, Any]) -> dict[str, Any]:
+    """A steering event in the shape of an alert event (see :mod:`monitor.alerts.engine`)."""
+    kind, ident, tap = e["event"], e.get("id", ""), e.get("tap", "")
+    latent_tap, _, j = ident.rpartition("/")
+    latent = int(j) if j.isdigit() and latent_tap else None
+    severity = "warning" if kind == "refused" else "info"
+    what = {"add": f"add alpha={e.get('alpha', 0.0):+g}", "scale": f"scale factor={e.get('alpha', 0.0):g}",
+            "ablate": "ablate", "clamp": f"clamp value={e.get('value', 0.0):g}"}.get(e.get("op", ""), "a control message")
+    text = f"[{severity}] steering {kind}: {e['run']} {ident or ''} {what}" + (f" at {tap}" if tap else "")
+    text += f" (version {e['version']}, step {e.get('step', 0)})" if "version" in e else f" (step {e.get('step', 0)})"
+    if e.get("reason"):
+        text += f": {e['reason']}"
+    return {"id": f"steering|{e['run']}|{ident}", "rule": "steering", "kind": "steer", "state": kind, "severity": severity,
+            "labels": {}, "run": e["run"], "tap": latent_tap if latent is not None else tap, "latent": latent,
+            "step": int(e.get("step", 0)), "index": 0, "value": float(e.get("alpha", 0.0)), "z": 0.0, "correlations": {},
+            "explanation": None, "time": e["time"], "text": text, "steer": {k: e[k] for k in ("id", "op", "tap", "version") if k in e}}
+
+
+def _transcoder(store: Store, run: str, tap: str | None, name: str | None) -> dict[str, Any]:
+    """The registry entry to steer with: ``name``, else the run's one transcoder that writes ``tap``."""
+    infos = store.transcoders()
+    if name:
+        info = next((t for t in infos if t["name"] == name), None)
+        if info is None:
+            raise ConfigError(f"no transcoder {name!r}; `interlatent transcoders` lists them")
+        if tap is not None and tap != info["target"]:
+            raise ConfigError(f"transcoder {name} writes {info['target']!r}, so its decoder directions fit there, not at {tap!r}: "
+                              f"pass --tap {info['target']}")
+        return info
+    if tap is None:
+        raise ConfigError("say where to steer: --tap TAP (with the run's transcoder that writes it) or --transcoder NAME")
+    mine = [t for t in infos if t.get("run") in (run, "*")]
+    hits = [t for t in mine if t["target"] == tap]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ConfigError(f"several transcoders of run {run!r} write {tap!r}: {', '.join(t['name'] for t in hits)}; "
+                          "pick one with --transcoder NAME")
+    readers = [f"{t['name']} reads {tap!r} and writes {t['target']!r} (steer at --tap {t['target']})" for t in mine if t["source"] == tap]
+    listing = ", ".join(f"{t['name']} ({t['source']} -> {t['target']})" for t in mine) or "none; `interlatent train` makes some"
+    raise ConfigError(f"no transcoder of run {run!r} writes {tap!r}: " + ("; ".join(readers) if readers else f"the run's transcoders: {listing}"))
+
+
+def build_intervention(store: Store, run: str, *, latent: int | None, op: str, tap: str | None = None, transcoder: str | None = None,
+                       alpha: float | None = None, value: float | None = None, steer_id_: str | None = None) -> dict[str, Any]:
+    """The control message that steers ``latent`` of a registered transcoder at the tap it writes
+    (``interlatent steer`` and the panel's form); a :class:`ConfigError` says what to fix."""
+    from agent_side.steer import SteerError, from_transcoder
+    from monitor.transcoders.artifacts import ArtifactError, load_artifact
+
+    if latent is None:
+        raise ConfigError("pass --latent J (or --clear)")
+    if op in ("add", "scale") and alpha is None:
+        raise ConfigError(f"--op {op} needs --alpha" + (" (the factor)" if op == "scale" else ""))
+    if op == "clamp" and value is None:
+        raise ConfigError("--op clamp needs --value (what to hold the latent at)")
+    info = _transcoder(store, run, tap, transcoder)
+    tap = info["target"]
+    try:
+        model, _ = load_artifact(info["path"])
+        source = info["source"] if op == "clamp" and info["source"] != tap else None
+        iv = from_transcoder(model, latent, tap=tap, op=op, alpha=alpha or 0.0, value=value or 0.0, source=source)
+        iv = dataclasses.replace(iv, id=steer_id_ or steer_id(info["name"], latent))
+    except (ArtifactError, SteerError) as e:
+        raise ConfigError(str(e)) from e
+    width = store.taps(run).get(tap, {}).get("width")
+    if width is not None and width != len(iv.direction):
+        raise ConfigError(f"run {run!r} streams {tap!r} {width} wide, but {info['name']}'s directions are {len(iv.direction)} wide")
+    return iv.to_msg()
