@@ -12,7 +12,7 @@ TORCH   := torch==2.13.0
 PIP_VER := pip==26.3
 UV_VER  := uv==0.13.9
 EXTRAS  := service,rl,hf,dev
-# the oldest transformers the hf extra allows, beside the venv's own, for tests/test_transformers_range.py
+# the oldest transformers the hf extra allows, beside the venv's own, for tests/agent/test_transformers_range.py
 HF_OLD  := hf-oldest
 
 .PHONY: demo test test-latest bench install browser lint lock clean

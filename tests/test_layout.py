@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 # Each runs in a fresh interpreter, which then says which heavy modules it loaded.
 _PROBE = """
@@ -37,7 +37,7 @@ def test_the_light_commands_run_without_torch(redis_url: str, store, live_monito
     rules explainer's burst run, all in one process that never imports torch."""
     import numpy as np
     import zmq
-    from conftest import wait_until
+    from helpers import wait_until
 
     from agent_side.wire import encode_act, encode_met
 

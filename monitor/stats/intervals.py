@@ -1,5 +1,5 @@
 """Intervals without scipy: a mean's t interval and the Welch interval of a difference of means,
-with the Student t quantile and tail they need (tested against scipy in tests/test_sweep.py)."""
+with the Student t quantile and tail they need (tested against scipy in tests/experiments/test_sweep.py)."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_explain_commands(redis_url: str, store: Store) -> None:
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     _stream_planted(store, n=600)
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "cartpole_transcoders.py"
 SIZES = (2, 4, 8)
 ALPHAS = (1.0, -1.0, 2.5, -2.5)

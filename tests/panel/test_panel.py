@@ -20,7 +20,7 @@ import agent_side
 from monitor.store.records import Store, connect
 
 try:
-    from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+    from helpers import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 except ImportError:
     from tests.conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 

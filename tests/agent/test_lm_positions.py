@@ -1,5 +1,5 @@
 """Where a forward starts in its sequence, read from what a causal LM call carries, whatever the
-installed transformers calls it (tests/test_transformers_range.py runs this module against the
+installed transformers calls it (tests/agent/test_transformers_range.py runs this module against the
 oldest transformers the ``hf`` extra allows too)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import wait_until
+from helpers import wait_until
 
 import agent_side
 from agent_side.lm import _named, sequence_start
@@ -105,13 +105,13 @@ class _RecurrentLM(torch.nn.Module):
 def test_a_forward_that_cannot_be_placed_is_its_own_step_and_counted(store: Store, live_monitor) -> None:
     """An LSTM's continued state has no length: such a forward gets no token names (never start
     0), is a step of its own, and is counted in tap.counters()."""
-    from test_lm_tokens import _word_tokenizer
+    from helpers import word_tokenizer
 
     words = [f"w{i}" for i in range(12)]
     model = _RecurrentLM(len(words))
     with agent_side.attach(model, ["head:out"], run="rnn", endpoint=live_monitor.endpoint) as tap:
         assert tap.wait_for_monitor(10)
-        tap.track_tokens(_word_tokenizer(words))
+        tap.track_tokens(word_tokenizer(words))
         with torch.no_grad():
             _, state = model(torch.tensor([[1, 2, 3]]))  # step 0: a new sequence
             _, state = model(torch.tensor([[4]]), state)  # step 1: where does it start? unknown

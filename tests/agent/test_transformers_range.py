@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import ROOT
+from helpers import ROOT
 
-MODULES = ["tests/test_lm_positions.py", "tests/test_lm_tokens.py", "tests/test_llm_backends.py::test_hf_backend_runs_generate_on_a_local_model",
-           "tests/test_agents.py::test_tiny_gpt2_token_rows"]
+MODULES = ["tests/agent/test_lm_positions.py", "tests/agent/test_lm_tokens.py",
+           "tests/explain/test_llm_backends.py::test_hf_backend_runs_generate_on_a_local_model", "tests/agent/test_agents.py::test_tiny_gpt2_token_rows"]
 
 
 def _floor() -> str:

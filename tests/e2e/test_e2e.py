@@ -9,7 +9,7 @@ import sys
 import time
 
 import numpy as np
-from conftest import ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from monitor.store.records import Store
 from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS

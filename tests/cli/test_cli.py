@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, wait_until
+from helpers import AGENT_DIR, ROOT, free_endpoint, spawn, wait_until
 
 from monitor.store.records import Store, connect
 

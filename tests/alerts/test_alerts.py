@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from agent_side.wire import encode_act, encode_met
 from monitor.alerts.engine import WARMUP_ROWS, AlertEngine

@@ -122,7 +122,7 @@ def test_a_worker_killed_mid_job_has_its_job_reclaimed(redis_url: str, store: St
     import signal
     import subprocess
 
-    from conftest import spawn, wait_until
+    from helpers import spawn, wait_until
 
     from monitor.store import keys
     _stream_planted(store, n=400)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import zmq
-from conftest import LiveMonitor, wait_until
+from helpers import LiveMonitor, wait_until
 
 from agent_side.wire import encode_act, encode_ep, encode_met
 from monitor.service.ingest import Monitor

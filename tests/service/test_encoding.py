@@ -84,7 +84,7 @@ def test_deactivate_stops_the_encoding_and_activate_resumes_it(tmp_path: Path, s
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     _register(store, tmp_path, "sae4", 4, seed=0)
     x = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from agent_side.wire import decode as _decode
 from agent_side.wire import encode_act, encode_ep, encode_met

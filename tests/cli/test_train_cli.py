@@ -11,7 +11,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from monitor.store.recording import Recorder
 from monitor.store.records import Store

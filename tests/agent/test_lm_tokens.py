@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import wait_until
+from helpers import wait_until, word_tokenizer
 
 import agent_side
 from agent_side.wire import WireError, decode, encode_tok
@@ -113,15 +113,6 @@ def test_tokens_need_equal_lengths(store: Store, live_monitor) -> None:
             tap.tokens([])
 
 
-def _word_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], pad_token=words[0], eos_token=words[0])
-
-
 @pytest.mark.timeout(120)
 def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monitor) -> None:
     """tap.track_tokens(tokenizer): no tap.tokens() calls; a teacher-forced forward and a cached
@@ -130,7 +121,7 @@ def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monito
     from monitor.panel.data import token_trace
 
     words = [f"w{i}" for i in range(30)]
-    tok = _word_tokenizer(words)
+    tok = word_tokenizer(words)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=64)).eval()
     prompt = torch.tensor([[3, 4, 5, 6, 7, 8]])
@@ -165,7 +156,7 @@ def test_the_generate_example_streams_every_sequence(store: Store, live_monitor)
     import json
     import subprocess
 
-    from conftest import ROOT, spawn
+    from helpers import ROOT, spawn
 
     from monitor.panel.data import cross_prompt
 
@@ -209,7 +200,7 @@ def test_the_tracker_never_shares_a_step_or_borrows_context(store: Store, live_m
     tap_name = "transformer.h.0:out"
     with agent_side.attach(model, [tap_name], run="edge", endpoint=live_monitor.endpoint) as tap:
         assert tap.wait_for_monitor(10)
-        tap.track_tokens(_word_tokenizer(words), context=4)
+        tap.track_tokens(word_tokenizer(words), context=4)
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))  # step 0
             model(inputs_embeds=torch.zeros(1, 2, 16))  # step 1: no names

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import AGENT_DIR, ROOT, free_endpoint, spawn, spawn_monitor, wait_until
 
 from monitor.store.recording import Recorder, Recording, RecordingError
 from monitor.store.records import Store

@@ -21,7 +21,7 @@ import pytest
 import torch
 import zmq
 from agents.steerable import OBS, TAP, make_policy, make_transcoder
-from conftest import AGENT_DIR, LiveMonitor, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import AGENT_DIR, ROOT, LiveMonitor, free_endpoint, spawn, spawn_monitor, wait_until
 
 import agent_side
 from agent_side import wire
@@ -436,7 +436,7 @@ def test_the_panel_steers_an_opted_in_agent(store: Store, redis_url: str, live_m
             steps(5)
         assert set(steps(40)) == {0, 1}
         monkeypatch.setenv("INTERLATENT_REDIS_URL", redis_url)
-        at = testing.AppTest.from_file(str(Path(__file__).parent.parent / "monitor" / "panel" / "app.py"), default_timeout=60)
+        at = testing.AppTest.from_file(str(ROOT / "monitor" / "panel" / "app.py"), default_timeout=60)
         at.query_params.update(page="Latents", run=run, tap=f"latents:{name}", latent="0")
         at.run()
         at.number_input(key="steer_alpha").set_value(50.0)

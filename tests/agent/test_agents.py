@@ -17,7 +17,7 @@ from agent_side import TapError
 from monitor.service.persist import load_run
 
 try:  # tests/ is not a package: pytest puts it on sys.path (rootdir-relative "prepend" import)
-    from conftest import LiveMonitor, free_endpoint, wait_until
+    from helpers import LiveMonitor, free_endpoint, wait_until
 except ImportError:  # pragma: no cover - if tests/ ever becomes a package
     from tests.conftest import LiveMonitor, free_endpoint, wait_until
 

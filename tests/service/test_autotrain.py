@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import AGENT_DIR, free_endpoint, spawn, spawn_monitor, wait_until
+from helpers import AGENT_DIR, free_endpoint, spawn, spawn_monitor, wait_until
 
 from monitor.service.autotrain import parse_pairs
 from monitor.service.encoding import LATENT_PREFIX

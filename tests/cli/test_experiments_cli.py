@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from monitor.experiments.failure_modes import CARTPOLE_MODES
 from monitor.store.records import Store
@@ -18,7 +19,6 @@ from monitor.transcoders.artifacts import save_artifact
 from monitor.transcoders.model import Transcoder
 from monitor.transcoders.training import artifact_info
 
-ROOT = Path(__file__).resolve().parent.parent
 POLICY = "agents.cartpole_factory:make"
 HIDDEN = DEMO_TAPS[1]  # mlp_extractor.policy_net.1:out, 64 wide
 
