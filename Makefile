@@ -15,7 +15,7 @@ EXTRAS  := service,rl,hf,dev
 # the oldest transformers the hf extra allows, beside the venv's own, for tests/agent/test_transformers_range.py
 HF_OLD  := hf-oldest
 
-.PHONY: demo test test-latest bench install browser lint lock clean
+.PHONY: demo test test-latest bench install browser lint typecheck lock clean
 
 # what the newest releases change against the lock, one line a package (names normalized as pip does)
 define LOCK_DIFF
@@ -79,6 +79,10 @@ lock:
 		--no-emit-package torch --constraint .venv-lock/torch-constraint.txt \
 		$$(test -d /opt/wheels && echo --find-links /opt/wheels) --quiet --output-file requirements.lock
 	@! grep -nE '^(nvidia|triton|cuda)' requirements.lock || (echo "CUDA packages in the lock: resolve torch against a CPU wheel"; exit 1)
+
+# mypy on the core ([tool.mypy] in pyproject.toml says which files)
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/interlatent bench hook $(ARGS)

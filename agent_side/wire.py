@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
@@ -50,6 +50,11 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "VERSION",
     "Frame",
+    "ActFrame",
+    "MetFrame",
+    "EpFrame",
+    "TokFrame",
+    "CtlFrame",
     "WireError",
     "Limits",
     "encode_act",
@@ -112,32 +117,87 @@ class WireError(ValueError):
 
 
 @dataclass
-class Frame:
-    kind: str
+class _Head:
+    """What every frame carries: who sent it, its place in the sender's sequence, and when."""
+
     run: str
     pub: str
     seq: int
     t: float
     drops: int
-    tap: str = ""
-    data: np.ndarray | None = None  # [rows, width]
-    pos: np.ndarray | None = None  # [rows, 2] int64
-    names: list[str] = field(default_factory=list)
-    lead: list[int] = field(default_factory=list)
-    episodes: list[list[float]] = field(default_factory=list)
-    step: int = 0  # tok frames: the forward these tokens belong to
-    tokens: list[list[str]] = field(default_factory=list)  # tok frames: [batch][context + tokens]
-    context: int = 0  # tok frames: leading tokens of each list that precede the forward
-    start: int = 0  # tok frames: sequence position of tokens[b][context]
-    event: dict[str, Any] = field(default_factory=dict)  # ctl frames
+
+
+@dataclass
+class ActFrame(_Head):
+    """Activations of one tap: ``data`` [rows, width], ``pos`` [rows, 2] int64 (step, index)."""
+
+    tap: str
+    data: np.ndarray
+    pos: np.ndarray
+    lead: list[int]  # the tap's leading dimensions before they were flattened into rows
+    kind: ClassVar[str] = "act"
 
     @property
     def rows(self) -> int:
-        if self.data is not None:
-            return int(self.data.shape[0])
-        if self.tokens:
-            return len(self.tokens) * (len(self.tokens[0]) - self.context)
+        return int(self.data.shape[0])
+
+
+@dataclass
+class MetFrame(_Head):
+    """Metric rows: one float64 column per name, ``pos`` as for activations."""
+
+    names: list[str]
+    data: np.ndarray
+    pos: np.ndarray
+    kind: ClassVar[str] = "met"
+
+    @property
+    def rows(self) -> int:
+        return int(self.data.shape[0])
+
+
+@dataclass
+class EpFrame(_Head):
+    """Episode ends: rows of (step, index, return, length, terminated, truncated)."""
+
+    episodes: list[list[float]]
+    kind: ClassVar[str] = "ep"
+
+    @property
+    def rows(self) -> int:
         return len(self.episodes)
+
+
+@dataclass
+class TokFrame(_Head):
+    """The tokens of one forward (``step``): ``tokens[b][context + t]`` is row ``b * T + t``, at
+    sequence position ``start + t``; the first ``context`` tokens of each list precede it."""
+
+    step: int
+    tokens: list[list[str]]
+    context: int
+    start: int
+    kind: ClassVar[str] = "tok"
+
+    @property
+    def rows(self) -> int:
+        return len(self.tokens) * (len(self.tokens[0]) - self.context)
+
+
+@dataclass
+class CtlFrame(_Head):
+    """A control-plane event from the agent (hello, applied, reverted, refused, synced)."""
+
+    event: dict[str, Any]
+    kind: ClassVar[str] = "ctl"
+
+    @property
+    def rows(self) -> int:
+        return 0
+
+
+Frame = ActFrame | MetFrame | EpFrame | TokFrame | CtlFrame  # what decode() returns: one type per kind
+_HeadFields = tuple[str, str, int, float, int]  # _Head's fields, in order
 
 
 def _header(kind: str, run: str, pub: str, seq: int, drops: int, **extra: Any) -> bytes:
@@ -153,13 +213,13 @@ def encode_act(
     hdr = _header(
         "act", run, pub, seq, drops, tap=tap, dtype=data.dtype.name, shape=list(data.shape), lead=list(lead)
     )
-    return [hdr, memoryview(data).cast("B"), memoryview(pos).cast("B")]
+    return [hdr, data.data.cast("B"), pos.data.cast("B")]
 
 
 def encode_met(run: str, pub: str, seq: int, drops: int, names: Sequence[str], data: np.ndarray, pos: np.ndarray) -> list[Any]:
     """Parts of a metric frame; ``data`` is [rows, len(names)] float64."""
     hdr = _header("met", run, pub, seq, drops, names=list(names), dtype="float64", shape=list(data.shape))
-    return [hdr, memoryview(data).cast("B"), memoryview(pos).cast("B")]
+    return [hdr, data.data.cast("B"), pos.data.cast("B")]
 
 
 def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Sequence[float]]) -> list[Any]:
@@ -337,65 +397,85 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
     t = h.get("t")
     if not isinstance(t, (int, float)) or not math.isfinite(t):
         raise WireError("bad_header", "field 't' missing or not a number")
-    frame = Frame(kind=kind, run=run, pub=pub, seq=seq, t=float(t), drops=drops)
+    head: _HeadFields = (run, pub, seq, float(t), drops)
+    return _DECODERS[kind](h, parts, limits, head)
 
-    if kind == "ep":
-        if len(parts) != 1:
-            raise WireError("bad_frame", f"ep frame with {len(parts)} parts")
-        eps = h.get("episodes")
-        if not isinstance(eps, list) or not eps:
-            raise WireError("bad_header", "episodes must be a non-empty list")
-        for e in eps:
-            if not (isinstance(e, list) and len(e) == 6 and all(isinstance(x, (int, float)) for x in e)):
-                raise WireError("bad_header", "each episode is [step, index, return, length, terminated, truncated]")
-            if not all(math.isfinite(x) for x in e):
-                raise WireError("non_finite", "episode record with NaN or Inf")
-        frame.episodes = eps
-        return frame
-    if kind == "ctl":
-        if len(parts) != 1:
-            raise WireError("bad_frame", f"ctl frame with {len(parts)} parts")
-        frame.event = _ctl_event(h.get("event"))
-        return frame
-    if kind == "tok":
-        if len(parts) != 2:
-            raise WireError("bad_frame", f"tok frame with {len(parts)} parts, expected 2")
-        batch, length = _shape2(h, limits)
-        frame.step = _need(h, "step", int)
-        if frame.step < 0:
-            raise WireError("bad_header", "step must be >= 0")
-        frame.context, frame.start = h.get("context", 0), h.get("start", 0)
-        if not (type(frame.context) is int and type(frame.start) is int and 0 <= frame.context < length and frame.start >= 0):
-            raise WireError("bad_header", f"tok context must be in [0, {length}) and start >= 0")
-        frame.tokens = _tokens(parts[1], batch, length, limits)
-        return frame
 
-    if len(parts) != 3:
-        raise WireError("bad_frame", f"{kind} frame with {len(parts)} parts, expected 3")
+def _decode_ep(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> EpFrame:
+    if len(parts) != 1:
+        raise WireError("bad_frame", f"ep frame with {len(parts)} parts")
+    eps = h.get("episodes")
+    if not isinstance(eps, list) or not eps:
+        raise WireError("bad_header", "episodes must be a non-empty list")
+    for e in eps:
+        if not (isinstance(e, list) and len(e) == 6 and all(isinstance(x, (int, float)) for x in e)):
+            raise WireError("bad_header", "each episode is [step, index, return, length, terminated, truncated]")
+        if not all(math.isfinite(x) for x in e):
+            raise WireError("non_finite", "episode record with NaN or Inf")
+    return EpFrame(*head, episodes=eps)
+
+
+def _decode_ctl(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> CtlFrame:
+    if len(parts) != 1:
+        raise WireError("bad_frame", f"ctl frame with {len(parts)} parts")
+    return CtlFrame(*head, event=_ctl_event(h.get("event")))
+
+
+def _decode_tok(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> TokFrame:
+    if len(parts) != 2:
+        raise WireError("bad_frame", f"tok frame with {len(parts)} parts, expected 2")
+    batch, length = _shape2(h, limits)
+    step = _need(h, "step", int)
+    if step < 0:
+        raise WireError("bad_header", "step must be >= 0")
+    context, start = h.get("context", 0), h.get("start", 0)
+    if not (type(context) is int and type(start) is int and 0 <= context < length and start >= 0):
+        raise WireError("bad_header", f"tok context must be in [0, {length}) and start >= 0")
+    return TokFrame(*head, step=step, tokens=_tokens(parts[1], batch, length, limits), context=context, start=start)
+
+
+def _rows(kind: str, parts: Sequence[Any], h: dict, limits: Limits, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The data and pos arrays of an act or met frame, checked against the header's shape."""
     rows, width = _shape2(h, limits)
-    if kind == "act":
-        frame.tap = _need(h, "tap", str)
-        if not frame.tap or len(frame.tap) > limits.name_chars:
-            raise WireError("bad_header", "tap empty or too long")
-        dtype = h.get("dtype")
-        if dtype not in ACT_DTYPES:
-            raise WireError("bad_dtype", f"dtype {dtype!r} not in {ACT_DTYPES}")
-        lead = h.get("lead", [])
-        if not (isinstance(lead, list) and len(lead) <= 8 and all(type(x) is int and x >= 0 for x in lead)):
-            raise WireError("bad_header", "lead must be a short list of ints")
-        frame.lead = lead
-    else:
-        names = h.get("names")
-        if not (isinstance(names, list) and len(names) == width and all(isinstance(n, str) and 0 < len(n) <= limits.name_chars for n in names)):
-            raise WireError("bad_header", "names must be one non-empty string per column")
-        if len(set(names)) != len(names):
-            raise WireError("bad_header", "duplicate metric names")
-        if h.get("dtype") != "float64":
-            raise WireError("bad_dtype", "metric frames are float64")
-        frame.names = names
-        dtype = "float64"
-    frame.data = _array(parts[1], dtype, rows, width, "data")
-    frame.pos = _array(parts[2], "int64", rows, 2, "pos")
-    if not np.isfinite(frame.data).all():
+    data = _array(parts[1], dtype, rows, width, "data")
+    pos = _array(parts[2], "int64", rows, 2, "pos")
+    if not np.isfinite(data).all():
         raise WireError("non_finite", f"{kind} frame with NaN or Inf values")
-    return frame
+    return data, pos
+
+
+def _decode_act(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> ActFrame:
+    if len(parts) != 3:
+        raise WireError("bad_frame", f"act frame with {len(parts)} parts, expected 3")
+    _shape2(h, limits)
+    tap = _need(h, "tap", str)
+    if not tap or len(tap) > limits.name_chars:
+        raise WireError("bad_header", "tap empty or too long")
+    dtype = h.get("dtype")
+    if dtype not in ACT_DTYPES:
+        raise WireError("bad_dtype", f"dtype {dtype!r} not in {ACT_DTYPES}")
+    lead = h.get("lead", [])
+    if not (isinstance(lead, list) and len(lead) <= 8 and all(type(x) is int and x >= 0 for x in lead)):
+        raise WireError("bad_header", "lead must be a short list of ints")
+    data, pos = _rows("act", parts, h, limits, dtype)
+    return ActFrame(*head, tap=tap, data=data, pos=pos, lead=lead)
+
+
+def _decode_met(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> MetFrame:
+    if len(parts) != 3:
+        raise WireError("bad_frame", f"met frame with {len(parts)} parts, expected 3")
+    _, width = _shape2(h, limits)
+    names = h.get("names")
+    if not (isinstance(names, list) and len(names) == width and all(isinstance(n, str) and 0 < len(n) <= limits.name_chars for n in names)):
+        raise WireError("bad_header", "names must be one non-empty string per column")
+    if len(set(names)) != len(names):
+        raise WireError("bad_header", "duplicate metric names")
+    if h.get("dtype") != "float64":
+        raise WireError("bad_dtype", "metric frames are float64")
+    data, pos = _rows("met", parts, h, limits, "float64")
+    return MetFrame(*head, names=names, data=data, pos=pos)
+
+
+_DECODERS: dict[str, Callable[[dict, Sequence[Any], Limits, _HeadFields], Frame]] = {
+    "act": _decode_act, "met": _decode_met, "ep": _decode_ep, "tok": _decode_tok, "ctl": _decode_ctl,
+}

@@ -25,7 +25,17 @@ from typing import Any
 import redis
 import zmq
 
-from agent_side.wire import DEFAULT_ENDPOINT, DEFAULT_LIMITS, Limits, WireError, control_endpoint, decode
+from agent_side.wire import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_LIMITS,
+    ActFrame,
+    CtlFrame,
+    Limits,
+    MetFrame,
+    WireError,
+    control_endpoint,
+    decode,
+)
 from monitor.alerts.engine import AlertEngine
 from monitor.alerts.rules import RulesFile
 from monitor.alerts.sinks import AlertSink
@@ -153,7 +163,7 @@ class Monitor:
                     st.failure_profiles = self._kept_profiles.pop(frame.run, {})
                 self.runs[frame.run] = st
                 self.control.known(frame.run)
-            if frame.kind == "ctl":
+            if isinstance(frame, CtlFrame):  # the control plane: answered beside the data path
                 st.sequence(frame)
                 st.last_seen, st.dirty = now, True
                 self.control.on_event(frame)
@@ -173,9 +183,9 @@ class Monitor:
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
         rec = self.recorders.get(frame.run)
-        if frame.kind == "met" and rec is not None:
+        if isinstance(frame, MetFrame) and rec is not None:
             rec.add_metrics(frame.names, frame.data, frame.pos)
-        if frame.kind == "act":
+        if isinstance(frame, ActFrame):
             rows = [(frame.tap, frame.data)]
             try:
                 for latent_tap, z in self.encoders.encode(frame.run, frame.tap, frame.data):

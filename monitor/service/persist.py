@@ -54,8 +54,8 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
             p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
         suggested = []
         for tap, prof in st.failure_profiles.items():
-            m = st.taps[tap].moments.get()
-            suggested += suggest_rules(tap, prof, m["mean"], m["std"])
+            mom = st.taps[tap].moments.get()
+            suggested += suggest_rules(tap, prof, mom["mean"], mom["std"])
         if suggested:
             p.set(keys.suggestions(st.run), json.dumps(sorted(suggested, key=lambda x: -x["score_std"])))
     if st.new_tokens:
@@ -102,7 +102,7 @@ def load_run(store: Store, run: str, *, recent_rows: int) -> RunState | None:
         tap, info = tap_b.decode(), json.loads(info_b)
         mom = store.r.get(keys.tap_stats(run, tap))
         ts = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
-                      moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else None,
+                      moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else Moments(info["width"]),
                       recent=_restore_recent(store.r.get(keys.recent(run, tap)), min(recent_rows, tap_recent_rows(info["width"])),
                                              info["width"], np.float32))
         st.taps[tap] = ts

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent_side.wire import Frame
+from agent_side.wire import ActFrame, EpFrame, Frame, MetFrame, TokFrame
 from monitor.stats.analytics import AnalyticsConfig, Joiner, TapAnalytics
 from monitor.stats.early import FailureProfile
 from monitor.stats.moments import Moments, Recent
@@ -43,18 +43,17 @@ def recent_rows(width: int) -> int:
 class TapState:
     width: int
     dtype: str
+    moments: Moments
+    recent: Recent
     rows: int = 0
     frames: int = 0
     lead: list[int] = field(default_factory=list)
-    moments: Moments | None = None
-    recent: Recent | None = None
     dirty: bool = True
 
-    def __post_init__(self) -> None:
-        if self.moments is None:
-            self.moments = Moments(self.width)
-        if self.recent is None:
-            self.recent = Recent(recent_rows(self.width), self.width, np.float32)
+    @classmethod
+    def empty(cls, width: int, dtype: str) -> TapState:
+        """A tap seen for the first time."""
+        return cls(width=width, dtype=dtype, moments=Moments(width), recent=Recent(recent_rows(width), width, np.float32))
 
     def update(self, data: np.ndarray, pos: np.ndarray) -> None:
         self.moments.update(data)
@@ -140,7 +139,7 @@ class RunState:
 
     def check(self, frame: Frame) -> None:
         """Refuse an activation frame whose width differs from what this tap has streamed."""
-        if frame.kind == "act":
+        if isinstance(frame, ActFrame):
             tap = self.taps.get(frame.tap)
             if tap is not None and tap.width != frame.data.shape[1]:
                 raise RejectFrame("width_changed", f"{self.run}/{frame.tap}: width {frame.data.shape[1]}, was {tap.width}")
@@ -152,7 +151,7 @@ class RunState:
         self.last_seen = now
         self.dirty = True
         self.lag_s += 0.1 * (max(0.0, now - frame.t) - self.lag_s)
-        if frame.kind == "ep":
+        if isinstance(frame, EpFrame):
             self.episodes += len(frame.episodes)
             self.returns.extend(e[2] for e in frame.episodes)
             del self.returns[:-100]
@@ -167,12 +166,12 @@ class RunState:
                                 prof = self.failure_profiles[name] = FailureProfile(t.width, k=self.analytics_cfg.early_k)
                             prof.failed(int(e[0]), int(e[1]))
             return
-        if frame.kind == "tok":
+        if isinstance(frame, TokFrame):
             self.add_tokens(frame.step, {"rows": frame.tokens, "context": frame.context, "start": frame.start})
-        elif frame.kind == "act":
+        elif isinstance(frame, ActFrame):
             self.rows += frame.rows
             self.add_rows(frame.tap, frame.data, frame.pos, frame.lead)
-        else:
+        elif isinstance(frame, MetFrame):
             self.steps = max(self.steps, int(frame.pos[:, 0].max()) + 1)
             self.metrics.update(frame.names, frame.data, frame.pos)
             if self.analytics_cfg is not None:
@@ -215,7 +214,7 @@ class RunState:
         self.steps = max(self.steps, int(pos[:, 0].max()) + 1)
         tap = self.taps.get(tap_name)
         if tap is None:
-            tap = self.taps[tap_name] = TapState(width=data.shape[1], dtype=data.dtype.name)
+            tap = self.taps[tap_name] = TapState.empty(data.shape[1], data.dtype.name)
         tap.lead = lead
         tap.update(data, pos)
         prof = self.failure_profiles.get(tap_name)
@@ -224,7 +223,7 @@ class RunState:
             prof.absorb(tap.recent.get(), int(pos[-1, 0]), m["mean"], m["std"])
             self.analytics_dirty = True
         an = self._analytics_for(tap_name, tap.width)
-        if an is not None:
+        if an is not None and self.joiner is not None:  # (there is an analytics object only once a joiner exists)
             an.offer(data, pos, self.joiner)
             self.analytics_dirty = True
         elif self.analytics_cfg is not None and self.joiner is None:  # metrics of these steps may follow

@@ -27,7 +27,7 @@ import numpy as np
 import redis
 import zmq
 
-from agent_side.wire import Frame, encode_control
+from agent_side.wire import CtlFrame, encode_control
 from monitor.alerts.sinks import AlertSink
 from monitor.stats.intervals import diff_ci
 from monitor.store import keys
@@ -115,7 +115,7 @@ class ControlChannel:
         else:
             self.opted.discard(run)
 
-    def on_event(self, frame: Frame) -> None:
+    def on_event(self, frame: CtlFrame) -> None:
         """One ``ctl`` frame from an agent (already validated by the wire decoder)."""
         ev, run, now = frame.event, frame.run, time.time()
         kind = ev["event"]

@@ -154,7 +154,7 @@ class TapAnalytics:
         self.top_metrics = np.asarray(state["top_metrics"], dtype=np.float64).copy()
 
     # -- reading --------------------------------------------------------------------------------
-    def window_stats(self) -> dict[str, np.ndarray]:
+    def window_stats(self) -> dict[str, Any]:
         """Mean, std, max and fraction active (> 0) of each channel over the paired window."""
         n = self.rolling.n
         if n == 0:

@@ -65,7 +65,7 @@ def suggest_rules(tap: str, profile: FailureProfile, mean: np.ndarray, std: np.n
     if profile.failures == 0:
         return []
     n = profile.failures
-    out = []
+    out: list[dict[str, Any]] = []
     for direction, total, count in (("above", profile.rise, profile.rose), ("below", profile.fall, profile.fell)):
         score = total / n
         for c in np.argsort(-score)[:top]:

@@ -78,7 +78,7 @@ class EmbeddedRedis:
                 break
             except redis.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else "timeout"
+                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr and self.proc.poll() is not None else "timeout"
                     self.stop()
                     raise RuntimeError(f"embedded Redis did not start ({err.strip()[:300]}); see {self.data_dir / 'redis.log'}") from None
                 time.sleep(0.05)

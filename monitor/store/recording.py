@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class _Stream:
     data: list[np.ndarray]
     pos: list[np.ndarray]
     rows: int = 0
-    shards: list[dict[str, Any]] | None = None
+    shards: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Recorder:
@@ -127,7 +127,7 @@ class Recorder:
         folder.mkdir(parents=True, exist_ok=True)
         i = len(s.shards)
         data, pos = np.concatenate(s.data), np.concatenate(s.pos)
-        entry = {"data": f"{s.folder}/data-{i:05d}.npy", "pos": f"{s.folder}/pos-{i:05d}.npy", "rows": len(data)}
+        entry: dict[str, Any] = {"data": f"{s.folder}/data-{i:05d}.npy", "pos": f"{s.folder}/pos-{i:05d}.npy", "rows": len(data)}
         entry["data_sha256"] = _save(self.dir / entry["data"], data)
         entry["pos_sha256"] = _save(self.dir / entry["pos"], pos)
         s.shards.append(entry)

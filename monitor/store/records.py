@@ -71,7 +71,8 @@ class Store:
     """Interlatent's view of Redis: the monitor writes through it, the CLI and panel read."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.r = client
+        # Any: redis-py types every command's result as a union with its async form
+        self.r: Any = client
 
     # -- the monitor writes (a run's state: monitor.service.persist) -------------------------
     def add_rejected(self, counts: dict[str, int]) -> None:

@@ -146,3 +146,23 @@ def test_fuzz_mutated_frames(which: int, data: st.DataObject) -> None:
        st.lists(st.binary(max_size=64), max_size=3))
 def test_fuzz_structured_headers(header: dict, bufs: list[bytes]) -> None:
     _check([msgpack.packb(header), *bufs])
+
+
+def test_each_kind_decodes_to_its_own_type() -> None:
+    """One record type per frame kind: an activation frame has no episodes, an episode frame no
+    data, and each says its kind."""
+    from agent_side.wire import ActFrame, CtlFrame, EpFrame, MetFrame, TokFrame, encode_ctl, encode_ep, encode_met, encode_tok
+
+    pos = np.array([[0, 0], [1, 0]], dtype=np.int64)
+    frames = {
+        "act": decode([bytes(p) for p in encode_act("r", "p", 0, 0, "t:out", np.ones((2, 3), np.float32), pos)]),
+        "met": decode([bytes(p) for p in encode_met("r", "p", 1, 0, ["a"], np.ones((2, 1)), pos)]),
+        "ep": decode([bytes(p) for p in encode_ep("r", "p", 2, 0, [[1, 0, 10.0, 2, 1, 0]])]),
+        "tok": decode([bytes(p) for p in encode_tok("r", "p", 3, 0, 0, [["a", "b"]])]),
+        "ctl": decode([bytes(p) for p in encode_ctl("r", "p", 4, 0, {"event": "hello", "control": False})]),
+    }
+    for kind, typ in [("act", ActFrame), ("met", MetFrame), ("ep", EpFrame), ("tok", TokFrame), ("ctl", CtlFrame)]:
+        f = frames[kind]
+        assert type(f) is typ and f.kind == kind and (f.run, f.pub, f.seq) == ("r", "p", ["act", "met", "ep", "tok", "ctl"].index(kind))
+    assert not hasattr(frames["act"], "episodes") and not hasattr(frames["ep"], "data") and not hasattr(frames["met"], "tap")
+    assert [frames[k].rows for k in ("act", "met", "ep", "tok", "ctl")] == [2, 2, 1, 2, 0]
