@@ -51,6 +51,7 @@ from monitor.store.records import ConfigError, Store, service_ident
 
 __all__ = ["Monitor", "MonitorResult"]
 
+CTL_BACKLOG = 4096  # control events kept while Redis is away
 RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class Monitor:
         self._next_analytics = 0.0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
+        self._ctl_events: list[CtlFrame] = []  # control-plane events, answered at the next flush, beside the data path
+        self.ctl_dropped = 0
         self._record_req: dict[str, dict[str, Any]] = {}
         self.encoders = Encoders()
         self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
@@ -154,19 +157,22 @@ class Monitor:
             frame = decode(parts, self.limits)
             st = self.runs.get(frame.run)
             if st is None:
-                st = load_run(self.store, frame.run, recent_rows=RECENT_ROWS)
+                # a restart, or an idle run back: its state and analytics continue from what Redis kept
+                st = load_run(self.store, frame.run, recent_rows=RECENT_ROWS, analytics_cfg=self.analytics)
                 if st is None:
                     st = RunState(run=frame.run, analytics_cfg=self.analytics)
-                else:  # a restart, or an idle run back: the analytics continue from what Redis kept
-                    st.analytics_cfg = self.analytics
-                    st.restore_analytics({t: a for t in st.taps if (a := self.store.analytics(frame.run, t)) is not None})
+                else:
                     st.failure_profiles = self._kept_profiles.pop(frame.run, {})
                 self.runs[frame.run] = st
                 self.control.known(frame.run)
             if isinstance(frame, CtlFrame):  # the control plane: answered beside the data path
                 st.sequence(frame)
                 st.last_seen, st.dirty = now, True
-                self.control.on_event(frame)
+                if len(self._ctl_events) >= CTL_BACKLOG:  # Redis has been away for long: the oldest go, counted
+                    self.ctl_dropped += 1
+                    self._warn_store(f"control backlog full ({CTL_BACKLOG} events): dropped the oldest ({self.ctl_dropped} so far)")
+                    del self._ctl_events[0]
+                self._ctl_events.append(frame)
                 return True
             st.update(frame, now)
         except (WireError, RejectFrame) as e:
@@ -252,6 +258,9 @@ class Monitor:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
             self._evict_idle()
+            while self._ctl_events:  # one at a time: an event whose write failed stays for the next flush
+                self.control.on_event(self._ctl_events[0])
+                del self._ctl_events[0]
             self.control.publish()
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
@@ -313,6 +322,7 @@ class Monitor:
             "kind": "monitor", "id": self.ident, "pid": os.getpid(), "host": socket.gethostname(),
             "endpoint": self.endpoint, "control_endpoint": self.control.endpoint, "started": self.started, "frames": self.frames, "rows": self.rows,
             "rejected": sum(self.rejected.values()), "lag_s": round(self.lag_s, 4), "runs": len(self.runs),
+            "control_events_dropped": self.ctl_dropped,
             "time": time.time(),
         }
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from monitor.service.runstate import MetricState, RunState, TapState
 from monitor.service.runstate import recent_rows as tap_recent_rows
+from monitor.stats.analytics import AnalyticsConfig
 from monitor.stats.early import suggest_rules
 from monitor.stats.moments import Moments, Recent
 from monitor.store import keys
-from monitor.store.records import EPISODES_MAXLEN, Store, pack_recent, unpack_recent
+from monitor.store.records import EPISODES_MAXLEN, Store, pack_recent, unpack_analytics, unpack_recent
 
 __all__ = ["load_run", "write_run"]
 
@@ -89,29 +90,45 @@ def _restore_recent(blob: bytes | None, capacity: int, width: int, dtype: Any) -
     return ring
 
 
-def load_run(store: Store, run: str, *, recent_rows: int) -> RunState | None:
-    """A run's state as the last monitor left it, or None for a new run."""
-    h = {k.decode(): v.decode() for k, v in store.r.hgetall(keys.run(run)).items()}
+def load_run(store: Store, run: str, *, recent_rows: int, analytics_cfg: AnalyticsConfig | None = None) -> RunState | None:
+    """A run's state as the last monitor left it (with ``analytics_cfg``, its live analytics too),
+    or None for a new run. Two pipelined round trips, whatever the number of taps."""
+    p = store.r.pipeline(transaction=False)
+    for key in (keys.run(run), keys.run_pubs(run), keys.run_taps(run)):
+        p.hgetall(key)
+    p.get(keys.run_metrics(run))
+    p.hkeys(keys.tokens(run))
+    h_raw, pubs, taps_raw, metrics_blob, token_keys = p.execute()
+    h = {k.decode(): v.decode() for k, v in h_raw.items()}
     if not h:
         return None
     st = RunState(run=run, steps=int(h.get("steps", 0)), gaps=int(h.get("gaps", 0)), frames=int(h.get("frames", 0)),
                   episodes=int(h.get("episodes", 0)), first_seen=float(h.get("first_seen", time.time())),
                   last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")), rows=int(h.get("rows", 0)))
-    st.pubs = {k.decode(): json.loads(v) for k, v in store.r.hgetall(keys.run_pubs(run)).items()}
-    for tap_b, info_b in store.r.hgetall(keys.run_taps(run)).items():
-        tap, info = tap_b.decode(), json.loads(info_b)
-        mom = store.r.get(keys.tap_stats(run, tap))
-        ts = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
-                      moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else Moments(info["width"]),
-                      recent=_restore_recent(store.r.get(keys.recent(run, tap)), min(recent_rows, tap_recent_rows(info["width"])),
-                                             info["width"], np.float32))
-        st.taps[tap] = ts
-    blob = store.r.get(keys.run_metrics(run))
-    if blob:
-        d = msgpack.unpackb(blob, raw=False)
+    st.pubs = {k.decode(): json.loads(v) for k, v in pubs.items()}
+    infos = {t.decode(): json.loads(v) for t, v in taps_raw.items()}
+    p = store.r.pipeline(transaction=False)
+    for tap in infos:
+        p.get(keys.tap_stats(run, tap))
+        p.get(keys.recent(run, tap))
+        p.get(keys.analytics(run, tap))
+    blobs = p.execute() if infos else []
+    kept: dict[str, dict[str, Any]] = {}
+    for i, (tap, info) in enumerate(infos.items()):
+        mom, recent, analytics = blobs[3 * i : 3 * i + 3]
+        st.taps[tap] = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
+                                moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else Moments(info["width"]),
+                                recent=_restore_recent(recent, min(recent_rows, tap_recent_rows(info["width"])), info["width"], np.float32))
+        if analytics:
+            kept[tap] = unpack_analytics(analytics)
+    if metrics_blob:
+        d = msgpack.unpackb(metrics_blob, raw=False)
         st.metrics = MetricState(names=d["names"], rows=d["rows"],
                                  moments={n: Moments.from_state(s) for n, s in d["moments"].items()})
         for item in d["recent"]:
             st.metrics.recent[tuple(item["names"])] = _restore_recent(item["blob"], recent_rows, len(item["names"]), np.float64)
-    st.tokens = dict.fromkeys(store.token_steps(run))
+    st.tokens = dict.fromkeys(sorted(int(k) for k in token_keys))
+    if analytics_cfg is not None:
+        st.analytics_cfg = analytics_cfg
+        st.restore_analytics(kept)
     return st

@@ -17,7 +17,7 @@ import redis
 from monitor.stats.moments import Moments, Recent
 from monitor.store import keys
 
-__all__ = ["Store", "connect", "ConfigError", "resolve_redis_url", "EPISODES_MAXLEN", "pack_recent", "unpack_recent"]
+__all__ = ["Store", "connect", "ConfigError", "resolve_redis_url", "EPISODES_MAXLEN", "pack_recent", "unpack_recent", "unpack_analytics"]
 
 EPISODES_MAXLEN = 100_000
 
@@ -65,6 +65,19 @@ def unpack_recent(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
     data = np.frombuffer(d["data"], dtype=d["dtype"]).reshape(d["shape"])
     pos = np.frombuffer(d["pos"], dtype=np.int64).reshape(-1, 2)
     return data, pos
+
+
+def unpack_analytics(blob: bytes) -> dict[str, Any]:
+    """A ``keys.analytics`` value (``TapAnalytics.to_state()`` as msgpack), its arrays decoded."""
+    d = msgpack.unpackb(blob, raw=False)
+    w, m, k, q = d["width"], len(d["metrics"]), d["k"], d["q"]
+    f = lambda name, *shape: np.frombuffer(d[name], dtype=np.float32).reshape(*shape)  # noqa: E731
+    out = dict(d)
+    out.update(corr=f("corr", w, m), ew_corr=f("ew_corr", w, m), mean=f("mean", w), std=f("std", w), max=f("max", w),
+               frac_active=f("frac_active", w), top_value=f("top_value", k, w), top_metrics=f("top_metrics", k, w, m),
+               top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
+               q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
+    return out
 
 
 class Store:
@@ -139,17 +152,7 @@ class Store:
     def analytics(self, run: str, tap: str) -> dict[str, Any] | None:
         """A tap's live analytics as written by the monitor (arrays decoded), or None."""
         blob = self.r.get(keys.analytics(run, tap))
-        if not blob:
-            return None
-        d = msgpack.unpackb(blob, raw=False)
-        w, m, k, q = d["width"], len(d["metrics"]), d["k"], d["q"]
-        f = lambda name, *shape: np.frombuffer(d[name], dtype=np.float32).reshape(*shape)  # noqa: E731
-        out = dict(d)
-        out.update(corr=f("corr", w, m), ew_corr=f("ew_corr", w, m), mean=f("mean", w), std=f("std", w), max=f("max", w),
-                   frac_active=f("frac_active", w), top_value=f("top_value", k, w), top_metrics=f("top_metrics", k, w, m),
-                   top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
-                   q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
-        return out
+        return unpack_analytics(blob) if blob else None
 
     def register_transcoder(self, info: dict[str, Any]) -> None:
         p = self.r.pipeline()
