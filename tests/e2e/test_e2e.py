@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import numpy as np
 from helpers import ROOT, free_endpoint, spawn, spawn_monitor, wait_until
@@ -78,18 +78,24 @@ def test_monitor_killed_mid_stream_then_restarted(redis_url: str, store: Store) 
     mon = spawn_monitor(redis_url, ep, "--flush-ms", "1000")
     agent = spawn([AGENT, "--endpoint", ep, "--steps", "2500", "--sleep-ms", "2", "--run", "killed"],
                   stdout=subprocess.PIPE, text=True)
+    lines: list[dict] = []  # the agent's progress lines (every 100 steps), as they come
+    reader = threading.Thread(target=lambda: lines.extend(json.loads(x) for x in agent.stdout), daemon=True)
+    reader.start()
     try:
         wait_until(lambda: (r := _run(store.status(), "killed")) and r["taps"], what="first flush")
-        time.sleep(0.5)  # mid flush interval: the monitor holds frames it has not written yet
+        # kill it mid flush interval: once the agent has streamed 100 steps past what Redis shows,
+        # the monitor holds frames it has not written yet
+        wait_until(lambda: lines and lines[-1].get("progress", 0) >= _run(store.status(), "killed")["steps"] + 100, what="unwritten steps")
         before = _run(store.status(), "killed")
         mon.send_signal(signal.SIGKILL)
         mon.wait()
-        time.sleep(1.5)
+        dropped_before = lines[-1]["drops"]
+        wait_until(lambda: lines[-1].get("drops", 0) > dropped_before or lines[-1].get("done"), what="steps while the monitor is dead")
         assert agent.poll() is None, "the agent must keep stepping while the monitor is dead"
         mon = spawn_monitor(redis_url, ep)
-        out, _ = agent.communicate(timeout=120)
-        assert agent.returncode == 0, out
-        lines = [json.loads(x) for x in out.strip().splitlines()]
+        agent.wait(timeout=120)
+        reader.join(timeout=10)
+        assert agent.returncode == 0, lines[-3:]
         final = lines[-1]
         assert final["drops"] > 0
         assert max(x["drops"] for x in lines) == final["drops"]

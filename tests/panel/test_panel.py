@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -241,8 +240,7 @@ def test_panel_in_headless_chromium(filled: Store, redis_url: str, tmp_path: Pat
             page.locator("td", has_text="cartpole").first.wait_for(state="attached", timeout=60_000)
             page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
             page.goto(f"{url}/?page=Latents&run=cartpole&tap=latents%3Atc&latent=0", timeout=60_000)
-            page.locator(".vega-embed").first.wait_for(timeout=60_000)
-            time.sleep(1.0)  # let the chart draw before the picture
+            page.locator(".vega-embed canvas, .vega-embed svg").first.wait_for(timeout=60_000)  # the chart drawn
             page.screenshot(path=str(tmp_path / "latents.png"), full_page=True)
             browser.close()
         for name in ("overview.png", "latents.png"):

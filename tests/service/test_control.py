@@ -245,7 +245,8 @@ class _Agent:
         self.proc = spawn([str(AGENT_DIR / "steerable.py"), "--endpoint", endpoint, "--run", run, "--stop-file", str(self.stop_file),
                            *extra], stdout=subprocess.PIPE, stderr=open(tmp / f"{run}.log", "w"), text=True)
         self.rows: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -264,7 +265,7 @@ class _Agent:
     def stop(self) -> dict:
         self.stop_file.touch()
         assert self.proc.wait(timeout=30) == 0
-        time.sleep(0.1)
+        self.reader.join(timeout=10)  # every line read
         return next(r for r in reversed(self.rows) if r.get("done"))
 
 
