@@ -15,8 +15,12 @@ from agent_side.wire import DEFAULT_ENDPOINT, WireError
 
 __all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT", "TapError", "WireError", "parse_tap"]
 
-_HOME = {"attach": "agent_side.attachment", "Attachment": "agent_side.attachment", "TapError": "agent_side.taps",
-         "parse_tap": "agent_side.taps"}
+_HOME = {
+    "attach": "agent_side.attachment",
+    "Attachment": "agent_side.attachment",
+    "TapError": "agent_side.taps",
+    "parse_tap": "agent_side.taps",
+}
 
 
 def __getattr__(name: str) -> Any:

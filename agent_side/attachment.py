@@ -128,9 +128,19 @@ class Attachment:
         self._arm_lock = threading.Lock()
         self._detached = False
         self._warned: set[str] = set()
-        self._control = Controller(module, run=run, endpoint=control_endpoint or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
-                                   or wire.control_endpoint(self.endpoint), width_of=lambda t: self._taps[t].width if t in self._taps else None,
-                                   step_of=lambda: self.step) if allow_control else None
+        self._control = (
+            Controller(
+                module,
+                run=run,
+                endpoint=control_endpoint
+                or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
+                or wire.control_endpoint(self.endpoint),
+                width_of=lambda t: self._taps[t].width if t in self._taps else None,
+                step_of=lambda: self.step,
+            )
+            if allow_control
+            else None
+        )
         self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection, greeting=greeting(run, self._control))
         if self._control is not None:
             self._control.start(self._sender)
@@ -244,7 +254,9 @@ class Attachment:
         step = max(1, _FLUSH_BYTES // max(1, data[0].nbytes))  # one huge forward goes out in pieces
         for i in range(0, len(data), step):
             d, p = data[i : i + step], pos[i : i + step]
-            self._sender.send(lambda pub, seq, drops, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead), len(d))
+            self._sender.send(
+                lambda pub, seq, drops, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead), len(d)
+            )
 
     # -- metrics ----------------------------------------------------------------------------
     def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
@@ -310,8 +322,14 @@ class Attachment:
                     break
 
     # -- language models --------------------------------------------------------------------
-    def tokens(self, tokens: Sequence[str] | Sequence[Sequence[str]], *, context: Sequence[str] | Sequence[Sequence[str]] | None = None,
-               start: int = 0, max_chars: int = 64) -> None:
+    def tokens(
+        self,
+        tokens: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        context: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        start: int = 0,
+        max_chars: int = 64,
+    ) -> None:
         """Name the tokens of the next forward (``tok.convert_ids_to_tokens(ids[0])``), or of a batch
         of equal-length prompts. Each call is one step; token row ``b * T + t`` gets the metric
         ``token_pos`` = ``start + t``. A generation step passes the tokens it continues as
@@ -322,7 +340,9 @@ class Attachment:
             self._sender.drops += 1
             return
         run, step = self.run, self.step
-        self._sender.send(lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1)
+        self._sender.send(
+            lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1
+        )
         for i in range(len(rows) * length):
             self.log_row(("token_pos",), [float(start + i % length)], index=i)
 
@@ -384,9 +404,16 @@ class Attachment:
     def counters(self) -> dict[str, Any]:
         """What this handle has done: messages sent, records dropped, connection, current step."""
         s = self._sender
-        return {"run": self.run, "pub": s.pub, "sent": s.seq, "drops": s.drops, "connected": s.connected, "step": self.step,
-                "tokens_unplaced": sum(t.unplaced for t in self._trackers),
-                **(self._control.counters() if self._control is not None else {"control": False})}
+        return {
+            "run": self.run,
+            "pub": s.pub,
+            "sent": s.seq,
+            "drops": s.drops,
+            "connected": s.connected,
+            "step": self.step,
+            "tokens_unplaced": sum(t.unplaced for t in self._trackers),
+            **(self._control.counters() if self._control is not None else {"control": False}),
+        }
 
     def flush(self) -> None:
         """Send everything buffered now."""
@@ -441,5 +468,14 @@ def attach(
     ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;
     ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1).
     """
-    return Attachment(module, [taps] if isinstance(taps, str) else list(taps), run=run, endpoint=endpoint, flush_rows=flush_rows,
-                      flush_ms=flush_ms, sndhwm=sndhwm, allow_control=allow_control, control_endpoint=control_endpoint)
+    return Attachment(
+        module,
+        [taps] if isinstance(taps, str) else list(taps),
+        run=run,
+        endpoint=endpoint,
+        flush_rows=flush_rows,
+        flush_ms=flush_ms,
+        sndhwm=sndhwm,
+        allow_control=allow_control,
+        control_endpoint=control_endpoint,
+    )

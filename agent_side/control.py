@@ -66,8 +66,9 @@ class Controller:
     agent's current step (both called on the agent's thread or the control thread; cheap reads).
     """
 
-    def __init__(self, root: torch.nn.Module, *, run: str, endpoint: str, width_of: Callable[[str], int | None],
-                 step_of: Callable[[], int]) -> None:
+    def __init__(
+        self, root: torch.nn.Module, *, run: str, endpoint: str, width_of: Callable[[str], int | None], step_of: Callable[[], int]
+    ) -> None:
         self.root, self.run, self.endpoint = root, run, endpoint
         self.version = -1  # the version of the set held now; -1: none received yet
         self.messages = 0  # accepted messages that changed the set
@@ -236,8 +237,15 @@ class Controller:
 
     # -- both -------------------------------------------------------------------------------------
     def _event(self, kind: str, iv: Intervention, version: int, reason: str = "") -> dict[str, Any]:
-        e = {"event": kind, "id": iv.id[:1000], "op": iv.op, "tap": iv.tap[:1000], "version": version,
-             "alpha": iv.alpha, "value": iv.value}
+        e = {
+            "event": kind,
+            "id": iv.id[:1000],
+            "op": iv.op,
+            "tap": iv.tap[:1000],
+            "version": version,
+            "alpha": iv.alpha,
+            "value": iv.value,
+        }
         if reason:
             e["reason"] = reason[:1000]
         return e
@@ -255,9 +263,14 @@ class Controller:
         return list(self._active)
 
     def counters(self) -> dict[str, Any]:
-        return {"control": True, "control_version": self.version, "control_active": len(self._active),
-                "control_messages": self.messages, "control_refused": sum(self.refused.values()),
-                "control_refused_by": dict(self.refused)}
+        return {
+            "control": True,
+            "control_version": self.version,
+            "control_active": len(self._active),
+            "control_messages": self.messages,
+            "control_refused": sum(self.refused.values()),
+            "control_refused_by": dict(self.refused),
+        }
 
     def close(self) -> None:
         """Stop listening and take every steer off the model (reported as reverted)."""

@@ -125,10 +125,21 @@ class StepLogger:
         """A batched step of all ``n_envs`` envs (arrays with a leading env dimension)."""
         obs = np.asarray(obs) if self.obs_cols else None  # dict/tuple observations are not logged
         actions = np.asarray(actions) if self.act_cols else None
-        rewards, terminated, truncated = np.asarray(rewards).reshape(-1), np.asarray(terminated).reshape(-1), np.asarray(truncated).reshape(-1)
+        rewards, terminated, truncated = (
+            np.asarray(rewards).reshape(-1),
+            np.asarray(terminated).reshape(-1),
+            np.asarray(truncated).reshape(-1),
+        )
         for i in range(self.n_envs):
-            self.log_one(i, None if obs is None else obs[i], None if actions is None else actions[i] if actions.ndim else actions,
-                         rewards[i], terminated[i], truncated[i], infos[i] if i < len(infos) else {})
+            self.log_one(
+                i,
+                None if obs is None else obs[i],
+                None if actions is None else actions[i] if actions.ndim else actions,
+                rewards[i],
+                terminated[i],
+                truncated[i],
+                infos[i] if i < len(infos) else {},
+            )
         self.handle.advance()
 
     def done(self) -> None:
@@ -189,8 +200,10 @@ class VectorMetricsWrapper(gymnasium.vector.VectorWrapper):
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict]:
         obs, rewards, terminated, truncated, infos = self.env.step(actions)
         n = self.num_envs
-        per_env = [{k: v[i] for k, v in infos.items() if not k.startswith("_") and isinstance(v, np.ndarray) and len(v) == n}
-                   for i in range(n)]
+        per_env = [
+            {k: v[i] for k, v in infos.items() if not k.startswith("_") and isinstance(v, np.ndarray) and len(v) == n}
+            for i in range(n)
+        ]
         self.logger.log(self._obs, actions, rewards, terminated, truncated, per_env)
         if self._next_step_reset:  # that step only reset the envs that had finished
             for i in np.nonzero(self._resetting)[0]:
@@ -203,7 +216,9 @@ class VectorMetricsWrapper(gymnasium.vector.VectorWrapper):
 def sb3_end_flags(dones: Any, infos: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
     """(terminated, truncated) from an SB3 VecEnv's ``dones`` and its TimeLimit infos."""
     dones = np.asarray(dones, dtype=bool).reshape(-1)
-    truncated = np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos], dtype=bool) if len(infos) else np.zeros_like(dones)
+    truncated = (
+        np.array([bool(i.get("TimeLimit.truncated", False)) for i in infos], dtype=bool) if len(infos) else np.zeros_like(dones)
+    )
     return dones & ~truncated, truncated
 
 
@@ -215,7 +230,9 @@ def _sb3_vec_wrapper(env: Any, handle: Any, *, obs_names: Sequence[str] | None, 
 
         def __init__(self, venv: Any) -> None:
             super().__init__(venv)
-            self.logger = StepLogger(handle, venv.num_envs, venv.observation_space, venv.action_space, obs_names=obs_names, metrics=metrics)
+            self.logger = StepLogger(
+                handle, venv.num_envs, venv.observation_space, venv.action_space, obs_names=obs_names, metrics=metrics
+            )
             self._obs: Any = None
             self._actions: Any = None
 

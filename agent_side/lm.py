@@ -24,9 +24,24 @@ __all__ = ["TokenTracker", "sequence_start", "token_rows"]
 log = logging.getLogger(__name__)
 
 # inputs that are never a cache, whatever their names say
-_NOT_CACHES = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position", "token_type_ids",
-                         "head_mask", "labels", "use_cache", "logits_to_keep", "num_logits_to_keep", "return_dict",
-                         "output_attentions", "output_hidden_states"})
+_NOT_CACHES = frozenset(
+    {
+        "input_ids",
+        "inputs_embeds",
+        "attention_mask",
+        "position_ids",
+        "cache_position",
+        "token_type_ids",
+        "head_mask",
+        "labels",
+        "use_cache",
+        "logits_to_keep",
+        "num_logits_to_keep",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
 
 
 def token_rows(tokens: Any, context: Any, start: int, *, max_chars: int) -> tuple[list[list[str]], int, int]:
@@ -35,7 +50,9 @@ def token_rows(tokens: Any, context: Any, start: int, *, max_chars: int) -> tupl
     batch = [list(tokens)] if tokens and isinstance(tokens[0], str) else [list(r) for r in tokens]
     if not batch or not batch[0] or len({len(r) for r in batch}) != 1:
         raise ValueError("tokens() needs one non-empty prompt or a batch of prompts of equal length (pad them)")
-    before = [[] for _ in batch] if not context else [list(context)] if isinstance(context[0], str) else [list(r) for r in context]
+    before = (
+        [[] for _ in batch] if not context else [list(context)] if isinstance(context[0], str) else [list(r) for r in context]
+    )
     if len(before) != len(batch) or len({len(r) for r in before}) != 1:
         raise ValueError(f"context needs one list of equal length per prompt ({len(batch)})")
     if start < 0:
@@ -156,8 +173,12 @@ class TokenTracker:
             if start is None:  # a cache we cannot read: never pretend the forward starts a sequence
                 self.unplaced += 1
                 if self.unplaced == 1:
-                    log.warning("interlatent cannot tell where a forward of %s starts (inputs: %s); such forwards get no "
-                                "token names (counted as tokens_unplaced)", type(module).__name__, sorted(inputs))
+                    log.warning(
+                        "interlatent cannot tell where a forward of %s starts (inputs: %s); such forwards get no "
+                        "token names (counted as tokens_unplaced)",
+                        type(module).__name__,
+                        sorted(inputs),
+                    )
                 self.history, self.next_start = [], None
                 a._new_forward()
                 return
@@ -170,7 +191,10 @@ class TokenTracker:
                 before = None
             self.next_start = None  # until this forward is named
             a.tokens(rows, context=before or None, start=start)
-            self.history = [((h if go_on else []) + r)[-self.context :] for h, r in zip(self.history if go_on else [[]] * len(rows), rows, strict=True)]
+            self.history = [
+                ((h if go_on else []) + r)[-self.context :]
+                for h, r in zip(self.history if go_on else [[]] * len(rows), rows, strict=True)
+            ]
             self.next_start = start + ids.shape[1]
         except Exception:  # naming tokens must never break the model's forward
             a._failed("tokens")

@@ -41,8 +41,14 @@ class Sender:
     ``greeting(pub, seq, drops)`` builds a message sent first on every new connection.
     """
 
-    def __init__(self, endpoint: str, *, sndhwm: int = 128, on_change: Callable[[bool], None] | None = None,
-                 greeting: Callable[[str, int, int], list[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        sndhwm: int = 128,
+        on_change: Callable[[bool], None] | None = None,
+        greeting: Callable[[str, int, int], list[Any]] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.pub = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
         self.seq = 0

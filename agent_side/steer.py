@@ -98,7 +98,9 @@ class _Vec:
             raise SteerError(f"{where}: the activation is {x.dtype}, not floating point")
         width = x.shape[-1] if x.dim() else None
         if width != self.cpu.numel():
-            raise SteerError(f"{where}: {self.name} has {self.cpu.numel()} entries but the activation's last dim is {width} (shape {tuple(x.shape)})")
+            raise SteerError(
+                f"{where}: {self.name} has {self.cpu.numel()} entries but the activation's last dim is {width} (shape {tuple(x.shape)})"
+            )
         key = (x.dtype, x.device)
         if key not in self._cast:
             self._cast[key] = self.cpu.to(device=x.device, dtype=x.dtype)
@@ -157,6 +159,7 @@ def _hook(module: nn.Module, site: str, tap: str, fn: Callable[[torch.Tensor], t
     """A forward (pre-)hook handing the tap's tensor to ``fn`` and passing on what it returns;
     with a ``guard``, an error goes to it and the value passes unchanged."""
     if site == "in":
+
         def pre(_m: nn.Module, args: tuple) -> tuple | None:
             try:
                 if not args or not isinstance(args[0], torch.Tensor):
@@ -183,8 +186,15 @@ def _hook(module: nn.Module, site: str, tap: str, fn: Callable[[torch.Tensor], t
     return module.register_forward_hook(post)
 
 
-def _install(root: nn.Module, tap: str, op: str, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-             source: str | None = None, on_error: Callable[[SteerError], None] | None = None) -> Steer:
+def _install(
+    root: nn.Module,
+    tap: str,
+    op: str,
+    edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    source: str | None = None,
+    on_error: Callable[[SteerError], None] | None = None,
+) -> Steer:
     """Register ``edit(value at the tap, value at the source)`` as the tap's new value."""
     spec = _spec("tap", tap)
     try:
@@ -196,10 +206,13 @@ def _install(root: nn.Module, tap: str, op: str, edit: Callable[[torch.Tensor, t
     handles = []
     guard = None
     if on_error is not None:
+
         def guard(e: Exception) -> None:
             steer.remove()  # torch snapshots hooks per call: this forward's later modules no longer see it
             on_error(e if isinstance(e, SteerError) else SteerError(f"{op} at {tap!r}: {type(e).__name__}: {e}"))
+
     if src == spec:
+
         def at_tap(x: torch.Tensor) -> torch.Tensor:
             return edit(x, x)
     else:
@@ -251,8 +264,17 @@ def ablate(root: nn.Module, tap: str, direction: Any, *, on_error: _OnError = No
     return _project(root, tap, direction, 0.0, "ablate", on_error)
 
 
-def clamp(root: nn.Module, tap: str, *, w_enc: Any, b_enc: float, w_dec: Any, value: float, source: str | None = None,
-          on_error: _OnError = None) -> Steer:
+def clamp(
+    root: nn.Module,
+    tap: str,
+    *,
+    w_enc: Any,
+    b_enc: float,
+    w_dec: Any,
+    value: float,
+    source: str | None = None,
+    on_error: _OnError = None,
+) -> Steer:
     """Hold one latent at ``value``: ``z = relu(s·w_enc + b_enc)`` with ``s`` the value at ``source``
     (default: the tap) in the same forward, then ``x' = x + (value - z) w_dec``. A source that runs
     several times before the tap (a recurrent cell) hands over its last value."""
@@ -270,8 +292,17 @@ def clamp(root: nn.Module, tap: str, *, w_enc: Any, b_enc: float, w_dec: Any, va
     return _install(root, tap, "clamp", edit, source=source, on_error=on_error)
 
 
-def steer_latent(root: nn.Module, tap: str, model: Transcoder, latent: int, *, op: str, alpha: float = 0.0, value: float = 0.0,
-                 source: str | None = None) -> Steer:
+def steer_latent(
+    root: nn.Module,
+    tap: str,
+    model: Transcoder,
+    latent: int,
+    *,
+    op: str,
+    alpha: float = 0.0,
+    value: float = 0.0,
+    source: str | None = None,
+) -> Steer:
     """Steer along a transcoder latent: add/scale/ablate its decoder row, or clamp it (see :func:`from_transcoder`)."""
     return from_transcoder(model, latent, tap=tap, op=op, alpha=alpha, value=value, source=source).apply(root)
 
@@ -324,8 +355,14 @@ class Intervention:
             raise SteerError(f"w_enc, b_enc and source apply to clamp only, not to {self.op!r}")
 
     def to_msg(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"op": self.op, "tap": self.tap, "direction": list(self.direction),
-                               "alpha": self.alpha, "value": self.value, "id": self.id}
+        msg: dict[str, Any] = {
+            "op": self.op,
+            "tap": self.tap,
+            "direction": list(self.direction),
+            "alpha": self.alpha,
+            "value": self.value,
+            "id": self.id,
+        }
         if self.op == "clamp":
             msg.update(w_enc=list(self.w_enc or ()), b_enc=self.b_enc)
             if self.source is not None:
@@ -355,12 +392,21 @@ class Intervention:
             return (add if self.op == "add" else scale)(root, self.tap, self.direction, self.alpha, on_error=on_error)
         if self.op == "ablate":
             return ablate(root, self.tap, self.direction, on_error=on_error)
-        return clamp(root, self.tap, w_enc=self.w_enc, b_enc=self.b_enc, w_dec=self.direction, value=self.value, source=self.source,
-                     on_error=on_error)
+        return clamp(
+            root,
+            self.tap,
+            w_enc=self.w_enc,
+            b_enc=self.b_enc,
+            w_dec=self.direction,
+            value=self.value,
+            source=self.source,
+            on_error=on_error,
+        )
 
 
-def from_transcoder(model: Transcoder, latent: int, *, tap: str, op: str, alpha: float = 0.0, value: float = 0.0,
-                    source: str | None = None) -> Intervention:
+def from_transcoder(
+    model: Transcoder, latent: int, *, tap: str, op: str, alpha: float = 0.0, value: float = 0.0, source: str | None = None
+) -> Intervention:
     """The intervention on latent ``latent``: its decoder row ``W_dec[latent]`` as the direction;
     clamp also takes ``W_enc[:, latent]`` and ``b_enc[latent]`` (``source`` is the transcoder's source tap)."""
     d_sae = int(model.W_dec.shape[0])
@@ -372,4 +418,6 @@ def from_transcoder(model: Transcoder, latent: int, *, tap: str, op: str, alpha:
     if op != "clamp":
         return Intervention(op, tap, direction, alpha=alpha, source=source, id=f"{tap}/{j}")
     w_enc = tuple(model.W_enc[:, j].detach().cpu().double().tolist())
-    return Intervention(op, tap, direction, value=value, w_enc=w_enc, b_enc=float(model.b_enc[j].detach()), source=source, id=f"{tap}/{j}")
+    return Intervention(
+        op, tap, direction, value=value, w_enc=w_enc, b_enc=float(model.b_enc[j].detach()), source=source, id=f"{tap}/{j}"
+    )

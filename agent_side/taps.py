@@ -48,9 +48,7 @@ def resolve(root: torch.nn.Module, spec: TapSpec) -> torch.nn.Module:
     close = difflib.get_close_matches(spec.module, names, n=5, cutoff=0.5)
     if not close:
         close = [n for n in names if spec.module.split(".")[-1] in n][:5] or names[:5]
-    raise TapError(
-        f"no module named {spec.module!r} in {type(root).__name__}; close matches: {', '.join(close) or '(none)'}"
-    )
+    raise TapError(f"no module named {spec.module!r} in {type(root).__name__}; close matches: {', '.join(close) or '(none)'}")
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
@@ -90,6 +88,7 @@ def tensor_hook(module: torch.nn.Module, site: str, fn: Callable[[torch.Tensor],
     """A removable hook calling ``fn`` on the module's first input (site 'in') or the first tensor
     of its output ('out'); a tensor ``fn`` returns replaces it, None leaves it as it was."""
     if site == "in":
+
         def pre(m: torch.nn.Module, args: tuple) -> tuple | None:
             new = fn(first_tensor(args))
             return None if new is None else (new, *args[1:])

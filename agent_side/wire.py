@@ -82,8 +82,17 @@ _KINDS = ("act", "met", "ep", "tok", "ctl")
 CTL_EVENTS = ("hello", "applied", "reverted", "refused", "synced")
 # every field a ctl event may carry, with its type; anything else is refused
 _CTL_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "event": str, "control": bool, "version": int, "step": int, "id": str, "op": str, "tap": str, "reason": str,
-    "alpha": (int, float), "value": (int, float), "active": list,
+    "event": str,
+    "control": bool,
+    "version": int,
+    "step": int,
+    "id": str,
+    "op": str,
+    "tap": str,
+    "reason": str,
+    "alpha": (int, float),
+    "value": (int, float),
+    "active": list,
 }
 _CTL_CHARS = 1024
 CONTROL_MAX_BYTES = 4 * 1024 * 1024  # a control message body larger than this is refused before unpacking
@@ -210,9 +219,7 @@ def encode_act(
     run: str, pub: str, seq: int, drops: int, tap: str, data: np.ndarray, pos: np.ndarray, *, lead: Sequence[int] = ()
 ) -> list[Any]:
     """Parts of an activation frame. ``data`` is [rows, width] C-contiguous, ``pos`` [rows, 2] int64."""
-    hdr = _header(
-        "act", run, pub, seq, drops, tap=tap, dtype=data.dtype.name, shape=list(data.shape), lead=list(lead)
-    )
+    hdr = _header("act", run, pub, seq, drops, tap=tap, dtype=data.dtype.name, shape=list(data.shape), lead=list(lead))
     return [hdr, data.data.cast("B"), pos.data.cast("B")]
 
 
@@ -227,8 +234,9 @@ def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Seque
     return [_header("ep", run, pub, seq, drops, episodes=[list(map(float, e)) for e in episodes])]
 
 
-def encode_tok(run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]], *,
-               context: int = 0, start: int = 0) -> list[Any]:
+def encode_tok(
+    run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]], *, context: int = 0, start: int = 0
+) -> list[Any]:
     """Parts of a token frame: ``tokens[b][context + t]`` is the token at row ``b * T + t`` of
     ``step``, at sequence position ``start + t``; the first ``context`` tokens of each list precede it."""
     extra = {"context": int(context), "start": int(start)} if context or start else {}
@@ -297,8 +305,13 @@ def encode_control(run: str, version: int, interventions: Sequence[dict[str, Any
     return [control_topic(run), msgpack.packb(body, use_bin_type=True)]
 
 
-def decode_control(parts: Sequence[Any], *, max_bytes: int = CONTROL_MAX_BYTES, max_steers: int = CONTROL_MAX_STEERS,
-                   max_width: int = CONTROL_MAX_WIDTH) -> Control:
+def decode_control(
+    parts: Sequence[Any],
+    *,
+    max_bytes: int = CONTROL_MAX_BYTES,
+    max_steers: int = CONTROL_MAX_STEERS,
+    max_width: int = CONTROL_MAX_WIDTH,
+) -> Control:
     """Parse and validate the envelope of a control message (sizes first, then exact keys and
     types); raises :class:`WireError`. Each intervention is validated by the agent afterwards."""
     if len(parts) != 2:
@@ -306,14 +319,31 @@ def decode_control(parts: Sequence[Any], *, max_bytes: int = CONTROL_MAX_BYTES, 
     body = memoryview(parts[1])
     if body.nbytes > max_bytes:
         raise WireError("oversized", f"control message of {body.nbytes} bytes, limit {max_bytes}")
-    msg = _versioned_map(_unpack(body, strict_map_key=True, max_bin_len=0, max_ext_len=0, max_map_len=16,
-                                 max_str_len=max_bytes, max_array_len=max(max_steers, max_width)), "control message")
+    msg = _versioned_map(
+        _unpack(
+            body,
+            strict_map_key=True,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_map_len=16,
+            max_str_len=max_bytes,
+            max_array_len=max(max_steers, max_width),
+        ),
+        "control message",
+    )
     if set(msg) != {"v", "kind", "run", "version", "interventions"}:
-        raise WireError("bad_header", f"control message keys {sorted(map(str, msg))[:8]}, expected v, kind, run, version, interventions")
+        raise WireError(
+            "bad_header", f"control message keys {sorted(map(str, msg))[:8]}, expected v, kind, run, version, interventions"
+        )
     run, version, ivs = msg["run"], msg["version"], msg["interventions"]
     if msg["kind"] != "steer":
         raise WireError("bad_header", f"control message kind {msg['kind']!r:.40}, expected 'steer'")
-    if not isinstance(run, str) or not run or len(run) > DEFAULT_LIMITS.name_chars or bytes(memoryview(parts[0])) != control_topic(run):
+    if (
+        not isinstance(run, str)
+        or not run
+        or len(run) > DEFAULT_LIMITS.name_chars
+        or bytes(memoryview(parts[0])) != control_topic(run)
+    ):
         raise WireError("bad_header", "run missing, too long or not the message's topic")
     if type(version) is not int or version < 0:
         raise WireError("bad_header", "version must be an int >= 0")
@@ -339,9 +369,17 @@ def _versioned_map(obj: Any, what: str) -> dict:
 
 
 def _tokens(buf: Any, batch: int, length: int, lim: Limits) -> list[list[str]]:
-    rows = _unpack(buf, what="tokens: ", max_str_len=lim.name_chars * 4, max_array_len=max(batch, length), max_map_len=0, max_bin_len=0)
-    if not (isinstance(rows, list) and len(rows) == batch
-            and all(isinstance(r, list) and len(r) == length and all(isinstance(x, str) and len(x) <= lim.name_chars for x in r) for r in rows)):
+    rows = _unpack(
+        buf, what="tokens: ", max_str_len=lim.name_chars * 4, max_array_len=max(batch, length), max_map_len=0, max_bin_len=0
+    )
+    if not (
+        isinstance(rows, list)
+        and len(rows) == batch
+        and all(
+            isinstance(r, list) and len(r) == length and all(isinstance(x, str) and len(x) <= lim.name_chars for x in r)
+            for r in rows
+        )
+    ):
         raise WireError("bad_header", f"tokens must be {batch} lists of {length} strings of at most {lim.name_chars} chars")
     return rows
 
@@ -383,8 +421,17 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
     raw = memoryview(parts[0])
     if raw.nbytes > limits.header_bytes:
         raise WireError("oversized", f"header of {raw.nbytes} bytes")
-    h = _versioned_map(_unpack(raw, strict_map_key=True, max_str_len=limits.header_bytes, max_bin_len=limits.header_bytes,
-                               max_array_len=max(limits.names, limits.episodes), max_map_len=64), "header")
+    h = _versioned_map(
+        _unpack(
+            raw,
+            strict_map_key=True,
+            max_str_len=limits.header_bytes,
+            max_bin_len=limits.header_bytes,
+            max_array_len=max(limits.names, limits.episodes),
+            max_map_len=64,
+        ),
+        "header",
+    )
     kind = h.get("kind")
     if kind not in _KINDS:
         raise WireError("bad_header", f"unknown kind {kind!r}")
@@ -466,7 +513,11 @@ def _decode_met(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields
         raise WireError("bad_frame", f"met frame with {len(parts)} parts, expected 3")
     _, width = _shape2(h, limits)
     names = h.get("names")
-    if not (isinstance(names, list) and len(names) == width and all(isinstance(n, str) and 0 < len(n) <= limits.name_chars for n in names)):
+    if not (
+        isinstance(names, list)
+        and len(names) == width
+        and all(isinstance(n, str) and 0 < len(n) <= limits.name_chars for n in names)
+    ):
         raise WireError("bad_header", "names must be one non-empty string per column")
     if len(set(names)) != len(names):
         raise WireError("bad_header", "duplicate metric names")
@@ -477,5 +528,9 @@ def _decode_met(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields
 
 
 _DECODERS: dict[str, Callable[[dict, Sequence[Any], Limits, _HeadFields], Frame]] = {
-    "act": _decode_act, "met": _decode_met, "ep": _decode_ep, "tok": _decode_tok, "ctl": _decode_ctl,
+    "act": _decode_act,
+    "met": _decode_met,
+    "ep": _decode_ep,
+    "tok": _decode_tok,
+    "ctl": _decode_ctl,
 }

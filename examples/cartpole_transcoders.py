@@ -53,16 +53,35 @@ ENV_ID = "CartPole-v1"
 VAL_SEED, RECORD_SEED, SWEEP_SEED, CONFIRM_SEED, TRAIN_SEED = 10_000, 20_000, 30_000, 40_000, 50_000
 # Layer -> (the tap of its post-ReLU output, the tap of its input for --pairing io).
 LAYERS = {"layer1": ("fc1:out", "fc1:in"), "layer2": ("fc2:out", "fc1:out")}
-SEED_POST = {"baseline": 261.3, "best": 322.74, "best_where": "layer 2, neuron 2, alpha -1",
-             "baseline_failures": "'right' (theta <= -0.209, pole_left here) 36, 'left' 0, 'none' (survived) 7; "
-                                  "the other 7 are not in its table (cart out, by elimination)",
-             "episodes": 50, "train_episodes": "~2000"}
+SEED_POST = {
+    "baseline": 261.3,
+    "best": 322.74,
+    "best_where": "layer 2, neuron 2, alpha -1",
+    "baseline_failures": "'right' (theta <= -0.209, pole_left here) 36, 'left' 0, 'none' (survived) 7; "
+    "the other 7 are not in its table (cart out, by elimination)",
+    "episodes": 50,
+    "train_episodes": "~2000",
+}
 
 # --quick: a smoke run in seconds; the criterion is not expected to be met.
-FULL = {"max_train_episodes": 4000, "val_every": 10, "val_episodes": 100, "record_episodes": 50, "epochs": 50,
-        "episodes": 50, "splice_episodes": 50}
-QUICK = {"max_train_episodes": 20, "val_every": 10, "val_episodes": 3, "record_episodes": 3, "epochs": 3,
-         "episodes": 2, "splice_episodes": 2}
+FULL = {
+    "max_train_episodes": 4000,
+    "val_every": 10,
+    "val_episodes": 100,
+    "record_episodes": 50,
+    "epochs": 50,
+    "episodes": 50,
+    "splice_episodes": 50,
+}
+QUICK = {
+    "max_train_episodes": 20,
+    "val_every": 10,
+    "val_episodes": 3,
+    "record_episodes": 3,
+    "epochs": 3,
+    "episodes": 2,
+    "splice_episodes": 2,
+}
 
 
 class Policy(nn.Module):
@@ -162,8 +181,12 @@ def train_policy(cfg: PolicyConfig, *, progress: bool) -> tuple[Policy, dict[str
                 met = True
                 break
     env.close()
-    return policy.eval(), {"episodes": episodes, "criterion_met": met, "checks": checks,
-                           "val_mean": checks[-1]["val_mean"] if checks else None}
+    return policy.eval(), {
+        "episodes": episodes,
+        "criterion_met": met,
+        "checks": checks,
+        "val_mean": checks[-1]["val_mean"] if checks else None,
+    }
 
 
 def load_or_train_policy(out: Path, cfg: PolicyConfig, *, retrain: bool, progress: bool) -> tuple[Policy, dict[str, Any]]:
@@ -215,27 +238,36 @@ def _state(m: dict[str, float | None]) -> str:
 
 
 def quality_md(entries: list[dict[str, Any]]) -> str:
-    lines = ["| layer | tap (source → target) | latents | L0 | FVU | dead | epochs | R clean | R spliced | R ablated | recovered |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| layer | tap (source → target) | latents | L0 | FVU | dead | epochs | R clean | R spliced | R ablated | recovered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in entries:
         q = e["quality"]
-        lines.append(f"| {e['layer']} | `{e['source']}` → `{e['target']}` | {e['d_sae']} | {_f(q['l0'], '.2f')} | {_f(q['fvu'], '.4f')} | "
-                     f"{_f(q['dead_frac'], '.2f')} | {e['epochs_run']} | {_f(q['return_clean'], '.1f')} | {_f(q['return_spliced'], '.1f')} | "
-                     f"{_f(q['return_ablated'], '.1f')} | {_f(q['return_recovered'])} |")
+        lines.append(
+            f"| {e['layer']} | `{e['source']}` → `{e['target']}` | {e['d_sae']} | {_f(q['l0'], '.2f')} | {_f(q['fvu'], '.4f')} | "
+            f"{_f(q['dead_frac'], '.2f')} | {e['epochs_run']} | {_f(q['return_clean'], '.1f')} | {_f(q['return_spliced'], '.1f')} | "
+            f"{_f(q['return_ablated'], '.1f')} | {_f(q['return_recovered'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def features_md(entries: list[dict[str, Any]]) -> str:
-    lines = ["| layer | latent | max | mean | active | " + " | ".join(f"r({n})" for n in CARTPOLE_OBS) + " | strongest |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(CARTPOLE_OBS) + "---|"]
+    lines = [
+        "| layer | latent | max | mean | active | " + " | ".join(f"r({n})" for n in CARTPOLE_OBS) + " | strongest |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(CARTPOLE_OBS) + "---|",
+    ]
     tops = []
     for e in entries:
         for lat in e["inspection"]["latents"]:
             corr = lat["corr"]
             known = [(abs(v), n, v) for n, v in corr.items() if v is not None]
             strongest = f"{max(known)[1]} ({max(known)[2]:+.2f})" if known else "- (never fires)"
-            lines.append(f"| {e['layer']} | {lat['latent']} | {_f(lat['max'])} | {_f(lat['mean'])} | {_f(lat['frac_active'], '.2f')} | "
-                         + " | ".join(_f(corr[n], "+.2f") for n in CARTPOLE_OBS) + f" | {strongest} |")
+            lines.append(
+                f"| {e['layer']} | {lat['latent']} | {_f(lat['max'])} | {_f(lat['mean'])} | {_f(lat['frac_active'], '.2f')} | "
+                + " | ".join(_f(corr[n], "+.2f") for n in CARTPOLE_OBS)
+                + f" | {strongest} |"
+            )
             states = "; ".join(f"{_state(t['metrics'])} → {_f(t['value'])}" for t in lat["top"]) or "never fires"
             tops.append(f"- {e['layer']} latent {lat['latent']}: {states}")
     head = "Top-5 triggering states, `[cart_pos, cart_vel, pole_angle, angle_vel] → activation`:"
@@ -247,10 +279,21 @@ def best_cell(sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     tests = sum(len(s["cells"]) for s in sweeps.values())
     layer, c = max(((lay, c) for lay, s in sweeps.items() for c in s["cells"]), key=lambda lc: lc[1]["mean"])
     p = c["diff"]["p_value"]
-    return {"layer": layer, "tap": sweeps[layer]["tap"], "latent": c["latent"], "alpha": c["alpha"], "mean": c["mean"], "ci": c["ci"],
-            "diff": c["diff"]["mean"], "diff_ci": c["diff"]["ci"], "p_value": p, "tests": tests,
-            "p_bonferroni": None if p is None else min(1.0, p * tests), "excludes_zero": c["diff"]["excludes_zero"],
-            "failures": c["failures"]}
+    return {
+        "layer": layer,
+        "tap": sweeps[layer]["tap"],
+        "latent": c["latent"],
+        "alpha": c["alpha"],
+        "mean": c["mean"],
+        "ci": c["ci"],
+        "diff": c["diff"]["mean"],
+        "diff_ci": c["diff"]["ci"],
+        "p_value": p,
+        "tests": tests,
+        "p_bonferroni": None if p is None else min(1.0, p * tests),
+        "excludes_zero": c["diff"]["excludes_zero"],
+        "failures": c["failures"],
+    }
 
 
 def comparison_md(base: dict[str, Any], best: dict[str, Any], policy_info: dict[str, Any], n: int) -> str:
@@ -258,23 +301,36 @@ def comparison_md(base: dict[str, Any], best: dict[str, Any], policy_info: dict[
     fails = ", ".join(f"{k} {v}" for k, v in base["failures"].items())
     bfails = ", ".join(f"{k} {v}" for k, v in best["failures"].items())
     cf = best["confirm"]
-    sig = (("yes" if best["excludes_zero"] else "no")
-           + f" (p = {_f(best['p_value'], '.3g')}; Bonferroni over {best['tests']} cells: {_f(best['p_bonferroni'], '.3g')})")
+    sig = (
+        "yes" if best["excludes_zero"] else "no"
+    ) + f" (p = {_f(best['p_value'], '.3g')}; Bonferroni over {best['tests']} cells: {_f(best['p_bonferroni'], '.3g')})"
     half = "" if base["ci"][0] is None else f" ± {base['mean'] - base['ci'][0]:.1f}"
     rows = [
-        ("policy training episodes", s["train_episodes"],
-         f"{policy_info['episodes']} (criterion met: {'yes' if policy_info['criterion_met'] else 'NO'})"),
+        (
+            "policy training episodes",
+            s["train_episodes"],
+            f"{policy_info['episodes']} (criterion met: {'yes' if policy_info['criterion_met'] else 'NO'})",
+        ),
         ("baseline avg return", f"{s['baseline']} ({s['episodes']} episodes)", f"{base['mean']:.1f}{half} ({n} episodes)"),
         ("baseline failure modes", s["baseline_failures"], fails),
-        ("best nudge", f"≈{s['best']} ({s['best_where']})",
-         f"{best['mean']:.1f} ({best['layer']}, latent {best['latent']}, alpha {best['alpha']:g})"),
-        ("best nudge − baseline", f"+{s['best'] - s['baseline']:.1f} (no interval given)",
-         f"{best['diff']:+.1f} [{_f(best['diff_ci'][0], '.1f')}, {_f(best['diff_ci'][1], '.1f')}]"),
+        (
+            "best nudge",
+            f"≈{s['best']} ({s['best_where']})",
+            f"{best['mean']:.1f} ({best['layer']}, latent {best['latent']}, alpha {best['alpha']:g})",
+        ),
+        (
+            "best nudge − baseline",
+            f"+{s['best'] - s['baseline']:.1f} (no interval given)",
+            f"{best['diff']:+.1f} [{_f(best['diff_ci'][0], '.1f')}, {_f(best['diff_ci'][1], '.1f')}]",
+        ),
         ("best nudge significant?", "not tested", sig),
         ("best nudge failure modes", "'right' 19, 'left' 0, 'none' 10; 21 not in its table", bfails),
-        ("best nudge again, on fresh seeds", "-",
-         f"{cf['mean']:.1f} vs baseline {cf['baseline']:.1f}: {cf['diff']:+.1f} [{_f(cf['diff_ci'][0], '.1f')}, {_f(cf['diff_ci'][1], '.1f')}], "
-         f"p = {_f(cf['p_value'], '.3g')}"),
+        (
+            "best nudge again, on fresh seeds",
+            "-",
+            f"{cf['mean']:.1f} vs baseline {cf['baseline']:.1f}: {cf['diff']:+.1f} [{_f(cf['diff_ci'][0], '.1f')}, {_f(cf['diff_ci'][1], '.1f')}], "
+            f"p = {_f(cf['p_value'], '.3g')}",
+        ),
     ]
     lines = ["| figure | seed post | this run |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
     return "\n".join(lines) + "\n"
@@ -293,15 +349,23 @@ def main() -> None:
     p.add_argument("--max-train-episodes", type=int, help=f"cap on REINFORCE episodes (default {FULL['max_train_episodes']})")
     p.add_argument("--val-every", type=int, help=f"training episodes between validations (default {FULL['val_every']})")
     p.add_argument("--val-episodes", type=int, help=f"episodes per validation (default {FULL['val_episodes']})")
-    p.add_argument("--record-episodes", type=int, help=f"episodes recorded for the transcoders (default {FULL['record_episodes']})")
+    p.add_argument(
+        "--record-episodes", type=int, help=f"episodes recorded for the transcoders (default {FULL['record_episodes']})"
+    )
     p.add_argument("--epochs", type=int, help=f"transcoder epochs (default {FULL['epochs']})")
     p.add_argument("--episodes", type=int, help=f"episodes per sweep condition (default {FULL['episodes']})")
-    p.add_argument("--splice-episodes", type=int, help=f"episodes per return-recovered condition (default {FULL['splice_episodes']})")
+    p.add_argument(
+        "--splice-episodes", type=int, help=f"episodes per return-recovered condition (default {FULL['splice_episodes']})"
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--inspect-size", type=int, default=4, help="the transcoder size inspected and swept (the seed's 4)")
     p.add_argument("--alphas", type=float, nargs="+", default=[1.0, -1.0, 2.5, -2.5])
-    p.add_argument("--pairing", choices=("same", "io"), default="same",
-                   help="same: each transcoder reconstructs its layer from itself; io: from the layer's input (the post's in_dim/out_dim)")
+    p.add_argument(
+        "--pairing",
+        choices=("same", "io"),
+        default="same",
+        help="same: each transcoder reconstructs its layer from itself; io: from the layer's input (the post's in_dim/out_dim)",
+    )
     p.add_argument("--greedy", action="store_true", help="act by argmax instead of sampling the softmax")
     p.add_argument("--retrain", action="store_true", help="train a new policy even if a matching one is saved")
     p.add_argument("--no-progress", action="store_true")
@@ -323,12 +387,19 @@ def main() -> None:
         clock = now
         print(f"[{now - t0:7.1f}s] {name} done ({timing[name]:.1f}s)")
 
-    pcfg = PolicyConfig(seed=a.seed, max_episodes=b["max_train_episodes"], val_every=b["val_every"], val_episodes=b["val_episodes"],
-                        greedy=a.greedy)
+    pcfg = PolicyConfig(
+        seed=a.seed,
+        max_episodes=b["max_train_episodes"],
+        val_every=b["val_every"],
+        val_episodes=b["val_episodes"],
+        greedy=a.greedy,
+    )
     policy, policy_info = load_or_train_policy(out, pcfg, retrain=a.retrain, progress=progress)
     if not policy_info["criterion_met"]:
-        print(f"WARNING: the policy did not reach a validation mean of {pcfg.target_return} within {pcfg.max_episodes} episodes "
-              f"(last: {policy_info['val_mean']}); going on with it")
+        print(
+            f"WARNING: the policy did not reach a validation mean of {pcfg.target_return} within {pcfg.max_episodes} episodes "
+            f"(last: {policy_info['val_mean']}); going on with it"
+        )
     agent = make_agent(policy, greedy=a.greedy)
     lap("policy")
 
@@ -339,8 +410,18 @@ def main() -> None:
     entries = []
     for layer, (target, io_source) in LAYERS.items():
         source = target if a.pairing == "same" else io_source
-        for e in train_sizes(recording, run=RUN, source=source, target=target, sizes=a.sizes, base=base_cfg, out_dir=out / "transcoders",
-                             progress=progress, agent=agent, eval_episodes=b["splice_episodes"]):
+        for e in train_sizes(
+            recording,
+            run=RUN,
+            source=source,
+            target=target,
+            sizes=a.sizes,
+            base=base_cfg,
+            out_dir=out / "transcoders",
+            progress=progress,
+            agent=agent,
+            eval_episodes=b["splice_episodes"],
+        ):
             entries.append({"layer": layer, **e})
     write_report(RUN, entries, out / "multiscale")
     lap("transcoders")
@@ -354,85 +435,172 @@ def main() -> None:
 
     sweeps = {}
     for layer, model in models.items():
-        sweeps[layer] = sweep(agent, tap=LAYERS[layer][0], model=model, alphas=a.alphas, episodes=b["episodes"], seed=SWEEP_SEED,
-                              env_id=ENV_ID, progress=progress)
-        plot_sweep(sweeps[layer], out / f"sweep_{layer}.png",
-                   title=f"{layer} ({LAYERS[layer][0]}), {a.inspect_size}-latent transcoder, {b['episodes']} episodes each")
+        sweeps[layer] = sweep(
+            agent,
+            tap=LAYERS[layer][0],
+            model=model,
+            alphas=a.alphas,
+            episodes=b["episodes"],
+            seed=SWEEP_SEED,
+            env_id=ENV_ID,
+            progress=progress,
+        )
+        plot_sweep(
+            sweeps[layer],
+            out / f"sweep_{layer}.png",
+            title=f"{layer} ({LAYERS[layer][0]}), {a.inspect_size}-latent transcoder, {b['episodes']} episodes each",
+        )
     lap("sweep")
 
     best = best_cell(sweeps)
     # The best of many cells overstates its own effect; the same nudge on fresh seeds does not.
-    confirm = sweep(agent, tap=best["tap"], model=models[best["layer"]], latents=[best["latent"]], alphas=[best["alpha"]],
-                    episodes=b["episodes"], seed=CONFIRM_SEED, env_id=ENV_ID, progress=False)
+    confirm = sweep(
+        agent,
+        tap=best["tap"],
+        model=models[best["layer"]],
+        latents=[best["latent"]],
+        alphas=[best["alpha"]],
+        episodes=b["episodes"],
+        seed=CONFIRM_SEED,
+        env_id=ENV_ID,
+        progress=False,
+    )
     c = confirm["cells"][0]
-    best["confirm"] = {"seed": CONFIRM_SEED, "baseline": confirm["baseline"]["mean"], "baseline_ci": confirm["baseline"]["ci"],
-                       "mean": c["mean"], "ci": c["ci"], "diff": c["diff"]["mean"], "diff_ci": c["diff"]["ci"],
-                       "p_value": c["diff"]["p_value"], "excludes_zero": c["diff"]["excludes_zero"], "failures": c["failures"],
-                       "baseline_failures": confirm["baseline"]["failures"]}
+    best["confirm"] = {
+        "seed": CONFIRM_SEED,
+        "baseline": confirm["baseline"]["mean"],
+        "baseline_ci": confirm["baseline"]["ci"],
+        "mean": c["mean"],
+        "ci": c["ci"],
+        "diff": c["diff"]["mean"],
+        "diff_ci": c["diff"]["ci"],
+        "p_value": c["diff"]["p_value"],
+        "excludes_zero": c["diff"]["excludes_zero"],
+        "failures": c["failures"],
+        "baseline_failures": confirm["baseline"]["failures"],
+    }
     lap("confirm")
     base = sweeps["layer1"]["baseline"]
     timing["total"] = round(time.perf_counter() - t0, 2)
-    results = {"config": {**vars(a), "out": str(out), **b, "act": "greedy" if a.greedy else "sample", "env_id": ENV_ID,
-                          "seeds": {"val": VAL_SEED, "record": RECORD_SEED, "splice": 0, "sweep": SWEEP_SEED, "confirm": CONFIRM_SEED,
-                                    "train": TRAIN_SEED + a.seed}},
-               "timing_s": timing, "policy": policy_info, "recording": rec_info, "transcoders": entries, "sweeps": sweeps,
-               "best_nudge": best, "seed_post": SEED_POST}
+    results = {
+        "config": {
+            **vars(a),
+            "out": str(out),
+            **b,
+            "act": "greedy" if a.greedy else "sample",
+            "env_id": ENV_ID,
+            "seeds": {
+                "val": VAL_SEED,
+                "record": RECORD_SEED,
+                "splice": 0,
+                "sweep": SWEEP_SEED,
+                "confirm": CONFIRM_SEED,
+                "train": TRAIN_SEED + a.seed,
+            },
+        },
+        "timing_s": timing,
+        "policy": policy_info,
+        "recording": rec_info,
+        "transcoders": entries,
+        "sweeps": sweeps,
+        "best_nudge": best,
+        "seed_post": SEED_POST,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     small = [e for e in entries if e["d_sae"] == a.inspect_size]
-    status = (f"reached a validation mean of {policy_info['val_mean']:.1f} over {pcfg.val_episodes} episodes after {policy_info['episodes']} episodes"
-              if policy_info["criterion_met"] else
-              f"did NOT reach the criterion: {policy_info['episodes']} episodes, last validation mean {_f(policy_info['val_mean'], '.1f')}")
+    status = (
+        f"reached a validation mean of {policy_info['val_mean']:.1f} over {pcfg.val_episodes} episodes after {policy_info['episodes']} episodes"
+        if policy_info["criterion_met"]
+        else f"did NOT reach the criterion: {policy_info['episodes']} episodes, last validation mean {_f(policy_info['val_mean'], '.1f')}"
+    )
     md = [
-        "# CartPole: sparse transcoders at 2/4/8 latents and latent nudges", "",
-        "A replication, with Interlatent's library, of the seed post *Interpretable RL via Multiscale Transcoders*.", "",
-        "## Policy", "",
+        "# CartPole: sparse transcoders at 2/4/8 latents and latent nudges",
+        "",
+        "A replication, with Interlatent's library, of the seed post *Interpretable RL via Multiscale Transcoders*.",
+        "",
+        "## Policy",
+        "",
         f"REINFORCE (4-128-64-2, Adam {pcfg.lr:g}, gamma {pcfg.gamma}, normalized returns, one update per episode, seed {a.seed}); "
         f"criterion: mean return >= {pcfg.target_return:g} over {pcfg.val_episodes} validation episodes, checked every {pcfg.val_every} "
         f"episodes, at most {pcfg.max_episodes}. The policy {status}{' (reused from an earlier run)' if policy_info.get('reused') else ''}. "
-        f"Actions are {'the argmax' if a.greedy else 'sampled from the softmax'} everywhere.", "",
-        f"Recording: {rec_info['episodes']} episodes, {rec_info['rows']} steps, mean return {rec_info['return_mean']:.1f}.", "",
-        "## Transcoder quality", "",
-        f"Pairing `{a.pairing}`: " + ("each transcoder reconstructs its layer's post-ReLU output from itself (source = target, an SAE). "
-                                      "The post's layer-1 transcoder maps the state (4) to h1 (128), its layer-2 one h1 to h2 (64); "
-                                      "`--pairing io` does that." if a.pairing == "same" else
-                                      "each transcoder maps the layer's input to its post-ReLU output, as in the post."), "",
+        f"Actions are {'the argmax' if a.greedy else 'sampled from the softmax'} everywhere.",
+        "",
+        f"Recording: {rec_info['episodes']} episodes, {rec_info['rows']} steps, mean return {rec_info['return_mean']:.1f}.",
+        "",
+        "## Transcoder quality",
+        "",
+        f"Pairing `{a.pairing}`: "
+        + (
+            "each transcoder reconstructs its layer's post-ReLU output from itself (source = target, an SAE). "
+            "The post's layer-1 transcoder maps the state (4) to h1 (128), its layer-2 one h1 to h2 (64); "
+            "`--pairing io` does that."
+            if a.pairing == "same"
+            else "each transcoder maps the layer's input to its post-ReLU output, as in the post."
+        ),
+        "",
         "FVU and L0 on each transcoder's held-out rows (random steps of the recorded episodes); dead: fraction of latents "
         "that never fire there. Return recovered: "
         "(R spliced − R ablated) / (R clean − R ablated), the transcoder's reconstruction spliced in for the layer, "
-        f"{b['splice_episodes']} episodes per condition on the same seeds.", "",
-        quality_md(entries), "![multiscale](multiscale/multiscale.png)", "",
-        f"## Features of the {a.inspect_size}-latent transcoders", "",
-        "Pearson correlation of each latent with the state over the recording.", "",
+        f"{b['splice_episodes']} episodes per condition on the same seeds.",
+        "",
+        quality_md(entries),
+        "![multiscale](multiscale/multiscale.png)",
+        "",
+        f"## Features of the {a.inspect_size}-latent transcoders",
+        "",
+        "Pearson correlation of each latent with the state over the recording.",
+        "",
         features_md(small),
     ]
     for layer, res in sweeps.items():
-        md += [f"## Interventions: {layer} (`{res['tap']}`)", "",
-               f"alpha × decoder row added to the layer's output at every step; {res['episodes']} episodes per condition on the same seeds "
-               "as the baseline. Failure columns read baseline → intervened; `*` marks a difference whose 95% interval excludes 0 "
-               "(not corrected for the number of cells).", "",
-               sweep_table_md(res), f"![{layer} sweep](sweep_{layer}.png)", ""]
-    md += ["## Against the seed post", "",
-           "The seed's figures are quoted as published. Latent numbers are arbitrary per training run, so 'layer 2 latent 2' here is "
-           "not the post's 'layer 2 neuron 2'. The post's failure labels name the sides the other way round from gymnasium's sign "
-           "convention (see `monitor/experiments/failure_modes.py`).", "",
-           comparison_md(base, best, policy_info, b["episodes"]), "",
-           f"The best nudge is the best of {best['tests']} cells, so its own difference is biased upward (the Bonferroni p "
-           f"corrects the test, not the size); the last row reruns it and the baseline on {b['episodes']} fresh episode seeds.", "",
-           "## Differences from the post", "",
-           "- Decoder rows are kept at unit norm while training (the library's default), so alpha is in units of a unit-norm "
-           "direction; compare it with the latents' max/mean above. The post's decoder columns were unconstrained.",
-           "- Transcoders keep the weights of their best validation epoch and stop after 10 epochs without improvement.",
-           "- Returns are normalized per episode in the REINFORCE update (the post does not say); with that, the criterion is met "
-           "far sooner than the post's ~2000 episodes.",
-           f"- The criterion is checked every {pcfg.val_every} episodes on validation seeds; the policy is the first to pass, "
-           "so its return on the other seeds can be lower (it was picked for a lucky validation).",
-           "- Sampled actions draw from a generator reseeded by each episode's seed, so conditions on the same seeds share their "
-           "start and their sampling noise (paired, though the tests used are unpaired Welch tests).", "",
-           "## Timing", "", "| stage | seconds |", "|---|---:|", *(f"| {k} | {v:.1f} |" for k, v in timing.items()), ""]
+        md += [
+            f"## Interventions: {layer} (`{res['tap']}`)",
+            "",
+            f"alpha × decoder row added to the layer's output at every step; {res['episodes']} episodes per condition on the same seeds "
+            "as the baseline. Failure columns read baseline → intervened; `*` marks a difference whose 95% interval excludes 0 "
+            "(not corrected for the number of cells).",
+            "",
+            sweep_table_md(res),
+            f"![{layer} sweep](sweep_{layer}.png)",
+            "",
+        ]
+    md += [
+        "## Against the seed post",
+        "",
+        "The seed's figures are quoted as published. Latent numbers are arbitrary per training run, so 'layer 2 latent 2' here is "
+        "not the post's 'layer 2 neuron 2'. The post's failure labels name the sides the other way round from gymnasium's sign "
+        "convention (see `monitor/experiments/failure_modes.py`).",
+        "",
+        comparison_md(base, best, policy_info, b["episodes"]),
+        "",
+        f"The best nudge is the best of {best['tests']} cells, so its own difference is biased upward (the Bonferroni p "
+        f"corrects the test, not the size); the last row reruns it and the baseline on {b['episodes']} fresh episode seeds.",
+        "",
+        "## Differences from the post",
+        "",
+        "- Decoder rows are kept at unit norm while training (the library's default), so alpha is in units of a unit-norm "
+        "direction; compare it with the latents' max/mean above. The post's decoder columns were unconstrained.",
+        "- Transcoders keep the weights of their best validation epoch and stop after 10 epochs without improvement.",
+        "- Returns are normalized per episode in the REINFORCE update (the post does not say); with that, the criterion is met "
+        "far sooner than the post's ~2000 episodes.",
+        f"- The criterion is checked every {pcfg.val_every} episodes on validation seeds; the policy is the first to pass, "
+        "so its return on the other seeds can be lower (it was picked for a lucky validation).",
+        "- Sampled actions draw from a generator reseeded by each episode's seed, so conditions on the same seeds share their "
+        "start and their sampling noise (paired, though the tests used are unpaired Welch tests).",
+        "",
+        "## Timing",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {k} | {v:.1f} |" for k, v in timing.items()),
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md))
-    print(f"baseline {base['mean']:.1f}; best nudge {best['layer']} latent {best['latent']} alpha {best['alpha']:g}: {best['mean']:.1f} "
-          f"(diff {best['diff']:+.1f}, p {_f(best['p_value'], '.3g')}, Bonferroni {_f(best['p_bonferroni'], '.3g')})")
+    print(
+        f"baseline {base['mean']:.1f}; best nudge {best['layer']} latent {best['latent']} alpha {best['alpha']:g}: {best['mean']:.1f} "
+        f"(diff {best['diff']:+.1f}, p {_f(best['p_value'], '.3g')}, Bonferroni {_f(best['p_bonferroni'], '.3g')})"
+    )
     print(f"wrote {out / 'report.md'} and {out / 'results.json'} in {timing['total']:.0f}s")
 
 

@@ -60,18 +60,36 @@ def main() -> None:
             suggested = store.suggestions("learn")
             hidden = [s for s in suggested if s["rule"]["tap"] == DEMO_TAPS[1]][:1]
             print("suggested:", json.dumps(suggested[:3], indent=1))
-            rules = {"rules": [
-                {"name": "raw-zscore", "kind": "zscore", "tap": DEMO_TAPS[0], "channels": [2, 3], "z": 2.5},
-                {"name": "raw-pole-angle", "kind": "threshold", "tap": DEMO_TAPS[0], "channels": [2], "above": 0.12, "below": -0.12},
-                *({**h["rule"], "name": "learned-hidden"} for h in hidden),
-            ]}
+            rules = {
+                "rules": [
+                    {"name": "raw-zscore", "kind": "zscore", "tap": DEMO_TAPS[0], "channels": [2, 3], "z": 2.5},
+                    {
+                        "name": "raw-pole-angle",
+                        "kind": "threshold",
+                        "tap": DEMO_TAPS[0],
+                        "channels": [2],
+                        "above": 0.12,
+                        "below": -0.12,
+                    },
+                    *({**h["rule"], "name": "learned-hidden"} for h in hidden),
+                ]
+            }
             (data / "rules.yaml").write_text(yaml.safe_dump(rules))
             ep = f"tcp://127.0.0.1:{free_port()}"
-            with Services(data_dir=data, redis_url=url, endpoint=ep, log_dir=data,
-                          extra_monitor_args=["--rules", str(data / "rules.yaml"), "--metrics-port", "-1"]):
+            with Services(
+                data_dir=data,
+                redis_url=url,
+                endpoint=ep,
+                log_dir=data,
+                extra_monitor_args=["--rules", str(data / "rules.yaml"), "--metrics-port", "-1"],
+            ):
                 stream(model, ep, "evaluate", a.steps, seed=1)
-            out = subprocess.run([sys.executable, "-m", "monitor", "evaluate-alerts", "--run", "evaluate", "--k", str(a.k), "--redis", url],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "monitor", "evaluate-alerts", "--run", "evaluate", "--k", str(a.k), "--redis", url],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             print(out.stdout)
 
 

@@ -40,7 +40,9 @@ def tiny_model_and_tokenizer() -> tuple[torch.nn.Module, object]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--endpoint", default=None, help="the monitor's endpoint (default $INTERLATENT_ENDPOINT or tcp://127.0.0.1:5557)")
+    p.add_argument(
+        "--endpoint", default=None, help="the monitor's endpoint (default $INTERLATENT_ENDPOINT or tcp://127.0.0.1:5557)"
+    )
     p.add_argument("--run", default="lm-generate")
     p.add_argument("--model", help="a local HuggingFace causal-LM directory (default: a tiny GPT-2 built here)")
     p.add_argument("--taps", default="transformer.h.0:out,transformer.h.1:out", help="comma-separated taps")
@@ -53,7 +55,10 @@ def main() -> int:
     if a.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model, tok = AutoModelForCausalLM.from_pretrained(a.model, local_files_only=True).eval(), AutoTokenizer.from_pretrained(a.model, local_files_only=True)
+        model, tok = (
+            AutoModelForCausalLM.from_pretrained(a.model, local_files_only=True).eval(),
+            AutoTokenizer.from_pretrained(a.model, local_files_only=True),
+        )
     else:
         model, tok = tiny_model_and_tokenizer()
     subjects, verbs, places = ["the cat", "a dog", "the dog", "a cat"], ["sat", "ran", "slept"], ["on the mat", "under a rug"]
@@ -66,8 +71,9 @@ def main() -> int:
         with torch.no_grad():
             for text in prompts:
                 ids = tok(text, return_tensors="pt").input_ids
-                out = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
+                out = model.generate(
+                    ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
                 print(json.dumps({"prompt": text, "tokens": tok.convert_ids_to_tokens(out[0].tolist())}), flush=True)
         tap.flush()
         counters = tap.counters()

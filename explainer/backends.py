@@ -17,8 +17,10 @@ __all__ = ["BackendError", "OpenAIBackend", "HFBackend", "make_backend", "SYSTEM
 
 log = logging.getLogger(__name__)
 
-SYSTEM = ("You explain what a unit inside a reinforcement-learning policy detects. Answer with a short label on the first "
-          "line, then one or two sentences that name the environment metrics involved and whether they are high or low.")
+SYSTEM = (
+    "You explain what a unit inside a reinforcement-learning policy detects. Answer with a short label on the first "
+    "line, then one or two sentences that name the environment metrics involved and whether they are high or low."
+)
 
 
 class BackendError(RuntimeError):
@@ -28,16 +30,30 @@ class BackendError(RuntimeError):
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 30.0,
-                 retries: int = 2, max_tokens: int = 120) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        max_tokens: int = 120,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model or os.environ.get("INTERLATENT_LLM_MODEL", "default")
         self.api_key = api_key or os.environ.get("INTERLATENT_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout_s, self.retries, self.max_tokens = timeout_s, retries, max_tokens
 
     def complete(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            }
+        ).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
         err: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -72,10 +88,16 @@ class HFBackend:
         import torch
 
         limit = getattr(self.lm.config, "n_positions", None) or getattr(self.lm.config, "max_position_embeddings", 1024)
-        ids = self.tok(f"{SYSTEM}\n{prompt}\n", return_tensors="pt", truncation=True, max_length=max(8, limit - self.max_new_tokens))
+        ids = self.tok(
+            f"{SYSTEM}\n{prompt}\n", return_tensors="pt", truncation=True, max_length=max(8, limit - self.max_new_tokens)
+        )
         with torch.no_grad():
-            out = self.lm.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id)
+            out = self.lm.generate(
+                **ids,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
+            )
         return self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -45,8 +45,16 @@ def build_context(store: Store, run: str, tap: str, latent: int, *, top: int = 1
     if d is None or not d.get("metrics") or latent >= d["width"]:
         return None
     ch = d["channels"][latent]
-    ctx = LatentContext(run=run, tap=tap, latent=latent, metrics=d["metrics"], corr=ch["corr"], top=ch["top"],
-                        quantiles=ch["quantiles"], stats={k: ch.get(k) for k in ("count", "mean", "std", "min", "max")} | {"window": ch["window"]})
+    ctx = LatentContext(
+        run=run,
+        tap=tap,
+        latent=latent,
+        metrics=d["metrics"],
+        corr=ch["corr"],
+        top=ch["top"],
+        quantiles=ch["quantiles"],
+        stats={k: ch.get(k) for k in ("count", "mean", "std", "min", "max")} | {"window": ch["window"]},
+    )
     toks = store.tokens(run, ctx.example_steps)
     if toks:
         ctx.tokens = True
@@ -102,15 +110,25 @@ def _fmt_example(e: dict[str, Any]) -> str:
 
 def render_prompt(ctx: LatentContext) -> str:
     """The prompt an LLM backend gets (and whose hash every explanation records)."""
-    corr = ", ".join(f"{m} {r:+.2f}" for m, r in sorted(((m, r) for m, r in ctx.corr.items() if r is not None), key=lambda x: -abs(x[1])))
-    what = "language model, shown text it reads; the token it fires on is marked ⟦so⟧" if ctx.tokens else "policy, watched while the agent acts"
+    corr = ", ".join(
+        f"{m} {r:+.2f}" for m, r in sorted(((m, r) for m, r in ctx.corr.items() if r is not None), key=lambda x: -abs(x[1]))
+    )
+    what = (
+        "language model, shown text it reads; the token it fires on is marked ⟦so⟧"
+        if ctx.tokens
+        else "policy, watched while the agent acts"
+    )
     lines = [
         f"A unit of a neural network {what} (run {ctx.run}, {ctx.tap}, #{ctx.latent}).",
         f"Its statistics: {ctx.stats}.",
         f"Pearson correlation with each environment metric: {corr or 'none defined'}.",
-        "The steps where it activates most:", *map(_fmt_example, ctx.top),
-        "One step from each activation decile, lowest first:", *map(_fmt_example, ctx.quantiles),
-        "In a short label and one or two sentences, say what " + ("text pattern" if ctx.tokens else "situation") + " this unit detects.",
+        "The steps where it activates most:",
+        *map(_fmt_example, ctx.top),
+        "One step from each activation decile, lowest first:",
+        *map(_fmt_example, ctx.quantiles),
+        "In a short label and one or two sentences, say what "
+        + ("text pattern" if ctx.tokens else "situation")
+        + " this unit detects.",
     ]
     return "\n".join(lines)
 

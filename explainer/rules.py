@@ -27,8 +27,11 @@ def explain_tokens(ctx: LatentContext, *, max_tokens: int = 4) -> dict[str, Any]
     toks = sorted(seen, key=lambda t: -seen[t])[:max_tokens]
     shown = ", ".join(repr(t) for t in toks)
     contexts = "; ".join(repr(e["context"]) for e in ctx.top[:2] if e.get("context"))
-    return {"label": f"fires on {shown}", "text": f"Its top activations are on the tokens {shown}, e.g. {contexts}.",
-            "conditions": [{"tokens": toks}]}
+    return {
+        "label": f"fires on {shown}",
+        "text": f"Its top activations are on the tokens {shown}, e.g. {contexts}.",
+        "conditions": [{"tokens": toks}],
+    }
 
 
 def explain_rules(ctx: LatentContext, *, max_terms: int = 2) -> dict[str, Any]:
@@ -39,7 +42,11 @@ def explain_rules(ctx: LatentContext, *, max_terms: int = 2) -> dict[str, Any]:
     strong = sorted(((m, r) for m, r in ctx.corr.items() if r is not None and abs(r) >= MIN_ABS_R), key=lambda mr: -abs(mr[1]))
     strong = strong[:max_terms]
     if not strong:
-        return {"label": "no clear link to any metric", "text": f"No metric correlates with it beyond |r| = {MIN_ABS_R}.", "conditions": []}
+        return {
+            "label": "no clear link to any metric",
+            "text": f"No metric correlates with it beyond |r| = {MIN_ABS_R}.",
+            "conditions": [],
+        }
     terms, conditions, ranges = [], [], []
     active = ctx.quantiles[-2:] or ctx.top  # the top two activation deciles: what "it fires" looks like
     for m, r in strong:
@@ -68,7 +75,9 @@ def conditions_from_text(text: str, ctx: LatentContext) -> list[dict[str, Any]]:
     low = text.lower()
     out: list[dict[str, Any]] = []
     if ctx.tokens:
-        named = sorted({e["token"] for e in ctx.top if e.get("token") and len(e["token"].strip()) > 1 and e["token"].strip().lower() in low})
+        named = sorted(
+            {e["token"] for e in ctx.top if e.get("token") and len(e["token"].strip()) > 1 and e["token"].strip().lower() in low}
+        )
         if named:
             return [{"tokens": named}]
     active = ctx.quantiles[-2:] or ctx.top

@@ -22,7 +22,9 @@ import numpy as np
 __all__ = ["detection_score", "predict", "simulate"]
 
 
-def predict(conditions: list[dict[str, Any]], metric_names: list[str], metrics: np.ndarray, tokens: list[str] | None = None) -> np.ndarray:
+def predict(
+    conditions: list[dict[str, Any]], metric_names: list[str], metrics: np.ndarray, tokens: list[str] | None = None
+) -> np.ndarray:
     """Rows the conditions call active: each condition is a metric threshold
     (``{"metric", "op", "value"}``) or, for language-model taps, a token set (``{"tokens": [...]}``)."""
     pred = np.ones(len(metrics), dtype=bool)
@@ -35,8 +37,14 @@ def predict(conditions: list[dict[str, Any]], metric_names: list[str], metrics: 
     return pred
 
 
-def simulate(conditions: list[dict[str, Any]], metric_names: list[str], metrics: np.ndarray, tokens: list[str] | None = None,
-             *, sharpness: float = 4.0) -> np.ndarray:
+def simulate(
+    conditions: list[dict[str, Any]],
+    metric_names: list[str],
+    metrics: np.ndarray,
+    tokens: list[str] | None = None,
+    *,
+    sharpness: float = 4.0,
+) -> np.ndarray:
     """A simulated activation in [0, 1] per row: the soft form of :func:`predict`. A threshold
     condition gives ``sigmoid(sharpness * margin / spread)``; a token condition gives 1 or 0."""
     sim = np.ones(len(metrics))
@@ -64,16 +72,37 @@ def _balanced(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(((pred & truth).sum() / pos + (~pred & ~truth).sum() / neg) / 2)
 
 
-def detection_score(conditions: list[dict[str, Any]], metric_names: list[str], values: np.ndarray, metrics: np.ndarray,
-                    *, tokens: list[str] | None = None, top_frac: float = 0.2, seed: int = 0) -> dict[str, Any]:
+def detection_score(
+    conditions: list[dict[str, Any]],
+    metric_names: list[str],
+    values: np.ndarray,
+    metrics: np.ndarray,
+    *,
+    tokens: list[str] | None = None,
+    top_frac: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Any]:
     n = len(values)
     if n < 20 or not conditions:
-        return {"method": "detection", "balanced_accuracy": None, "shuffled": None, "n": n, "simulation": None, "simulation_shuffled": None}
+        return {
+            "method": "detection",
+            "balanced_accuracy": None,
+            "shuffled": None,
+            "n": n,
+            "simulation": None,
+            "simulation_shuffled": None,
+        }
     truth = values > np.quantile(values, 1 - top_frac)
     pred = predict(conditions, metric_names, metrics, tokens)
     order = np.random.default_rng(seed).permutation(n)  # one shuffle for both baselines
     sim = simulate(conditions, metric_names, metrics, tokens)
     values = np.asarray(values, dtype=np.float64)
-    return {"method": "detection", "balanced_accuracy": round(_balanced(pred, truth), 4),
-            "shuffled": round(_balanced(pred, truth[order]), 4), "n": n, "top_frac": top_frac,
-            "simulation": _corr(sim, values), "simulation_shuffled": _corr(sim, values[order])}
+    return {
+        "method": "detection",
+        "balanced_accuracy": round(_balanced(pred, truth), 4),
+        "shuffled": round(_balanced(pred, truth[order]), 4),
+        "n": n,
+        "top_frac": top_frac,
+        "simulation": _corr(sim, values),
+        "simulation_shuffled": _corr(sim, values[order]),
+    }

@@ -51,8 +51,9 @@ class Worker:
     def _next(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """One job: a stale one first, else a new one (waiting ``block_ms``; None: no wait,
         since Redis reads BLOCK 0 as "forever")."""
-        claimed = self.r.xautoclaim(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP, self.consumer, min_idle_time=self.claim_idle_ms,
-                                    start_id="0-0", count=1)
+        claimed = self.r.xautoclaim(
+            keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=1
+        )
         if claimed[1]:
             log.info("reclaimed a stale job %s", claimed[1][0][0])
             return claimed[1]
@@ -61,9 +62,20 @@ class Worker:
 
     def run(self, *, burst: bool = False, block_ms: int = 1000, max_jobs: int | None = None) -> int:
         while max_jobs is None or self.done + self.failed < max_jobs:
-            self.store.heartbeat("explainer", self.consumer, {"kind": "explainer", "id": self.consumer, "pid": os.getpid(),
-                                                              "backend": self.backend, "done": self.done, "failed": self.failed,
-                                                              "time": time.time()}, 10.0)
+            self.store.heartbeat(
+                "explainer",
+                self.consumer,
+                {
+                    "kind": "explainer",
+                    "id": self.consumer,
+                    "pid": os.getpid(),
+                    "backend": self.backend,
+                    "done": self.done,
+                    "failed": self.failed,
+                    "time": time.time(),
+                },
+                10.0,
+            )
             entries = self._next(None if burst else block_ms)
             if not entries:
                 if burst:
@@ -85,15 +97,27 @@ class Worker:
             else:
                 answer = str(self.llm.complete(prompt)).strip()
                 label, _, rest = answer.partition("\n") if "\n" in answer else answer.partition(". ")
-                out = {"label": _clean(label).strip() or "(no answer)", "text": _clean(rest).strip() or _clean(answer),
-                       "conditions": conditions_from_text(answer, ctx)}
+                out = {
+                    "label": _clean(label).strip() or "(no answer)",
+                    "text": _clean(rest).strip() or _clean(answer),
+                    "conditions": conditions_from_text(answer, ctx),
+                }
             e = {
-                "run": run, "tap": tap, "latent": latent, "label": _clean(out["label"])[:80], "text": _clean(out["text"]),
-                "backend": self.backend, "model": getattr(self.llm, "model", None), "prompt_hash": prompt_hash(prompt),
+                "run": run,
+                "tap": tap,
+                "latent": latent,
+                "label": _clean(out["label"])[:80],
+                "text": _clean(out["text"]),
+                "backend": self.backend,
+                "model": getattr(self.llm, "model", None),
+                "prompt_hash": prompt_hash(prompt),
                 "reason": job.get("reason", ""),
-                "examples": ctx.example_steps, "conditions": out["conditions"], "time": time.time(),
-                "score": detection_score(out["conditions"], ctx.metrics, ctx.heldout_values, ctx.heldout_metrics,
-                                         tokens=ctx.heldout_tokens or None),
+                "examples": ctx.example_steps,
+                "conditions": out["conditions"],
+                "time": time.time(),
+                "score": detection_score(
+                    out["conditions"], ctx.metrics, ctx.heldout_values, ctx.heldout_metrics, tokens=ctx.heldout_tokens or None
+                ),
             }
             store_explanation(self.r, e)
             self.done += 1
@@ -101,8 +125,20 @@ class Worker:
         except Exception as err:  # one bad job must not stop the worker: record it, ack it
             self.failed += 1
             log.warning("explain job %s for %s/%s #%d failed: %s", job_id, run, tap, latent, err)
-            store_explanation(self.r, {"run": run, "tap": tap, "latent": latent, "label": "", "text": "", "backend": self.backend,
-                                       "error": _clean(str(err)), "time": time.time(), "score": None})
+            store_explanation(
+                self.r,
+                {
+                    "run": run,
+                    "tap": tap,
+                    "latent": latent,
+                    "label": "",
+                    "text": "",
+                    "backend": self.backend,
+                    "error": _clean(str(err)),
+                    "time": time.time(),
+                    "score": None,
+                },
+            )
             return None
         finally:
             self.r.xack(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP, job_id)

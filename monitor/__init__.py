@@ -13,9 +13,15 @@ from typing import Any
 
 __all__ = ["ConfigError", "EmbeddedRedis", "Monitor", "MonitorResult", "Services", "Store", "connect"]
 
-_HOME = {"ConfigError": "monitor.store.records", "Store": "monitor.store.records", "connect": "monitor.store.records",
-         "EmbeddedRedis": "monitor.store.embedded", "Monitor": "monitor.service.ingest", "MonitorResult": "monitor.service.ingest",
-         "Services": "monitor.tools.services"}
+_HOME = {
+    "ConfigError": "monitor.store.records",
+    "Store": "monitor.store.records",
+    "connect": "monitor.store.records",
+    "EmbeddedRedis": "monitor.store.embedded",
+    "Monitor": "monitor.service.ingest",
+    "MonitorResult": "monitor.service.ingest",
+    "Services": "monitor.tools.services",
+}
 
 
 def __getattr__(name: str) -> Any:

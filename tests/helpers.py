@@ -66,9 +66,24 @@ def spawn(args: list[str], **kw) -> subprocess.Popen:
 
 
 def spawn_monitor(redis_url: str, endpoint: str, *extra: str) -> subprocess.Popen:
-    return spawn(["-m", "monitor", "monitor", "--redis", redis_url, "--endpoint", endpoint, "--flush-ms", "50",
-                  "--metrics-port", "-1", *extra],
-                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return spawn(
+        [
+            "-m",
+            "monitor",
+            "monitor",
+            "--redis",
+            redis_url,
+            "--endpoint",
+            endpoint,
+            "--flush-ms",
+            "50",
+            "--metrics-port",
+            "-1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def word_tokenizer(words: list[str]) -> Any:

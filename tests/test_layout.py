@@ -18,16 +18,30 @@ print(json.dumps(sorted(m for m in ("torch", "transformers", "stable_baselines3"
 
 
 def _loaded(body: str, *extra: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(body=body), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(body=body), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["agent_side.wire", "monitor", "monitor.cli.main", "monitor.panel.data", "monitor.store",
-                                    "monitor.stats.analytics", "monitor.alerts.engine", "monitor.service.steering", "explainer",
-                                    "explainer.worker"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "agent_side.wire",
+        "monitor",
+        "monitor.cli.main",
+        "monitor.panel.data",
+        "monitor.store",
+        "monitor.stats.analytics",
+        "monitor.alerts.engine",
+        "monitor.service.steering",
+        "explainer",
+        "explainer.worker",
+    ],
+)
 def test_importing_what_the_light_commands_use_loads_no_torch(module: str) -> None:
     assert "torch" not in _loaded(f"import {module}")
 

@@ -97,7 +97,9 @@ class AlertEngine:
             self._tracks[key] = tr if tr is None or len(tr.cols) else None
         return self._tracks[key]
 
-    def on_rows(self, run: str, tap: str, data: np.ndarray, pos: np.ndarray, analytics: TapAnalytics | None) -> list[dict[str, Any]]:
+    def on_rows(
+        self, run: str, tap: str, data: np.ndarray, pos: np.ndarray, analytics: TapAnalytics | None
+    ) -> list[dict[str, Any]]:
         """Events (firing or resolved alerts) caused by these activation rows, in order."""
         events: list[dict[str, Any]] = []
         width = data.shape[1]
@@ -114,8 +116,20 @@ class AlertEngine:
                 cond, z = tr.condition(x)
                 newly, resolved = tr.step(cond, int(pos[i, 0]))
                 for j in np.nonzero(newly | resolved)[0]:
-                    events.append(self._event(rule, run, tap, int(tr.cols[j]), "firing" if newly[j] else "resolved",
-                                              int(pos[i, 0]), int(pos[i, 1]), float(x[j]), float(z[j]), analytics))
+                    events.append(
+                        self._event(
+                            rule,
+                            run,
+                            tap,
+                            int(tr.cols[j]),
+                            "firing" if newly[j] else "resolved",
+                            int(pos[i, 0]),
+                            int(pos[i, 1]),
+                            float(x[j]),
+                            float(z[j]),
+                            analytics,
+                        )
+                    )
         return events
 
     def _corr_flip(self, tr: _Track, run: str, tap: str, step: int, index: int, an: TapAnalytics | None) -> list[dict[str, Any]]:
@@ -128,25 +142,57 @@ class AlertEngine:
         cond = strong & (tr.sign != 0) & (sign != tr.sign)
         tr.sign = np.where(strong, sign, tr.sign)
         newly, resolved = tr.step(cond, step)
-        return [self._event(rule, run, tap, int(tr.cols[j]), "firing" if newly[j] else "resolved", step, index,
-                            float(r[j]), 0.0, an) for j in np.nonzero(newly | resolved)[0]]
+        return [
+            self._event(rule, run, tap, int(tr.cols[j]), "firing" if newly[j] else "resolved", step, index, float(r[j]), 0.0, an)
+            for j in np.nonzero(newly | resolved)[0]
+        ]
 
-    def _event(self, rule: Rule, run: str, tap: str, ch: int, state: str, step: int, index: int, value: float, z: float,
-               an: TapAnalytics | None) -> dict[str, Any]:
+    def _event(
+        self,
+        rule: Rule,
+        run: str,
+        tap: str,
+        ch: int,
+        state: str,
+        step: int,
+        index: int,
+        value: float,
+        z: float,
+        an: TapAnalytics | None,
+    ) -> dict[str, Any]:
         corrs: dict[str, float] = {}
         if an is not None and an.rolling.n >= 3:
             r = an.rolling.get()[ch]
             order = [j for j in np.argsort(-np.abs(np.nan_to_num(r))) if np.isfinite(r[j])][:3]
             corrs = {an.metric_names[j]: round(float(r[j]), 4) for j in order}
-        what = {"zscore": f"z={z:+.1f} over its baseline", "threshold": f"value {value:+.3f} crossed the threshold",
-                "wake": "a rarely active channel woke up", "corr_flip": f"its correlation with {rule.metric} flipped to {value:+.2f}"}[rule.kind]
+        what = {
+            "zscore": f"z={z:+.1f} over its baseline",
+            "threshold": f"value {value:+.3f} crossed the threshold",
+            "wake": "a rarely active channel woke up",
+            "corr_flip": f"its correlation with {rule.metric} flipped to {value:+.2f}",
+        }[rule.kind]
         text = f"[{rule.severity}] {rule.name} {state}: {run} {tap} #{ch} at step {step}: {what}"
         if corrs:
             text += "; tracks " + ", ".join(f"{m} (r={r:+.2f})" for m, r in corrs.items())
-        return {"id": f"{rule.name}|{run}|{tap}|{ch}", "rule": rule.name, "kind": rule.kind, "state": state,
-                "severity": rule.severity, "labels": dict(rule.labels), "run": run, "tap": tap, "latent": ch,
-                "step": step, "index": index, "value": round(value, 6), "z": round(z, 4), "correlations": corrs,
-                "explanation": None, "time": time.time(), "text": text}
+        return {
+            "id": f"{rule.name}|{run}|{tap}|{ch}",
+            "rule": rule.name,
+            "kind": rule.kind,
+            "state": state,
+            "severity": rule.severity,
+            "labels": dict(rule.labels),
+            "run": run,
+            "tap": tap,
+            "latent": ch,
+            "step": step,
+            "index": index,
+            "value": round(value, 6),
+            "z": round(z, 4),
+            "correlations": corrs,
+            "explanation": None,
+            "time": time.time(),
+            "text": text,
+        }
 
     def active(self) -> list[dict[str, Any]]:
         """(rule, run, tap, channel, state) of every pending or firing channel."""
@@ -155,6 +201,13 @@ class AlertEngine:
             if tr is None:
                 continue
             for j in np.nonzero(tr.firing | (tr.hold > 0))[0]:
-                out.append({"rule": name, "run": run, "tap": tap, "latent": int(tr.cols[j]),
-                            "state": "firing" if tr.firing[j] else "pending"})
+                out.append(
+                    {
+                        "rule": name,
+                        "run": run,
+                        "tap": tap,
+                        "latent": int(tr.cols[j]),
+                        "state": "firing" if tr.firing[j] else "pending",
+                    }
+                )
         return out

@@ -31,16 +31,44 @@ def render(mon: Any) -> str:
     metric("interlatent_up", "gauge", "1 while the monitor loop runs", [({}, 1)])
     metric("interlatent_frames_total", "counter", "frames received, accepted or not", [({}, mon.frames)])
     metric("interlatent_rows_total", "counter", "rows accepted", [({}, mon.rows)])
-    metric("interlatent_rejected_total", "counter", "frames rejected, by reason", [({"reason": k}, v) for k, v in dict(mon.rejected).items()])
-    metric("interlatent_ingest_lag_seconds", "gauge", "receive time minus send time of the last frame", [({}, round(mon.lag_s, 6))])
+    metric(
+        "interlatent_rejected_total",
+        "counter",
+        "frames rejected, by reason",
+        [({"reason": k}, v) for k, v in dict(mon.rejected).items()],
+    )
+    metric(
+        "interlatent_ingest_lag_seconds", "gauge", "receive time minus send time of the last frame", [({}, round(mon.lag_s, 6))]
+    )
     metric("interlatent_run_steps", "gauge", "steps seen per run", [({"run": st.run}, st.steps) for st in runs])
-    metric("interlatent_run_drops", "gauge", "records the agent could not send, per run", [({"run": st.run}, st.drops) for st in runs])
-    metric("interlatent_run_gaps_total", "counter", "messages lost in transit, per run", [({"run": st.run}, st.gaps) for st in runs])
+    metric(
+        "interlatent_run_drops",
+        "gauge",
+        "records the agent could not send, per run",
+        [({"run": st.run}, st.drops) for st in runs],
+    )
+    metric(
+        "interlatent_run_gaps_total", "counter", "messages lost in transit, per run", [({"run": st.run}, st.gaps) for st in runs]
+    )
     if mon.sink is not None:
-        metric("interlatent_alerts_total", "counter", "alert events by rule and state",
-               [({"rule": k.split("|")[0], "state": k.split("|")[1]}, v) for k, v in dict(mon.sink.counts).items()])
-        metric("interlatent_webhook_failures_total", "counter", "webhook posts that failed after retries", [({}, mon.sink.webhook_failed)])
-        metric("interlatent_webhook_dropped_total", "counter", "alerts not posted because the queue was full", [({}, mon.sink.webhook_dropped)])
+        metric(
+            "interlatent_alerts_total",
+            "counter",
+            "alert events by rule and state",
+            [({"rule": k.split("|")[0], "state": k.split("|")[1]}, v) for k, v in dict(mon.sink.counts).items()],
+        )
+        metric(
+            "interlatent_webhook_failures_total",
+            "counter",
+            "webhook posts that failed after retries",
+            [({}, mon.sink.webhook_failed)],
+        )
+        metric(
+            "interlatent_webhook_dropped_total",
+            "counter",
+            "alerts not posted because the queue was full",
+            [({}, mon.sink.webhook_dropped)],
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -72,8 +72,25 @@ class RulesFile:
     webhooks: tuple[Webhook, ...] = ()
 
 
-_FIELDS = {"name", "kind", "run", "tap", "channels", "z", "above", "below", "rare_below", "metric", "min_abs",
-           "baseline_alpha", "for", "keep_firing_for", "cooldown", "severity", "labels"}
+_FIELDS = {
+    "name",
+    "kind",
+    "run",
+    "tap",
+    "channels",
+    "z",
+    "above",
+    "below",
+    "rare_below",
+    "metric",
+    "min_abs",
+    "baseline_alpha",
+    "for",
+    "keep_firing_for",
+    "cooldown",
+    "severity",
+    "labels",
+}
 
 
 def _num(where: str, key: str, v: Any, *, lo: float | None = None, integer: bool = False) -> Any:
@@ -147,8 +164,13 @@ def parse_rules(doc: Any) -> RulesFile:
     for i, h in enumerate(doc.get("webhooks") or []):
         if not isinstance(h, dict) or not isinstance(h.get("url"), str) or not h["url"].startswith(("http://", "https://")):
             raise RulesError(f"webhook #{i + 1}: field 'url' must be an http(s) URL")
-        hooks.append(Webhook(url=h["url"], timeout_s=float(_num(f"webhook #{i + 1}", "timeout_s", h.get("timeout_s", 2.0), lo=0.01)),
-                             retries=_num(f"webhook #{i + 1}", "retries", h.get("retries", 2), lo=0, integer=True)))
+        hooks.append(
+            Webhook(
+                url=h["url"],
+                timeout_s=float(_num(f"webhook #{i + 1}", "timeout_s", h.get("timeout_s", 2.0), lo=0.01)),
+                retries=_num(f"webhook #{i + 1}", "retries", h.get("retries", 2), lo=0, integer=True),
+            )
+        )
     return RulesFile(rules=parsed, webhooks=tuple(hooks))
 
 

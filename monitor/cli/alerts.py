@@ -13,6 +13,7 @@ __all__ = ["cmd_alerts", "cmd_evaluate_alerts", "cmd_explainer", "cmd_explain", 
 
 def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
     from monitor.store import keys
+
     r = s.store().r
 
     def wanted(a: dict) -> bool:
@@ -28,7 +29,9 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
             active = [json.loads(v) for v in r.hvals(keys.ALERTS_ACTIVE)]
             print(json.dumps({"alerts": [a for _, a in past], "active": [a for a in active if wanted(a)]}))
         elif not past:
-            print("no alerts yet" + (f" for run {args.run!r}" if args.run else "") + "; the monitor raises them with --rules FILE")
+            print(
+                "no alerts yet" + (f" for run {args.run!r}" if args.run else "") + "; the monitor raises them with --rules FILE"
+            )
         else:
             for _, a in past:
                 show(a)
@@ -58,14 +61,20 @@ def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"run {args.run}: {res['episodes']} episodes, {res['failures']} failures; an alert counts if a failure follows within {args.k} steps")
+    print(
+        f"run {args.run}: {res['episodes']} episodes, {res['failures']} failures; an alert counts if a failure follows within {args.k} steps"
+    )
     if not res["rules"]:
         print("  no alerts fired for this run (start the monitor with --rules FILE)")
     for rule, r in res["rules"].items():
-        print(f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps")
+        print(
+            f"  {rule:<32} alerts {r['alerts']:>5}  precision {r['precision']}  recall {r['recall']}  median lead {r['median_lead_steps']} steps"
+        )
     for sug in res["suggested_rules"]:
-        print(f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
-              f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})")
+        print(
+            f"  suggested: {json.dumps(sug['rule'])}  (moves {sug['direction']} its mean {sug['mean']} by {sug['score_std']} std"
+            f" on average before failures, in {sug['moved_in']:.0%} of {sug['failures']})"
+        )
     return 0
 
 
@@ -92,7 +101,9 @@ def cmd_explain(args: argparse.Namespace, s: Settings) -> int:
     store = s.store_with_run(args.run)
     tap, sep, index = args.latent.rpartition("/")
     if not sep or not index.isdigit():
-        raise ConfigError(f"--latent takes TAP/INDEX, like latents:NAME/2 or mlp_extractor.policy_net.1:out/5; got {args.latent!r}")
+        raise ConfigError(
+            f"--latent takes TAP/INDEX, like latents:NAME/2 or mlp_extractor.policy_net.1:out/5; got {args.latent!r}"
+        )
     if tap not in store.taps(args.run):
         raise ConfigError(f"run {args.run!r} has no tap {tap!r}; it has {', '.join(store.taps(args.run))}")
     filed = file_job(store.r, args.run, tap, int(index), reason="asked")
@@ -108,9 +119,13 @@ def cmd_explanations(args: argparse.Namespace, s: Settings) -> int:
         print(json.dumps({"run": args.run, "explanations": out}))
         return 0
     if not out:
-        print(f"no explanations for run {args.run!r} yet: `interlatent explain --run {args.run} --latent TAP/INDEX`, with a worker running")
+        print(
+            f"no explanations for run {args.run!r} yet: `interlatent explain --run {args.run} --latent TAP/INDEX`, with a worker running"
+        )
     for e in out:
         sc = e.get("score") or {}
-        print(f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  "
-              f"(detection {sc.get('balanced_accuracy')}, simulation {sc.get('simulation')}, {e['backend']})")
+        print(
+            f"{e['tap']} #{e['latent']}: {e.get('label') or e.get('error')}  "
+            f"(detection {sc.get('balanced_accuracy')}, simulation {sc.get('simulation')}, {e['backend']})"
+        )
     return 0

@@ -14,6 +14,7 @@ __all__ = ["add_parsers", "cmd_bench"]
 
 def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
     from monitor.tools import bench
+
     pin_threads(args.threads)
     if args.what == "hook":
         res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
@@ -32,12 +33,16 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _print_encode_table(enc: dict[str, Any]) -> None:
-    print(f"online encoding vs a bare matmul of the same shapes, frames of {enc['rows_per_frame']} rows, torch threads {enc['threads']}")
+    print(
+        f"online encoding vs a bare matmul of the same shapes, frames of {enc['rows_per_frame']} rows, torch threads {enc['threads']}"
+    )
     print(f"  {'d_in':>6}{'latents':>9}{'encode rows/s':>16}{'matmul rows/s':>16}{'ratio (median [min, max])':>30}")
     for r in enc["shapes"]:
         q = r["ratio"]
-        print(f"  {r['d_in']:>6}{r['latents']:>9}{r['encode_rows_per_s']:>16,.0f}{r['matmul_rows_per_s']:>16,.0f}"
-              f"{q['median']:>12.3f} [{q['min']:.3f}, {q['max']:.3f}]")
+        print(
+            f"  {r['d_in']:>6}{r['latents']:>9}{r['encode_rows_per_s']:>16,.0f}{r['matmul_rows_per_s']:>16,.0f}"
+            f"{q['median']:>12.3f} [{q['min']:.3f}, {q['max']:.3f}]"
+        )
 
 
 def _print_stats_table(st: dict[str, Any]) -> None:
@@ -45,23 +50,31 @@ def _print_stats_table(st: dict[str, Any]) -> None:
     print(f"  {'latents':>8}{'rolling Pearson':>18}{'all analytics':>22}{'river, one object a pair':>28}{'speedup':>10}")
     for r in st["rows"]:
         river = f"{r['river_us_per_step']:,.0f} us" + ("" if r["river_measured"] else " (extrap.)")
-        print(f"  {r['latents']:>8}{r['rolling_pearson_us_per_step']:>15,.1f} us{r['all_analytics_us_per_row_in_frames']:>15,.1f} us/row"
-              f"{river:>28}{r['speedup_vs_river']:>9,.0f}x")
-    print(f"  (all analytics: rolling + EW correlations, top-k, in frames of {st['frame_rows']} rows; "
-          f"river measured at {st['river_us_per_pair_update']:.2f} us per pair update)")
+        print(
+            f"  {r['latents']:>8}{r['rolling_pearson_us_per_step']:>15,.1f} us{r['all_analytics_us_per_row_in_frames']:>15,.1f} us/row"
+            f"{river:>28}{r['speedup_vs_river']:>9,.0f}x"
+        )
+    print(
+        f"  (all analytics: rolling + EW correlations, top-k, in frames of {st['frame_rows']} rows; "
+        f"river measured at {st['river_us_per_pair_update']:.2f} us per pair update)"
+    )
 
 
 def _print_hook_table(res: dict[str, Any]) -> None:
     h, i = res["hook"], res["ingest"]
     sps = h["steps_per_s"]
-    print(f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
-          f"torch threads {h['threads']}, taps {', '.join(h['taps'])}")
+    print(
+        f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
+        f"torch threads {h['threads']}, taps {', '.join(h['taps'])}"
+    )
     print(f"  {'variant':<24}{'steps/s':>10}{'ratio (median [min, max])':>30}{'added us/step':>15}")
     print(f"  {'plain':<24}{sps['plain']:>10.0f}{'1.000':>12}{'':>18}{'0':>15}")
     us = h["overhead_us_per_step"]
-    for name, key, var in (("attached, no monitor", "ratio_no_monitor", "attached_no_monitor"),
-                           ("attached, bare sink", "ratio_sink", "attached_sink"),
-                           ("attached, live monitor", "ratio_monitor", "attached_monitor")):
+    for name, key, var in (
+        ("attached, no monitor", "ratio_no_monitor", "attached_no_monitor"),
+        ("attached, bare sink", "ratio_sink", "attached_sink"),
+        ("attached, live monitor", "ratio_monitor", "attached_monitor"),
+    ):
         r = h[key]
         print(f"  {name:<24}{sps[var]:>10.0f}{r['median']:>12.3f} [{r['min']:.3f}, {r['max']:.3f}]{us[var]:>15.1f}")
     print(f"monitor ingest, {i['width']}-wide {i['dtype']} rows, {i['rows_per_frame']} rows/frame:")
@@ -73,8 +86,11 @@ def _print_hook_table(res: dict[str, Any]) -> None:
 def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
     sp = sub.add_parser("bench", help="measure overheads side by side")
     common(sp)
-    sp.add_argument("what", choices=["hook", "stats", "encode"],
-                    help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul")
+    sp.add_argument(
+        "what",
+        choices=["hook", "stats", "encode"],
+        help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul",
+    )
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
     sp.add_argument("--steps", type=int, default=3000)

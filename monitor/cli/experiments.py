@@ -72,14 +72,16 @@ def _dump(res: dict[str, Any]) -> str:
 def cmd_sweep(args: argparse.Namespace, s: Settings) -> int:
     from agent_side.steer import SteerError
     from monitor.experiments import sweep as sw
+
     pin_threads(args.threads)
     agent = _agent(s, args.policy)
     model, info = _transcoder(s, args.transcoder, args.artifact)
     tap = args.tap or info.get("target")
     if not tap:
         raise ConfigError("the transcoder does not say its target tap: pass --tap")
-    kw: dict[str, Any] = dict(tap=tap, model=model, latents=_ints(args.latents), episodes=args.episodes, seed=args.seed,
-                              progress=not args.json)
+    kw: dict[str, Any] = dict(
+        tap=tap, model=model, latents=_ints(args.latents), episodes=args.episodes, seed=args.seed, progress=not args.json
+    )
     try:
         if args.scan:
             res = sw.scan(agent, alphas=_floats(args.alphas or "0.5,-0.5"), **kw)
@@ -100,8 +102,10 @@ def cmd_sweep(args: argparse.Namespace, s: Settings) -> int:
     print(sw.sweep_table_md(res))
     if args.scan:
         found = res.get("improving") or []
-        print(f"\n{len(found)} of {res['tests']} (latent, alpha) cells raise the mean return significantly "
-              f"(Bonferroni-adjusted {res['bonferroni_level']:.4f} intervals)")
+        print(
+            f"\n{len(found)} of {res['tests']} (latent, alpha) cells raise the mean return significantly "
+            f"(Bonferroni-adjusted {res['bonferroni_level']:.4f} intervals)"
+        )
     if args.out:
         print(f"\nwrote {Path(args.out) / 'sweep.md'}, sweep.json and sweep.png")
     return 0
@@ -129,14 +133,21 @@ def cmd_probe(args: argparse.Namespace, s: Settings) -> int:
     if bad := [k for k in kinds if k not in probes.KINDS]:
         raise ConfigError(f"--kinds: unknown {bad}; choose from {probes.KINDS}")
     rows = probes.probe_table(ro.X, {n: ro.obs[:, i] for i, n in enumerate(names)}, kinds=kinds, seed=args.seed)
-    res: dict[str, Any] = {"policy": args.policy, "tap": args.tap, "steps": int(len(ro.X)), "episodes": args.episodes,
-                           "return_mean": float(ro.returns.mean()), "probes": rows}
+    res: dict[str, Any] = {
+        "policy": args.policy,
+        "tap": args.tap,
+        "steps": int(len(ro.X)),
+        "episodes": args.episodes,
+        "return_mean": float(ro.returns.mean()),
+        "probes": rows,
+    }
     if args.metric:
         if args.metric not in names:
             raise ConfigError(f"--metric must be one of {names}")
         i = names.index(args.metric)
-        res["polarity_inversion"] = interrogate.polarity_inversion(agent, args.tap, obs_index=i, metric_name=args.metric,
-                                                                   episodes=args.episodes, seed=args.seed)
+        res["polarity_inversion"] = interrogate.polarity_inversion(
+            agent, args.tap, obs_index=i, metric_name=args.metric, episodes=args.episodes, seed=args.seed
+        )
         direction = probes.fit_probe(ro.X, ro.obs[:, i], kind="ridge", seed=args.seed).direction
         res["ablation"] = interrogate.ablation_effect(agent, args.tap, direction, episodes=args.episodes, seed=args.seed)
     if args.subspace:
@@ -157,9 +168,13 @@ def cmd_probe(args: argparse.Namespace, s: Settings) -> int:
         print(f"  {r['metric']:<14} {r['kind']:<6} {r['r2_test']:+.3f}{extra}")
     if "polarity_inversion" in res:
         p, a = res["polarity_inversion"], res["ablation"]
-        print(f"polarity inversion of {args.metric}: R² {p['r2_normal']:+.3f} -> {p['r2_inverted']:+.3f} (dropped: {p['dropped']})")
-        print(f"ablating its probe direction: return {a['return_clean']:.1f} -> {a['return_ablated']:.1f}"
-              f" (a random direction: {a['return_random']:.1f})")
+        print(
+            f"polarity inversion of {args.metric}: R² {p['r2_normal']:+.3f} -> {p['r2_inverted']:+.3f} (dropped: {p['dropped']})"
+        )
+        print(
+            f"ablating its probe direction: return {a['return_clean']:.1f} -> {a['return_ablated']:.1f}"
+            f" (a random direction: {a['return_random']:.1f})"
+        )
     if "subspace" in res:
         print(f"smallest PCA subspace keeping 95% of the return: k = {res['subspace']['k']}")
     return 0
@@ -175,13 +190,21 @@ def cmd_compare(args: argparse.Namespace, s: Settings) -> int:
     store = s.store()
 
     def expl(info: dict[str, Any]) -> dict[int, str]:
-        return {e["latent"]: e.get("label", "") for e in explanations(store.r, info["run"]) if e.get("tap") == f"latents:{info['name']}"}
+        return {
+            e["latent"]: e.get("label", "")
+            for e in explanations(store.r, info["run"])
+            if e.get("tap") == f"latents:{info['name']}"
+        }
 
     res.update(a=info_a["name"], b=info_b["name"])
     if args.json:
         print(_dump(res))
         return 0
-    print(compare_report(res, explanations_a=expl(info_a), explanations_b=expl(info_b), name_a=info_a["name"], name_b=info_b["name"]))
+    print(
+        compare_report(
+            res, explanations_a=expl(info_a), explanations_b=expl(info_b), name_a=info_a["name"], name_b=info_b["name"]
+        )
+    )
     return 0
 
 
@@ -196,13 +219,17 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     sp.add_argument("--alphas", help="default 1,-1,2.5,-2.5 (the seed's); with --scan 0.5,-0.5")
     sp.add_argument("--episodes", type=int, default=50, help="baseline and intervened episodes per cell (the seed's 50)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--scan", action="store_true", help="every latent at small ±alpha; report those that raise the return significantly")
+    sp.add_argument(
+        "--scan", action="store_true", help="every latent at small ±alpha; report those that raise the return significantly"
+    )
     sp.add_argument("--out", help="folder for sweep.md, sweep.json and sweep.png")
     sp.add_argument("--threads", type=int, default=1)
     sp.add_argument("--json", action="store_true", help="print the result as one JSON document")
     sp.set_defaults(fn=cmd_sweep)
 
-    sp = sub.add_parser("probe", help="probes from a tap to each observation component; polarity inversion, ablation, PCA subspace")
+    sp = sub.add_parser(
+        "probe", help="probes from a tap to each observation component; polarity inversion, ablation, PCA subspace"
+    )
     common(sp)
     sp.add_argument("--policy", default="demo")
     sp.add_argument("--tap", required=True)

@@ -20,9 +20,26 @@ PANEL_PORT = 8501
 
 def panel_command(redis_url: str, *, port: int, address: str = "127.0.0.1") -> list[str]:
     """The Streamlit command line that serves the panel."""
-    return [sys.executable, "-m", "streamlit", "run", str(PANEL_APP), "--server.port", str(port), "--server.address", address,
-            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-            "--", "--redis", redis_url]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(PANEL_APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--",
+        "--redis",
+        redis_url,
+    ]
 
 
 def cmd_panel(args: argparse.Namespace, s: Settings) -> int:

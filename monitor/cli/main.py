@@ -40,8 +40,13 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
         except RulesError as e:
             print(f"interlatent: {e}", file=sys.stderr)
             return 2
-    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, extra_monitor_args=extra,
-                        panel_port=None if args.no_panel else args.panel_port)
+    services = Services(
+        data_dir=s.data_dir,
+        redis_url=s.redis_url,
+        endpoint=s.endpoint,
+        extra_monitor_args=extra,
+        panel_port=None if args.no_panel else args.panel_port,
+    )
     try:
         services.start()
         print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}, /metrics on http://127.0.0.1:9108/metrics")
@@ -78,10 +83,25 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
             pairs = tuple(parse_pairs(args.auto_train))
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        auto = AutoTrain(pairs=pairs, redis_url=resolve_redis_url(s.redis_url, s.data_dir), data_dir=s.data_dir,
-                         steps=args.auto_train_steps, latents=args.auto_train_latents, epochs=args.auto_train_epochs)
-    mon = Monitor(store, endpoint=s.endpoint, flush_ms=args.flush_ms, analytics=cfg, rules=rules, data_dir=s.data_dir, auto_train=auto,
-                  control_endpoint=args.control_endpoint, evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None)
+        auto = AutoTrain(
+            pairs=pairs,
+            redis_url=resolve_redis_url(s.redis_url, s.data_dir),
+            data_dir=s.data_dir,
+            steps=args.auto_train_steps,
+            latents=args.auto_train_latents,
+            epochs=args.auto_train_epochs,
+        )
+    mon = Monitor(
+        store,
+        endpoint=s.endpoint,
+        flush_ms=args.flush_ms,
+        analytics=cfg,
+        rules=rules,
+        data_dir=s.data_dir,
+        auto_train=auto,
+        control_endpoint=args.control_endpoint,
+        evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None,
+    )
     server = None
     if args.metrics_port >= 0:
         try:
@@ -110,8 +130,10 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
     if not st["runs"]:
         print("no runs yet: attach an agent with agent_side.attach(...)")
     for r in st["runs"]:
-        print(f"run {r['run']}: steps {r['steps']}, drops {r['drops']}, gaps {r['gaps']}, episodes {r['episodes']}"
-              f" (mean return {r['return_mean_100']:.1f}), last seen {r['last_seen_s']:.1f}s ago")
+        print(
+            f"run {r['run']}: steps {r['steps']}, drops {r['drops']}, gaps {r['gaps']}, episodes {r['episodes']}"
+            f" (mean return {r['return_mean_100']:.1f}), last seen {r['last_seen_s']:.1f}s ago"
+        )
         for tap, t in r["taps"].items():
             print(f"  {tap:<40} width {t['width']:>6}  rows {t['rows']:>10}")
         if r["metrics"]:
@@ -132,15 +154,19 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
         if d is None:
             print(f"{tap}: no such tap in run {args.run!r}")
             continue
-        print(f"{tap}: {d['width']} channels, {d['rows']} rows; rolling window {d.get('window_steps', '-')} steps, "
-              f"{d.get('paired', 0)} rows paired with metrics")
+        print(
+            f"{tap}: {d['width']} channels, {d['rows']} rows; rolling window {d.get('window_steps', '-')} steps, "
+            f"{d.get('paired', 0)} rows paired with metrics"
+        )
         if not d.get("metrics"):
             print("  no step metrics yet: wrap the env with tap.wrap(env) to correlate channels with metrics")
         for c in d["channels"][: args.show]:
             best = max(((m, r) for m, r in c["corr"].items() if r is not None), key=lambda mr: abs(mr[1]), default=None)
             w = c.get("window", {})
-            print(f"  ch {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
-                  + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else ""))
+            print(
+                f"  ch {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
+                + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else "")
+            )
     return 0
 
 
@@ -154,7 +180,10 @@ def cmd_record(args: argparse.Namespace, s: Settings) -> int:
             raise ConfigError("no monitor is running to record: start one with `interlatent up`")
         time.sleep(0.2)
     store.set_record(args.run, {"steps": args.steps, "state": "requested"})
-    print(f"asked the monitor to record {args.steps} steps of run {args.run!r}" + ("" if args.wait else "; it records in the background"))
+    print(
+        f"asked the monitor to record {args.steps} steps of run {args.run!r}"
+        + ("" if args.wait else "; it records in the background")
+    )
     if not args.wait:
         return 0
     with tqdm(total=args.steps, unit="step", disable=None) as bar:
@@ -180,9 +209,22 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     sigterm_as_interrupt()
     steps = args.steps if args.steps is not None else (2000 if args.headless else None)
     # the demo trains a 4-latent transcoder on its hidden layer after a warm-up, then shows its latents
-    auto = ["--auto-train", f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}", "--auto-train-steps", str(args.warmup_steps), "--auto-train-latents", "4"]
-    services = Services(data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, log_dir=s.data_dir / "logs",
-                        extra_monitor_args=auto, panel_port=None if args.headless else args.panel_port)
+    auto = [
+        "--auto-train",
+        f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}",
+        "--auto-train-steps",
+        str(args.warmup_steps),
+        "--auto-train-latents",
+        "4",
+    ]
+    services = Services(
+        data_dir=s.data_dir,
+        redis_url=s.redis_url,
+        endpoint=s.endpoint,
+        log_dir=s.data_dir / "logs",
+        extra_monitor_args=auto,
+        panel_port=None if args.headless else args.panel_port,
+    )
     try:
         model = demo_policy(s.data_dir, train_steps=args.train_steps, progress=print)
         services.start()
@@ -195,13 +237,14 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
             for r in store.status()["runs"]:
                 if r["run"] == DEMO_RUN:
                     taps = ", ".join(f"{t} w{v['width']} rows {v['rows']}" for t, v in r["taps"].items())
-                    print(f"step {n}: monitor sees steps {r['steps']}, episodes {r['episodes']}"
-                          f" (mean return {r['return_mean_100']:.1f}), drops {r['drops']}; {taps}")
+                    print(
+                        f"step {n}: monitor sees steps {r['steps']}, episodes {r['episodes']}"
+                        f" (mean return {r['return_mean_100']:.1f}), drops {r['drops']}; {taps}"
+                    )
 
         with agent_side.attach(model.policy, DEMO_TAPS, run=DEMO_RUN, endpoint=s.endpoint) as tap:
             tap.wait_for_monitor(10)
-            print(f"streaming {DEMO_TAPS} of the PPO CartPole policy as run {DEMO_RUN!r}"
-                  + ("" if steps else "; Ctrl-C stops"))
+            print(f"streaming {DEMO_TAPS} of the PPO CartPole policy as run {DEMO_RUN!r}" + ("" if steps else "; Ctrl-C stops"))
             returns = run_agent(model, tap, steps=steps, on_tick=tick)
             sent = tap.counters()
         time.sleep(0.5)  # one monitor flush
@@ -222,9 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, endpoint: bool = False) -> None:
         sp.add_argument("--redis", help="Redis URL (default $INTERLATENT_REDIS_URL, else the embedded one of `interlatent up`)")
-        sp.add_argument("--data-dir", help="where the embedded Redis and caches live (default $INTERLATENT_DATA_DIR or ~/.interlatent)")
+        sp.add_argument(
+            "--data-dir", help="where the embedded Redis and caches live (default $INTERLATENT_DATA_DIR or ~/.interlatent)"
+        )
         if endpoint:
-            sp.add_argument("--endpoint", help=f"ZeroMQ endpoint the monitor binds (default $INTERLATENT_ENDPOINT or {DEFAULT_ENDPOINT})")
+            sp.add_argument(
+                "--endpoint", help=f"ZeroMQ endpoint the monitor binds (default $INTERLATENT_ENDPOINT or {DEFAULT_ENDPOINT})"
+            )
 
     sp = sub.add_parser("up", help="start Redis (embedded unless --redis) and the monitor; Ctrl-C stops all")
     common(sp, endpoint=True)
@@ -238,14 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--flush-ms", type=float, default=200.0, help="how often state is written to Redis")
     sp.add_argument("--max-frames", type=int, help="exit after this many frames (stop-when-done mode)")
     sp.add_argument("--idle-exit-s", type=float, help="exit after this many seconds without a frame")
-    sp.add_argument("--evict-idle-s", type=float, default=900.0,
-                    help="let a run quiet this long go from memory (its state stays in Redis; 0: never)")
+    sp.add_argument(
+        "--evict-idle-s",
+        type=float,
+        default=900.0,
+        help="let a run quiet this long go from memory (its state stays in Redis; 0: never)",
+    )
     sp.add_argument("--window-steps", type=int, default=1000, help="rolling window of the live correlations")
     sp.add_argument("--ew-alpha", type=float, default=0.01, help="weight of a new step in the EW correlations")
     sp.add_argument("--top-k", type=int, default=10, help="top activating steps kept per channel")
     sp.add_argument("--no-analytics", action="store_true", help="keep only counters and moments")
     sp.add_argument("--rules", help="YAML alert rules (see deploy/alerts.example.yaml)")
-    sp.add_argument("--control-endpoint", help="endpoint of the live-steering channel the monitor binds (default: --endpoint's port + 1)")
+    sp.add_argument(
+        "--control-endpoint", help="endpoint of the live-steering channel the monitor binds (default: --endpoint's port + 1)"
+    )
     sp.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics on loopback (0: any free port, -1: off)")
     sp.add_argument("--auto-train", help="SOURCE>TARGET tap pairs (comma separated) to train transcoders for after a warm-up")
     sp.add_argument("--auto-train-steps", type=int, default=2000, help="warm-up steps recorded before auto-training")
@@ -298,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, help="active latents per row for --arch topk")
     sp.add_argument("--recording", help="a recording directory (default: the run's latest `interlatent record`)")
     sp.add_argument("--threads", type=int, default=1, help="torch threads for training")
-    sp.add_argument("--agent", help="'demo' or package.module:factory returning (module, make_env, act): measures return recovered")
+    sp.add_argument(
+        "--agent", help="'demo' or package.module:factory returning (module, make_env, act): measures return recovered"
+    )
     sp.add_argument("--eval-episodes", type=int, default=10, help="episodes per condition for return recovered")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_train)
@@ -307,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     onoff = sp.add_mutually_exclusive_group()
     onoff.add_argument("--activate", metavar="NAME", help="have the monitor encode with this transcoder again")
-    onoff.add_argument("--deactivate", metavar="NAME", help="have the monitor stop encoding with this transcoder (it stays registered)")
+    onoff.add_argument(
+        "--deactivate", metavar="NAME", help="have the monitor stop encoding with this transcoder (it stays registered)"
+    )
     sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp.set_defaults(fn=cmd_transcoders)
 

@@ -28,6 +28,7 @@ __all__ = ["add_parsers", "cmd_steer"]
 
 OPS = ("add", "scale", "ablate", "clamp")  # agent_side.steer.OPS, without importing torch to build the parser
 
+
 def _wait(store: Store, run: str, version: int, timeout_s: float) -> list[dict[str, Any]] | None:
     """The agent's events for ``version`` once it holds that version (or a later one); None on timeout."""
     deadline = time.monotonic() + timeout_s
@@ -39,8 +40,12 @@ def _wait(store: Store, run: str, version: int, timeout_s: float) -> list[dict[s
 
 
 def _describe(e: dict[str, Any]) -> str:
-    what = {"add": f"add alpha={e.get('alpha', 0.0):+g}", "scale": f"scale factor={e.get('alpha', 0.0):g}", "ablate": "ablate",
-            "clamp": f"clamp value={e.get('value', 0.0):g}"}.get(e.get("op", ""), "")
+    what = {
+        "add": f"add alpha={e.get('alpha', 0.0):+g}",
+        "scale": f"scale factor={e.get('alpha', 0.0):g}",
+        "ablate": "ablate",
+        "clamp": f"clamp value={e.get('value', 0.0):g}",
+    }.get(e.get("op", ""), "")
     line = f"{e['event']} {e.get('id', '')} ({what} at {e.get('tap', '?')}) from step {e.get('step', 0)}"
     return line + (f": {e['reason']}" if e.get("reason") else "")
 
@@ -55,15 +60,21 @@ def cmd_steer(args: argparse.Namespace, s: Settings) -> int:
         if args.json:
             print(json.dumps({"run": run, **state, "effects": effects}))
             return 0
-        agent = {True: "accepts steering", False: "did not opt in", None: "has not said whether it accepts steering"}[state["control"]]
-        print(f"run {run}: agent {agent}; asked for (version {state['version']}): "
-              + (", ".join(m["id"] for m in state["interventions"]) or "nothing")
-              + f"; active (version {state['applied_version']}): {', '.join(state['active']) or 'nothing'}")
+        agent = {True: "accepts steering", False: "did not opt in", None: "has not said whether it accepts steering"}[
+            state["control"]
+        ]
+        print(
+            f"run {run}: agent {agent}; asked for (version {state['version']}): "
+            + (", ".join(m["id"] for m in state["interventions"]) or "nothing")
+            + f"; active (version {state['applied_version']}): {', '.join(state['active']) or 'nothing'}"
+        )
         for ef in effects:
             b, d, diff = ef["before"], ef["during"], ef["difference"]
             span = f"steps {ef['applied_step']}-{ef['reverted_step'] if ef['reverted_step'] is not None else 'now'}"
-            line = (f"  {ef['id']} ({ef['op']}, {span}): mean return {d['mean_return']} over {d['episodes']} episodes ended while on, "
-                    f"{b['mean_return']} over {b['episodes']} before")
+            line = (
+                f"  {ef['id']} ({ef['op']}, {span}): mean return {d['mean_return']} over {d['episodes']} episodes ended while on, "
+                f"{b['mean_return']} over {b['episodes']} before"
+            )
             if diff is not None and diff["ci"][0] is not None:
                 line += f"; difference {diff['mean']:+.1f} [{diff['ci'][0]:+.1f}, {diff['ci'][1]:+.1f}]"
             print(line)
@@ -82,8 +93,17 @@ def cmd_steer(args: argparse.Namespace, s: Settings) -> int:
     else:
         if state["control"] is not True:
             raise ConfigError(f"run {run}'s agent did not opt in: attach(..., allow_control=True)")
-        ivs = build_intervention(store, args.run, latent=args.latent, op=args.op, tap=args.tap, transcoder=args.transcoder,
-                                 alpha=args.alpha, value=args.value, steer_id_=args.id)
+        ivs = build_intervention(
+            store,
+            args.run,
+            latent=args.latent,
+            op=args.op,
+            tap=args.tap,
+            transcoder=args.transcoder,
+            alpha=args.alpha,
+            value=args.value,
+            steer_id_=args.id,
+        )
         version = set_interventions(store.r, run, [ivs])
         out(f"asked run {run}'s agent to {ivs['op']} along {ivs['id']} at {ivs['tap']} (version {version})")
         if not args.wait:
@@ -93,9 +113,11 @@ def cmd_steer(args: argparse.Namespace, s: Settings) -> int:
     events = _wait(store, run, version, args.timeout_s)
     if events is None:
         status = "timeout"
-        print(f"interlatent: run {run}'s agent has not confirmed version {version} within {args.timeout_s:g}s; is it stepping, and is "
-              "the monitor running (`interlatent status`)? It applies the change when it next steps; `--clear` takes it back",
-              file=sys.stderr)
+        print(
+            f"interlatent: run {run}'s agent has not confirmed version {version} within {args.timeout_s:g}s; is it stepping, and is "
+            "the monitor running (`interlatent status`)? It applies the change when it next steps; `--clear` takes it back",
+            file=sys.stderr,
+        )
     else:
         for e in events:
             out(_describe(e))
@@ -121,10 +143,19 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     sp = sub.add_parser("steer", help="steer a running agent along a transcoder latent, live (the agent must opt in)")
     common(sp)
     sp.add_argument("--run", required=True)
-    sp.add_argument("--tap", help="where to steer: a tap that one of the run's transcoders writes (default: --transcoder's target)")
+    sp.add_argument(
+        "--tap", help="where to steer: a tap that one of the run's transcoders writes (default: --transcoder's target)"
+    )
     sp.add_argument("--latent", type=int, help="the latent whose decoder direction to use")
-    sp.add_argument("--transcoder", help="a name from `interlatent transcoders` (default: the run's one transcoder that writes --tap)")
-    sp.add_argument("--op", choices=OPS, default="add", help="add alpha*direction, scale its component by alpha, ablate it, or clamp the latent")
+    sp.add_argument(
+        "--transcoder", help="a name from `interlatent transcoders` (default: the run's one transcoder that writes --tap)"
+    )
+    sp.add_argument(
+        "--op",
+        choices=OPS,
+        default="add",
+        help="add alpha*direction, scale its component by alpha, ablate it, or clamp the latent",
+    )
     sp.add_argument("--alpha", type=float, help="add: the multiple of the direction; scale: the factor")
     sp.add_argument("--value", type=float, help="clamp: the value to hold the latent at")
     sp.add_argument("--id", help="the steer's id (default latents:TRANSCODER/LATENT); with --clear, the one steer to take off")

@@ -19,8 +19,10 @@ def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
     if path is None:
         req = store.record_requests().get(run, {})
         if req.get("state") != "done":
-            raise ConfigError(f"no finished recording of run {run!r}: record one with `interlatent record --run {run} --steps 20000`"
-                              " (or pass --recording DIR)")
+            raise ConfigError(
+                f"no finished recording of run {run!r}: record one with `interlatent record --run {run} --steps 20000`"
+                " (or pass --recording DIR)"
+            )
         path = req["path"]
     try:
         return Recording(path)
@@ -43,7 +45,9 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
         sizes = [int(x) for x in args.latents.split(",")]
     except ValueError as e:
         raise ConfigError(f"--latents takes sizes like 2,4,8, got {args.latents!r}") from e
-    base = TrainConfig(d_sae=sizes[0], l1=args.l1, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, arch=args.arch, k=args.k)
+    base = TrainConfig(
+        d_sae=sizes[0], l1=args.l1, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, arch=args.arch, k=args.k
+    )
     agent = None
     if args.agent:
         from monitor.experiments.agents import load_agent
@@ -53,8 +57,18 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
         except (ImportError, AttributeError, ValueError) as e:
             raise ConfigError(f"cannot load --agent {args.agent!r}: {e}") from e
     try:
-        infos = train_sizes(rec, run=args.run, source=args.source, target=args.target, sizes=sizes, base=base,
-                            out_dir=s.data_dir / "transcoders", progress=not args.json, agent=agent, eval_episodes=args.eval_episodes)
+        infos = train_sizes(
+            rec,
+            run=args.run,
+            source=args.source,
+            target=args.target,
+            sizes=sizes,
+            base=base,
+            out_dir=s.data_dir / "transcoders",
+            progress=not args.json,
+            agent=agent,
+            eval_episodes=args.eval_episodes,
+        )
     except (RecordingError, ValueError) as e:
         raise ConfigError(str(e)) from e
     for info in infos:
@@ -72,10 +86,14 @@ def _print_transcoders(infos: list[dict[str, Any]]) -> None:
     print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5} {'return recovered':>17} {'active':>7}")
     for t in infos:
         q = t.get("quality") or {}
-        cells = [format(q[k], f) if q.get(k) is not None else "-"
-                 for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"), ("return_recovered", "6.3f"))]
-        print(f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5} {cells[4]:>17} "
-              f"{'yes' if t.get('active', True) else 'no':>7}")
+        cells = [
+            format(q[k], f) if q.get(k) is not None else "-"
+            for k, f in (("l0", "6.2f"), ("fvu", "7.4f"), ("mse", "9.3g"), ("dead_frac", "5.2f"), ("return_recovered", "6.3f"))
+        ]
+        print(
+            f"{t['name']:<60} {t['d_sae']:>5} {cells[0]:>6} {cells[1]:>7} {cells[2]:>9} {cells[3]:>5} {cells[4]:>17} "
+            f"{'yes' if t.get('active', True) else 'no':>7}"
+        )
 
 
 def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:
@@ -86,8 +104,10 @@ def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:
                 names = [t["name"] for t in store.transcoders()]
                 raise ConfigError(f"no transcoder {name!r}; registered: {', '.join(names) or 'none'}")
             if not args.json:
-                print(f"transcoder {name!r} {'activated' if active else 'deactivated'}: the monitor "
-                      f"{'starts' if active else 'stops'} encoding with it at its next flush")
+                print(
+                    f"transcoder {name!r} {'activated' if active else 'deactivated'}: the monitor "
+                    f"{'starts' if active else 'stops'} encoding with it at its next flush"
+                )
     infos = store.transcoders()
     if args.json:
         print(json.dumps({"transcoders": infos}))
@@ -115,7 +135,9 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
             if src.shape[1] == model.d_in and tgt.shape[1] == model.d_out:
                 q = quality(model, src, tgt)
     name = args.name or safe_name(args.run, args.source, args.target, "imported", Path(args.path).name)
-    info = artifact_info(name, Path(args.path), model, run=args.run, source=args.source, target=args.target, q=q, extra={"imported": True})
+    info = artifact_info(
+        name, Path(args.path), model, run=args.run, source=args.source, target=args.target, q=q, extra={"imported": True}
+    )
     store.register_transcoder(info)
     print(json.dumps(info) if args.json else f"registered {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
     return 0
@@ -141,10 +163,15 @@ def cmd_inspect(args: argparse.Namespace, s: Settings) -> int:
     print(f"{info['name']} over {res['rows']} recorded rows of run {args.run}")
     for lat in res["latents"]:
         strongest = sorted(((m, r) for m, r in lat["corr"].items() if r is not None), key=lambda mr: -abs(mr[1]))[:3]
-        print(f"  latent {lat['latent']}: max {lat['max']}, mean {lat['mean']}, std {lat['std']}, active {lat['frac_active']}; "
-              + ", ".join(f"r({m})={r:+.2f}" for m, r in strongest))
+        print(
+            f"  latent {lat['latent']}: max {lat['max']}, mean {lat['mean']}, std {lat['std']}, active {lat['frac_active']}; "
+            + ", ".join(f"r({m})={r:+.2f}" for m, r in strongest)
+        )
         for t in lat["top"][:3]:
-            print(f"      step {t['step']}: {t['value']:.3f}  " + " ".join(f"{m}={v:+.3f}" for m, v in list(t["metrics"].items())[:6]))
+            print(
+                f"      step {t['step']}: {t['value']:.3f}  "
+                + " ".join(f"{m}={v:+.3f}" for m, v in list(t["metrics"].items())[:6])
+            )
     return 0
 
 

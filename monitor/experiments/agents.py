@@ -51,7 +51,9 @@ def demo_policy(data_dir: Path, *, train_steps: int = TRAIN_STEPS, progress: Cal
     model.learn(total_timesteps=train_steps)
     cache.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.policy.state_dict().items()}, str(weights))
-    meta.write_text(json.dumps({"train_steps": train_steps, "algo": "PPO", "env": "CartPole-v1", "train_s": time.monotonic() - t0}))
+    meta.write_text(
+        json.dumps({"train_steps": train_steps, "algo": "PPO", "env": "CartPole-v1", "train_s": time.monotonic() - t0})
+    )
     return model
 
 

@@ -95,8 +95,16 @@ def _num(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 6)
 
 
-def match_latents(a: Transcoder, b: Transcoder, *, Xa: Any = None, Xb: Any = None, threshold: float = 0.5,
-                  by: str = "decoder", method: str = "auto") -> dict[str, Any]:
+def match_latents(
+    a: Transcoder,
+    b: Transcoder,
+    *,
+    Xa: Any = None,
+    Xb: Any = None,
+    threshold: float = 0.5,
+    by: str = "decoder",
+    method: str = "auto",
+) -> dict[str, Any]:
     """Pair the latents of ``a`` and ``b`` and sort them into shared and unique.
 
     Every pair reports its decoder ``cosine`` (None when the output widths differ) and, given
@@ -127,23 +135,51 @@ def match_latents(a: Transcoder, b: Transcoder, *, Xa: Any = None, Xb: Any = Non
     method = _method(method)
     pairs = []
     for i, j in _assign(score, method):
-        pairs.append({"a": i, "b": j, "score": _num(score[i, j]), "shared": bool(score[i, j] >= threshold),
-                      "cosine": None if cos is None else _num(cos[i, j]),
-                      "act_corr": None if corr is None else _num(corr[i, j])})
+        pairs.append(
+            {
+                "a": i,
+                "b": j,
+                "score": _num(score[i, j]),
+                "shared": bool(score[i, j] >= threshold),
+                "cosine": None if cos is None else _num(cos[i, j]),
+                "act_corr": None if corr is None else _num(corr[i, j]),
+            }
+        )
     pairs.sort(key=lambda p: -p["score"])
     shared = [p for p in pairs if p["shared"]]
     in_a, in_b = {p["a"] for p in shared}, {p["b"] for p in shared}
 
     def unique(n: int, taken: set[int], s: np.ndarray) -> list[dict[str, Any]]:
-        return [{"latent": i, "nearest": int(np.argmax(s[i])) if s.shape[1] else None,
-                 "score": _num(s[i].max()) if s.shape[1] else None} for i in range(n) if i not in taken]
+        return [
+            {
+                "latent": i,
+                "nearest": int(np.argmax(s[i])) if s.shape[1] else None,
+                "score": _num(s[i].max()) if s.shape[1] else None,
+            }
+            for i in range(n)
+            if i not in taken
+        ]
 
-    out = {"by": by, "method": method, "threshold": threshold, "n_a": a.d_sae, "n_b": b.d_sae, "pairs": pairs,
-           "shared": shared, "unique_a": unique(a.d_sae, in_a, score), "unique_b": unique(b.d_sae, in_b, score.T)}
+    out = {
+        "by": by,
+        "method": method,
+        "threshold": threshold,
+        "n_a": a.d_sae,
+        "n_b": b.d_sae,
+        "pairs": pairs,
+        "shared": shared,
+        "unique_a": unique(a.d_sae, in_a, score),
+        "unique_b": unique(b.d_sae, in_b, score.T),
+    }
     if corr is not None:
         out.update(dead_a=dead_a, dead_b=dead_b)
-    log.info("matched latents by %s: %d shared, %d unique to A, %d unique to B", by, len(shared),
-             len(out["unique_a"]), len(out["unique_b"]))
+    log.info(
+        "matched latents by %s: %d shared, %d unique to A, %d unique to B",
+        by,
+        len(shared),
+        len(out["unique_a"]),
+        len(out["unique_b"]),
+    )
     return out
 
 
@@ -159,21 +195,37 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def compare_report(result: dict[str, Any], *, explanations_a: dict[int, str] | None = None,
-                   explanations_b: dict[int, str] | None = None, name_a: str = "A", name_b: str = "B") -> str:
+def compare_report(
+    result: dict[str, Any],
+    *,
+    explanations_a: dict[int, str] | None = None,
+    explanations_b: dict[int, str] | None = None,
+    name_a: str = "A",
+    name_b: str = "B",
+) -> str:
     """A markdown report of :func:`match_latents`'s result: shared latents side by side, then each
     side's unique latents, with their explanations when given."""
     score_name = "decoder cosine" if result["by"] == "decoder" else "activation correlation"
-    lines = [f"# Latents of {name_a} and {name_b}", "",
-             f"Matched one-to-one by {score_name} ({result['method']} assignment), shared at ≥ {result['threshold']}: "
-             f"{len(result['shared'])} shared, {len(result['unique_a'])} of {result['n_a']} unique to {name_a}, "
-             f"{len(result['unique_b'])} of {result['n_b']} unique to {name_b}.", "",
-             f"## Shared ({len(result['shared'])})", ""]
+    lines = [
+        f"# Latents of {name_a} and {name_b}",
+        "",
+        f"Matched one-to-one by {score_name} ({result['method']} assignment), shared at ≥ {result['threshold']}: "
+        f"{len(result['shared'])} shared, {len(result['unique_a'])} of {result['n_a']} unique to {name_a}, "
+        f"{len(result['unique_b'])} of {result['n_b']} unique to {name_b}.",
+        "",
+        f"## Shared ({len(result['shared'])})",
+        "",
+    ]
     if result["shared"]:
-        lines += [f"| {name_a} latent | {name_b} latent | cosine | act. corr | {name_a} explanation | {name_b} explanation |",
-                  "|---:|---:|---:|---:|---|---|"]
-        lines += [f"| {p['a']} | {p['b']} | {_fmt(p['cosine'])} | {_fmt(p['act_corr'])} | "
-                  f"{_explain(explanations_a, p['a'])} | {_explain(explanations_b, p['b'])} |" for p in result["shared"]]
+        lines += [
+            f"| {name_a} latent | {name_b} latent | cosine | act. corr | {name_a} explanation | {name_b} explanation |",
+            "|---:|---:|---:|---:|---|---|",
+        ]
+        lines += [
+            f"| {p['a']} | {p['b']} | {_fmt(p['cosine'])} | {_fmt(p['act_corr'])} | "
+            f"{_explain(explanations_a, p['a'])} | {_explain(explanations_b, p['b'])} |"
+            for p in result["shared"]
+        ]
     else:
         lines.append("None.")
     for side, other, key, ex in ((name_a, name_b, "unique_a", explanations_a), (name_b, name_a, "unique_b", explanations_b)):
@@ -182,8 +234,11 @@ def compare_report(result: dict[str, Any], *, explanations_a: dict[int, str] | N
             lines.append("None.")
             continue
         lines += [f"| {side} latent | nearest {other} latent | {score_name} | explanation |", "|---:|---:|---:|---|"]
-        lines += [f"| {u['latent']} | {'—' if u['nearest'] is None else u['nearest']} | {_fmt(u['score'])} | "
-                  f"{_explain(ex, u['latent'])} |" for u in result[key]]
+        lines += [
+            f"| {u['latent']} | {'—' if u['nearest'] is None else u['nearest']} | {_fmt(u['score'])} | "
+            f"{_explain(ex, u['latent'])} |"
+            for u in result[key]
+        ]
     for side, key in ((name_a, "dead_a"), (name_b, "dead_b")):
         if result.get(key):
             lines += ["", f"Never active on the given states in {side}: {', '.join(map(str, result[key]))}."]

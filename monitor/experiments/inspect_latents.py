@@ -31,11 +31,24 @@ def inspect_latents(model: Transcoder, recording: Recording, source: str, *, top
     latents = []
     for j in range(z.shape[1]):
         order = np.argsort(-z[:, j], kind="stable")[:top]
-        latents.append({
-            "latent": j, "max": _num(z[:, j].max()), "mean": _num(z[:, j].mean()), "std": _num(z[:, j].std()),
-            "frac_active": _num((z[:, j] > 0).mean()),
-            "corr": {n: _num(corr[j, i]) for i, n in enumerate(names)},
-            "top": [{"step": int(pos[r, 0]), "index": int(pos[r, 1]), "value": _num(z[r, j]),
-                     "metrics": {n: _num(met[r, i]) for i, n in enumerate(names)}} for r in order if z[r, j] > 0],
-        })
+        latents.append(
+            {
+                "latent": j,
+                "max": _num(z[:, j].max()),
+                "mean": _num(z[:, j].mean()),
+                "std": _num(z[:, j].std()),
+                "frac_active": _num((z[:, j] > 0).mean()),
+                "corr": {n: _num(corr[j, i]) for i, n in enumerate(names)},
+                "top": [
+                    {
+                        "step": int(pos[r, 0]),
+                        "index": int(pos[r, 1]),
+                        "value": _num(z[r, j]),
+                        "metrics": {n: _num(met[r, i]) for i, n in enumerate(names)},
+                    }
+                    for r in order
+                    if z[r, j] > 0
+                ],
+            }
+        )
     return {"rows": len(z), "metrics": names, "latents": latents}

@@ -24,8 +24,9 @@ __all__ = ["polarity_inversion", "ablation_effect", "PCA", "pca", "projected", "
 log = logging.getLogger(__name__)
 
 
-def polarity_inversion(agent: Agent, tap: str, *, obs_index: int, metric_name: str = "", episodes: int = 5, seed: int = 0,
-                       min_drop: float = 0.1) -> dict[str, Any]:
+def polarity_inversion(
+    agent: Agent, tap: str, *, obs_index: int, metric_name: str = "", episodes: int = 5, seed: int = 0, min_drop: float = 0.1
+) -> dict[str, Any]:
     """Probe the tap for ``obs[obs_index]``, then let the policy see that sensor negated.
 
     A tap that encodes the sensor the policy reads now carries the negated value, so the probe's
@@ -44,10 +45,17 @@ def polarity_inversion(agent: Agent, tap: str, *, obs_index: int, metric_name: s
     inverted = collect(agent, tap, episodes=episodes, seed=seed, obs_transform=negate)
     pred, true = probe.predict(inverted.X), inverted.obs[:, obs_index]
     r2_inv = r2_score(true, pred)
-    return {"metric": metric_name or f"obs[{obs_index}]", "tap": tap, "episodes": episodes,
-            "r2_normal": probe.r2_test, "r2_inverted": r2_inv, "r2_vs_negated": r2_score(-true, pred),
-            "dropped": bool(probe.r2_test - r2_inv > min_drop),
-            "return_normal": float(normal.returns.mean()), "return_inverted": float(inverted.returns.mean())}
+    return {
+        "metric": metric_name or f"obs[{obs_index}]",
+        "tap": tap,
+        "episodes": episodes,
+        "r2_normal": probe.r2_test,
+        "r2_inverted": r2_inv,
+        "r2_vs_negated": r2_score(-true, pred),
+        "dropped": bool(probe.r2_test - r2_inv > min_drop),
+        "return_normal": float(normal.returns.mean()),
+        "return_inverted": float(inverted.returns.mean()),
+    }
 
 
 def ablation_effect(agent: Agent, tap: str, direction: np.ndarray, *, episodes: int = 5, seed: int = 0) -> dict[str, Any]:
@@ -62,8 +70,15 @@ def ablation_effect(agent: Agent, tap: str, direction: np.ndarray, *, episodes: 
         ablated = mean_return(make_env, act, episodes, seed=seed)
     with ablate(root, tap, torch.as_tensor(rand, dtype=torch.float32)):
         control = mean_return(make_env, act, episodes, seed=seed)
-    return {"tap": tap, "episodes": episodes, "return_clean": clean, "return_ablated": ablated, "delta": ablated - clean,
-            "return_random": control, "delta_random": control - clean}
+    return {
+        "tap": tap,
+        "episodes": episodes,
+        "return_clean": clean,
+        "return_ablated": ablated,
+        "delta": ablated - clean,
+        "return_random": control,
+        "delta_random": control - clean,
+    }
 
 
 @dataclass
@@ -112,8 +127,9 @@ def projected(root: torch.nn.Module, tap: str, p: PCA, k: int) -> Iterator[None]
         handle.remove()
 
 
-def greedy_subspace(agent: Agent, tap: str, X: np.ndarray, *, keep: float = 0.95, episodes: int = 5, seed: int = 0,
-                    max_k: int | None = None) -> dict[str, Any]:
+def greedy_subspace(
+    agent: Agent, tap: str, X: np.ndarray, *, keep: float = 0.95, episodes: int = 5, seed: int = 0, max_k: int | None = None
+) -> dict[str, Any]:
     """The smallest ``k`` whose top-``k`` PCA projection of the tap (PCA of ``X``, rows of that tap)
     keeps the mean return within ``keep`` of clean (``>= keep * clean`` for a positive return).
 
@@ -134,12 +150,24 @@ def greedy_subspace(agent: Agent, tap: str, X: np.ndarray, *, keep: float = 0.95
         if ret >= bar:
             found = k
             break
-    return {"tap": tap, "k": found, "keep": keep, "return_clean": clean, "curve": curve,
-            "explained_variance": float(p.explained_variance_ratio[:found].sum()) if found else None}
+    return {
+        "tap": tap,
+        "k": found,
+        "keep": keep,
+        "return_clean": clean,
+        "curve": curve,
+        "explained_variance": float(p.explained_variance_ratio[:found].sum()) if found else None,
+    }
 
 
-def plot_ablation_curve(curve: Sequence[tuple[int, float]], path: Path | str, *, clean: float | None = None,
-                        keep: float | None = None, title: str = "return vs PCA subspace size") -> Path:
+def plot_ablation_curve(
+    curve: Sequence[tuple[int, float]],
+    path: Path | str,
+    *,
+    clean: float | None = None,
+    keep: float | None = None,
+    title: str = "return vs PCA subspace size",
+) -> Path:
     """Return against subspace size ``k``, with the clean return and the ``keep`` bar when given."""
     plt = _pyplot()
 

@@ -57,8 +57,9 @@ class Rollouts:
 
 
 @torch.no_grad()
-def collect(agent: Agent, tap: str, *, episodes: int, seed: int = 0,
-            obs_transform: Callable[[Any], Any] | None = None) -> Rollouts:
+def collect(
+    agent: Agent, tap: str, *, episodes: int, seed: int = 0, obs_transform: Callable[[Any], Any] | None = None
+) -> Rollouts:
     """Run the policy for ``episodes`` episodes (``env.reset(seed=seed + ep)``), recording the tap.
 
     The policy acts on ``obs_transform(obs)`` when given, while ``Rollouts.obs`` keeps the true
@@ -98,8 +99,14 @@ def collect(agent: Agent, tap: str, *, episodes: int, seed: int = 0,
     finally:
         handle.remove()
         env.close()
-    return Rollouts(np.stack(X), np.stack(obs_rows), np.stack(actions), np.asarray(rewards, dtype=np.float32),
-                    np.asarray(ep_of, dtype=np.int64), np.asarray(returns, dtype=np.float64))
+    return Rollouts(
+        np.stack(X),
+        np.stack(obs_rows),
+        np.stack(actions),
+        np.asarray(rewards, dtype=np.float32),
+        np.asarray(ep_of, dtype=np.int64),
+        np.asarray(returns, dtype=np.float64),
+    )
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -136,7 +143,7 @@ def _block_split(n: int, frac: float, rng: np.random.Generator) -> tuple[np.ndar
     held = rng.choice(SPLIT_BLOCKS, max(1, round(frac * SPLIT_BLOCKS)), replace=False)
     mask = np.zeros(n, dtype=bool)
     for b in held:
-        mask[edges[b]:edges[b + 1]] = True
+        mask[edges[b] : edges[b + 1]] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
@@ -170,8 +177,9 @@ def _fit_linear(kind: str, Xs: np.ndarray, yc: np.ndarray, alpha: float, w0: np.
     return _lasso_cd(G, c, alpha, np.zeros(d) if w0 is None else w0)
 
 
-def _linear_probe(kind: str, X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: np.random.Generator,
-                  alpha: float | None) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, float]:
+def _linear_probe(
+    kind: str, X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: np.random.Generator, alpha: float | None
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, float]:
     mu, sd = _scale(X[tr])
     Xs, ym = (X - mu) / sd, y[tr].mean()
     if alpha is None:  # choose on a validation split carved out of the training rows
@@ -195,8 +203,19 @@ def _linear_probe(kind: str, X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: 
     return (lambda Z: Z @ coef + intercept), coef, float(alpha)
 
 
-def _mlp_probe(X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: np.random.Generator, seed: int, *, hidden: int = 64,
-               max_epochs: int = 200, patience: int = 20, batch: int = 256, lr: float = 1e-2) -> Callable[[np.ndarray], np.ndarray]:
+def _mlp_probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    tr: np.ndarray,
+    rng: np.random.Generator,
+    seed: int,
+    *,
+    hidden: int = 64,
+    max_epochs: int = 200,
+    patience: int = 20,
+    batch: int = 256,
+    lr: float = 1e-2,
+) -> Callable[[np.ndarray], np.ndarray]:
     fit, val = _block_split(len(tr), 0.25, rng)
     fit, val = tr[fit], tr[val]
     mu, sd = _scale(X[fit])
@@ -213,7 +232,7 @@ def _mlp_probe(X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: np.random.Gene
     for _ in range(max_epochs):
         order = fit_t[torch.randperm(len(fit_t), generator=g)]
         for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             loss = torch.mean((net(xt[idx]).squeeze(-1) - yt[idx]) ** 2)
             opt.zero_grad()
             loss.backward()
@@ -238,8 +257,9 @@ def _mlp_probe(X: np.ndarray, y: np.ndarray, tr: np.ndarray, rng: np.random.Gene
     return predict
 
 
-def fit_probe(X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", test_frac: float = 0.2, seed: int = 0,
-              alpha: float | None = None) -> Probe:
+def fit_probe(
+    X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", test_frac: float = 0.2, seed: int = 0, alpha: float | None = None
+) -> Probe:
     """Fit a probe from activation rows ``X`` [n, d] to a metric ``y`` [n]; judged on held-out rows.
 
     The test rows are whole contiguous blocks of steps (see ``_block_split``), so rows in time
@@ -261,19 +281,29 @@ def fit_probe(X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", test_frac: f
         n_nonzero = int(np.count_nonzero(coef)) if kind == "lasso" else X.shape[1]
         norm = float(np.linalg.norm(coef))
         direction = (coef / norm).astype(np.float32) if norm > 0 else None
-    return Probe(kind, r2_score(y[tr], fn(X[tr])), r2_score(y[te], fn(X[te])), n_nonzero, direction,
-                 None if kind == "mlp" else alpha, fn)
+    return Probe(
+        kind, r2_score(y[tr], fn(X[tr])), r2_score(y[te], fn(X[te])), n_nonzero, direction, None if kind == "mlp" else alpha, fn
+    )
 
 
-def probe_table(X: np.ndarray, metrics: dict[str, np.ndarray], *, kinds: Sequence[str] = KINDS, test_frac: float = 0.2,
-                seed: int = 0) -> list[dict[str, Any]]:
+def probe_table(
+    X: np.ndarray, metrics: dict[str, np.ndarray], *, kinds: Sequence[str] = KINDS, test_frac: float = 0.2, seed: int = 0
+) -> list[dict[str, Any]]:
     """One row per (metric, probe kind): ``metric, kind, r2_train, r2_test, n_nonzero, alpha``."""
     rows = []
     for name, y in metrics.items():
         for kind in kinds:
             p = fit_probe(X, y, kind=kind, test_frac=test_frac, seed=seed)
-            rows.append({"metric": name, "kind": kind, "r2_train": p.r2_train, "r2_test": p.r2_test,
-                         "n_nonzero": p.n_nonzero, "alpha": p.alpha})
+            rows.append(
+                {
+                    "metric": name,
+                    "kind": kind,
+                    "r2_train": p.r2_train,
+                    "r2_test": p.r2_test,
+                    "n_nonzero": p.n_nonzero,
+                    "alpha": p.alpha,
+                }
+            )
             log.info("probe %s/%s: held-out R² %.3f", name, kind, p.r2_test)
     return rows
 

@@ -45,7 +45,6 @@ __all__ = ["EpisodeResult", "run_episodes", "sweep", "scan", "sweep_table_md", "
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class EpisodeResult:
     seed: int
@@ -60,8 +59,9 @@ def _env_id(env: Any) -> str | None:
 
 
 @torch.no_grad()
-def run_episodes(agent: Agent, *, episodes: int, seed: int = 0, env_id: str | None = None, progress: bool = False,
-                 max_steps: int | None = None) -> list[EpisodeResult]:
+def run_episodes(
+    agent: Agent, *, episodes: int, seed: int = 0, env_id: str | None = None, progress: bool = False, max_steps: int | None = None
+) -> list[EpisodeResult]:
     """Run ``episodes`` episodes, episode ``i`` reset with seed ``seed + i``.
 
     Torch's RNG is also seeded per episode (and restored afterwards), so a sampling ``act`` repeats
@@ -102,9 +102,16 @@ def _num(x: float) -> float | None:
 def _summary(runs: list[EpisodeResult], *, level: float) -> dict[str, Any]:
     rets = [r.episode_return for r in runs]
     m, lo, hi = mean_ci(rets, level=level)
-    return {"n": len(runs), "mean": m, "ci": [_num(lo), _num(hi)], "std": float(np.std(rets, ddof=1)) if len(rets) > 1 else None,
-            "failures": dict(Counter(r.mode for r in runs)), "returns": rets, "lengths": [r.length for r in runs],
-            "modes": [r.mode for r in runs]}
+    return {
+        "n": len(runs),
+        "mean": m,
+        "ci": [_num(lo), _num(hi)],
+        "std": float(np.std(rets, ddof=1)) if len(rets) > 1 else None,
+        "failures": dict(Counter(r.mode for r in runs)),
+        "returns": rets,
+        "lengths": [r.length for r in runs],
+        "modes": [r.mode for r in runs],
+    }
 
 
 def _check_latents(model: Transcoder, latents: Sequence[int] | None) -> list[int]:
@@ -116,9 +123,19 @@ def _check_latents(model: Transcoder, latents: Sequence[int] | None) -> list[int
     return [int(i) for i in latents]
 
 
-def sweep(agent: Agent, *, tap: str, model: Transcoder, latents: Sequence[int] | None = None,
-          alphas: Sequence[float] = (1.0, -1.0, 2.5, -2.5), episodes: int = 50, seed: int = 0, level: float = 0.95,
-          env_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+def sweep(
+    agent: Agent,
+    *,
+    tap: str,
+    model: Transcoder,
+    latents: Sequence[int] | None = None,
+    alphas: Sequence[float] = (1.0, -1.0, 2.5, -2.5),
+    episodes: int = 50,
+    seed: int = 0,
+    level: float = 0.95,
+    env_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """The seed post's intervention table: for every latent (default: all) and alpha, the policy's
     episodes with ``alpha * model.W_dec[latent]`` added at ``tap`` (normally the transcoder's
     target tap), against an unsteered baseline on the same seeds.
@@ -152,13 +169,35 @@ def sweep(agent: Agent, *, tap: str, model: Transcoder, latents: Sequence[int] |
     modes = [*failure_modes.modes_for(env_id), *sorted(seen - set(failure_modes.modes_for(env_id)))]
     for c in [baseline, *cells]:
         c["failures"] = {m: c["failures"].get(m, 0) for m in modes}
-    return {"kind": "sweep", "tap": tap, "env_id": env_id, "episodes": episodes, "seed": seed, "level": level,
-            "d_sae": model.d_sae, "latents": latents, "alphas": alphas, "modes": modes, "baseline": baseline, "cells": cells}
+    return {
+        "kind": "sweep",
+        "tap": tap,
+        "env_id": env_id,
+        "episodes": episodes,
+        "seed": seed,
+        "level": level,
+        "d_sae": model.d_sae,
+        "latents": latents,
+        "alphas": alphas,
+        "modes": modes,
+        "baseline": baseline,
+        "cells": cells,
+    }
 
 
-def scan(agent: Agent, *, tap: str, model: Transcoder, latents: Sequence[int] | None = None,
-         alphas: Sequence[float] = (0.5, -0.5), episodes: int = 20, seed: int = 0, level: float = 0.95,
-         env_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+def scan(
+    agent: Agent,
+    *,
+    tap: str,
+    model: Transcoder,
+    latents: Sequence[int] | None = None,
+    alphas: Sequence[float] = (0.5, -0.5),
+    episodes: int = 20,
+    seed: int = 0,
+    level: float = 0.95,
+    env_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Every latent at small +-alpha: which nudges raise the mean return?
 
     A :func:`sweep` result plus, per cell, ``diff_adjusted`` (the Welch interval at the
@@ -166,8 +205,18 @@ def scan(agent: Agent, *, tap: str, model: Transcoder, latents: Sequence[int] | 
     cells whose adjusted interval lies above 0, largest effect first; ``improving_unadjusted``
     those whose unadjusted one does (exploratory: expect ``(1 - level) / 2`` of null cells there).
     """
-    res = sweep(agent, tap=tap, model=model, latents=latents, alphas=alphas, episodes=episodes, seed=seed,
-                level=level, env_id=env_id, progress=progress)
+    res = sweep(
+        agent,
+        tap=tap,
+        model=model,
+        latents=latents,
+        alphas=alphas,
+        episodes=episodes,
+        seed=seed,
+        level=level,
+        env_id=env_id,
+        progress=progress,
+    )
     tests = len(res["cells"])
     adj_level = 1.0 - (1.0 - level) / tests
     for c in res["cells"]:
@@ -177,15 +226,30 @@ def scan(agent: Agent, *, tap: str, model: Transcoder, latents: Sequence[int] | 
 
     def above(key: str) -> list[dict[str, Any]]:
         hits = [c for c in res["cells"] if c[key]["ci"][0] is not None and c[key]["ci"][0] > 0.0]
-        return [{"latent": c["latent"], "alpha": c["alpha"], "mean": c["mean"], "diff": c["diff"]["mean"],
-                 "ci": c[key]["ci"], "p_value": c["diff"]["p_value"], "p_bonferroni": c["p_bonferroni"]}
-                for c in sorted(hits, key=lambda c: -c["diff"]["mean"])]
+        return [
+            {
+                "latent": c["latent"],
+                "alpha": c["alpha"],
+                "mean": c["mean"],
+                "diff": c["diff"]["mean"],
+                "ci": c[key]["ci"],
+                "p_value": c["diff"]["p_value"],
+                "p_bonferroni": c["p_bonferroni"],
+            }
+            for c in sorted(hits, key=lambda c: -c["diff"]["mean"])
+        ]
 
     improving = above("diff_adjusted")
-    res.update(kind="scan", tested_latents=res["latents"], tests=tests, bonferroni_level=adj_level,
-               improving=improving, improving_unadjusted=above("diff"),
-               note=f"{tests} tests; 'improving' uses Bonferroni-adjusted {adj_level:.4g} intervals of the "
-                    f"difference from baseline, 'improving_unadjusted' the nominal {level:g} ones")
+    res.update(
+        kind="scan",
+        tested_latents=res["latents"],
+        tests=tests,
+        bonferroni_level=adj_level,
+        improving=improving,
+        improving_unadjusted=above("diff"),
+        note=f"{tests} tests; 'improving' uses Bonferroni-adjusted {adj_level:.4g} intervals of the "
+        f"difference from baseline, 'improving_unadjusted' the nominal {level:g} ones",
+    )
     log.info("scan: %d tests, %d improving after Bonferroni", tests, len(improving))
     return res
 
@@ -207,9 +271,15 @@ def sweep_table_md(result: dict[str, Any]) -> str:
         half = None if hi is None else hi - c["mean"]
         d = c["diff"]
         mark = "*" if d["excludes_zero"] else ""
-        row = [str(c["latent"]), f"{c['alpha']:g}", _fmt(base["mean"]), f"{_fmt(c['mean'])} ± {_fmt(half)}",
-               f"{_fmt(d['mean'])}{mark} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]", _fmt(d["p_value"], ".3g"),
-               *(f"{base['failures'][m]} → {c['failures'][m]}" for m in modes)]
+        row = [
+            str(c["latent"]),
+            f"{c['alpha']:g}",
+            _fmt(base["mean"]),
+            f"{_fmt(c['mean'])} ± {_fmt(half)}",
+            f"{_fmt(d['mean'])}{mark} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]",
+            _fmt(d["p_value"], ".3g"),
+            *(f"{base['failures'][m]} → {c['failures'][m]}" for m in modes),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,8 +305,10 @@ def plot_sweep(result: dict[str, Any], path: Path | str, *, title: str | None = 
         shift = (i - (len(latents) - 1) / 2) * 0.01 * span  # keep overlapping error bars apart
         x = [c["alpha"] + shift for c in cells]
         y = [c["mean"] for c in cells]
-        err = [[0.0 if c["ci"][0] is None else c["mean"] - c["ci"][0] for c in cells],
-               [0.0 if c["ci"][1] is None else c["ci"][1] - c["mean"] for c in cells]]
+        err = [
+            [0.0 if c["ci"][0] is None else c["mean"] - c["ci"][0] for c in cells],
+            [0.0 if c["ci"][1] is None else c["ci"][1] - c["mean"] for c in cells],
+        ]
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1, label=f"latent {latent}")
     ax.set_xlabel("alpha (added × decoder row)")
     ax.set_ylabel(f"mean return ({result['level'] * 100:g}% CI)")

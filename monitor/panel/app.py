@@ -82,12 +82,26 @@ def _alert_table(alerts: list[dict]) -> None:
     if not alerts:
         st.info("No alerts. Rules come from `interlatent up --rules FILE` (see deploy/alerts.example.yaml).")
         return
-    df = pd.DataFrame([{"time": pd.to_datetime(a.get("time", 0), unit="s"), "severity": a.get("severity"), "state": a.get("state"),
-                        "rule": a.get("rule"), "run": a.get("run"), "tap": a.get("tap"), "latent": a.get("latent"),
-                        "step": a.get("step"), "explanation": (a.get("explanation") or {}).get("label", ""),
-                        "open": _link(page="Latents", run=a.get("run"), tap=a.get("tap"), latent=a.get("latent"))} for a in alerts])
-    st.dataframe(df, hide_index=True, width="stretch",
-                 column_config={"open": st.column_config.LinkColumn("latent", display_text="open")})
+    df = pd.DataFrame(
+        [
+            {
+                "time": pd.to_datetime(a.get("time", 0), unit="s"),
+                "severity": a.get("severity"),
+                "state": a.get("state"),
+                "rule": a.get("rule"),
+                "run": a.get("run"),
+                "tap": a.get("tap"),
+                "latent": a.get("latent"),
+                "step": a.get("step"),
+                "explanation": (a.get("explanation") or {}).get("label", ""),
+                "open": _link(page="Latents", run=a.get("run"), tap=a.get("tap"), latent=a.get("latent")),
+            }
+            for a in alerts
+        ]
+    )
+    st.dataframe(
+        df, hide_index=True, width="stretch", column_config={"open": st.column_config.LinkColumn("latent", display_text="open")}
+    )
 
 
 def page_latents(store: Store, run: str, tap: str, latent: int) -> None:
@@ -97,15 +111,31 @@ def page_latents(store: Store, run: str, tap: str, latent: int) -> None:
         if hm is None:
             st.info(f"No activations of {tap} kept yet: they appear once the agent streams.")
             return
-        heat = alt.Chart(hm).mark_rect().encode(
-            x=alt.X("step:O", axis=alt.Axis(labelOverlap=True, title=None)), y=alt.Y("latent:O"),
-            color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis")), tooltip=["step", "latent", "value"],
-        ).properties(height=min(400, 14 * hm["latent"].nunique() + 20), title=f"{tap}: recent activations")
+        heat = (
+            alt.Chart(hm)
+            .mark_rect()
+            .encode(
+                x=alt.X("step:O", axis=alt.Axis(labelOverlap=True, title=None)),
+                y=alt.Y("latent:O"),
+                color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis")),
+                tooltip=["step", "latent", "value"],
+            )
+            .properties(height=min(400, 14 * hm["latent"].nunique() + 20), title=f"{tap}: recent activations")
+        )
         chart: alt.TopLevelMixin = heat
         tr = data.metric_traces(store, run, int(hm["step"].min()), int(hm["step"].max()))
         if tr is not None and len(tr):
-            lines = alt.Chart(tr).mark_line().encode(x=alt.X("step:O", axis=alt.Axis(labelOverlap=True)), y="value:Q",
-                                                    color="metric:N", tooltip=["step", "metric", "value"]).properties(height=160)
+            lines = (
+                alt.Chart(tr)
+                .mark_line()
+                .encode(
+                    x=alt.X("step:O", axis=alt.Axis(labelOverlap=True)),
+                    y="value:Q",
+                    color="metric:N",
+                    tooltip=["step", "metric", "value"],
+                )
+                .properties(height=160)
+            )
             chart = alt.vconcat(heat, lines).resolve_scale(x="shared")
         st.altair_chart(chart, width="stretch")
         _latent_card(store, run, tap, latent)
@@ -132,7 +162,9 @@ def _steer_form(store: Store, run: str, tap: str, latent: int) -> None:
         alpha = c2.number_input("alpha (add) / factor (scale)", value=-1.0, step=0.5, key="steer_alpha")
         if c3.button("apply", key="steer_apply"):
             try:
-                version = set_interventions(store.r, run, [build_intervention(store, run, latent=latent, op=op, transcoder=name, alpha=alpha)])
+                version = set_interventions(
+                    store.r, run, [build_intervention(store, run, latent=latent, op=op, transcoder=name, alpha=alpha)]
+                )
                 st.success(f"asked the agent to {op} along {name}/{latent} (version {version})")
             except ConfigError as e:
                 st.error(str(e))
@@ -140,14 +172,30 @@ def _steer_form(store: Store, run: str, tap: str, latent: int) -> None:
             st.success(f"cleared all steering of {run} (version {clear_interventions(store.r, run)})")
         effects = steer_effects(store, run)
         if effects:
-            st.caption("Episode returns while each steer was on, beside those since the change before it "
-                       "(an observation; `interlatent sweep` is the controlled test):")
-            st.dataframe(pd.DataFrame([{
-                "steer": e["id"], "op": e["op"], "steps": f"{e['applied_step']}-{e['reverted_step'] if e['reverted_step'] is not None else 'now'}",
-                "episodes on": e["during"]["episodes"], "mean return on": e["during"]["mean_return"],
-                "episodes before": e["before"]["episodes"], "mean return before": e["before"]["mean_return"],
-                "difference": None if e["difference"] is None else round(e["difference"]["mean"], 2),
-            } for e in effects]), hide_index=True, width="stretch", key="steer_effects")
+            st.caption(
+                "Episode returns while each steer was on, beside those since the change before it "
+                "(an observation; `interlatent sweep` is the controlled test):"
+            )
+            st.dataframe(
+                pd.DataFrame(
+                    [
+                        {
+                            "steer": e["id"],
+                            "op": e["op"],
+                            "steps": f"{e['applied_step']}-{e['reverted_step'] if e['reverted_step'] is not None else 'now'}",
+                            "episodes on": e["during"]["episodes"],
+                            "mean return on": e["during"]["mean_return"],
+                            "episodes before": e["before"]["episodes"],
+                            "mean return before": e["before"]["mean_return"],
+                            "difference": None if e["difference"] is None else round(e["difference"]["mean"], 2),
+                        }
+                        for e in effects
+                    ]
+                ),
+                hide_index=True,
+                width="stretch",
+                key="steer_effects",
+            )
 
 
 def _latent_card(store: Store, run: str, tap: str, latent: int) -> None:
@@ -161,10 +209,17 @@ def _latent_card(store: Store, run: str, tap: str, latent: int) -> None:
         st.dataframe(pd.DataFrame([card["stats"]]).T.rename(columns={0: "value"}), width="stretch")
     with right:
         if len(card["corr"]):
-            st.altair_chart(alt.Chart(card["corr"]).mark_bar().encode(
-                x=alt.X("r:Q", scale=alt.Scale(domain=[-1, 1])), y=alt.Y("metric:N", sort="-x"),
-                color=alt.condition("datum.r > 0", alt.value("#2a9d8f"), alt.value("#e76f51"))).properties(title="correlation with each metric"),
-                width="stretch")
+            st.altair_chart(
+                alt.Chart(card["corr"])
+                .mark_bar()
+                .encode(
+                    x=alt.X("r:Q", scale=alt.Scale(domain=[-1, 1])),
+                    y=alt.Y("metric:N", sort="-x"),
+                    color=alt.condition("datum.r > 0", alt.value("#2a9d8f"), alt.value("#e76f51")),
+                )
+                .properties(title="correlation with each metric"),
+                width="stretch",
+            )
         else:
             st.info("No correlations yet: the run's steps need metrics (`tap.wrap(env, ...)` logs them).")
     e = card["explanation"]
@@ -177,8 +232,10 @@ def _latent_card(store: Store, run: str, tap: str, latent: int) -> None:
         st.text(e.get("label", ""))
         st.text(e.get("text", ""))
         s = e.get("score") or {}
-        st.caption(f"backend {e.get('backend')} · detection score {s.get('balanced_accuracy')} (shuffled {s.get('shuffled')}) · "
-                   f"simulation r {s.get('simulation')} (shuffled {s.get('simulation_shuffled')}) · n={s.get('n')}")
+        st.caption(
+            f"backend {e.get('backend')} · detection score {s.get('balanced_accuracy')} (shuffled {s.get('shuffled')}) · "
+            f"simulation r {s.get('simulation')} (shuffled {s.get('simulation_shuffled')}) · n={s.get('n')}"
+        )
     st.markdown("**Top-activating steps**")
     if len(card["top"]):
         st.dataframe(card["top"], hide_index=True, width="stretch")
@@ -203,10 +260,18 @@ def page_correlations(store: Store, run: str, tap: str) -> None:
         if df is None:
             return
         long = df.reset_index().melt(id_vars="latent", var_name="metric", value_name="r")
-        st.altair_chart(alt.Chart(long).mark_rect().encode(
-            x="metric:N", y=alt.Y("latent:O", sort=list(df.index)),
-            color=alt.Color("r:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
-            tooltip=["latent", "metric", "r"]).properties(height=min(600, 16 * len(df) + 30)), width="stretch")
+        st.altair_chart(
+            alt.Chart(long)
+            .mark_rect()
+            .encode(
+                x="metric:N",
+                y=alt.Y("latent:O", sort=list(df.index)),
+                color=alt.Color("r:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
+                tooltip=["latent", "metric", "r"],
+            )
+            .properties(height=min(600, 16 * len(df) + 30)),
+            width="stretch",
+        )
         st.dataframe(df.round(3), width="stretch")
 
     live()
@@ -230,23 +295,42 @@ def page_alerts(store: Store, runs: list[str]) -> None:
 def page_transcoders(store: Store) -> None:
     df = data.transcoder_table(store)
     if not len(df):
-        st.info("No transcoders yet: `interlatent train --run R --source TAP --target TAP` trains some, "
-                "`interlatent monitor --auto-train` trains them after a warm-up, `interlatent import PATH` brings SAELens ones.")
+        st.info(
+            "No transcoders yet: `interlatent train --run R --source TAP --target TAP` trains some, "
+            "`interlatent monitor --auto-train` trains them after a warm-up, `interlatent import PATH` brings SAELens ones."
+        )
         return
     st.dataframe(df, hide_index=True, width="stretch")
-    long = df.assign(pair=df["source"] + " → " + df["target"]).melt(
-        id_vars=["run", "pair", "latents"], value_vars=["FVU", "L0", "return recovered"], var_name="figure").dropna(subset=["value"])
+    long = (
+        df.assign(pair=df["source"] + " → " + df["target"])
+        .melt(id_vars=["run", "pair", "latents"], value_vars=["FVU", "L0", "return recovered"], var_name="figure")
+        .dropna(subset=["value"])
+    )
     if len(long):
-        st.altair_chart(alt.Chart(long).mark_line(point=True).encode(
-            x=alt.X("latents:Q", scale=alt.Scale(type="log", base=2)), y="value:Q", color="pair:N", tooltip=["run", "pair", "latents", "value"],
-        ).properties(width=260, height=200).facet(column="figure:N").resolve_scale(y="independent"))
-        st.caption("The multiscale comparison (the seed post's 2/4/8): reconstruction error, sparsity and return recovered against latent count.")
+        st.altair_chart(
+            alt.Chart(long)
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("latents:Q", scale=alt.Scale(type="log", base=2)),
+                y="value:Q",
+                color="pair:N",
+                tooltip=["run", "pair", "latents", "value"],
+            )
+            .properties(width=260, height=200)
+            .facet(column="figure:N")
+            .resolve_scale(y="independent")
+        )
+        st.caption(
+            "The multiscale comparison (the seed post's 2/4/8): reconstruction error, sparsity and return recovered against latent count."
+        )
 
 
 def page_language(store: Store, run: str, tap: str, latent: int) -> None:
     steps = store.token_steps(run)
     if not steps:
-        st.info("This run streams no tokens. Call `tap.track_tokens(tokenizer)` once, or `tap.tokens(tokenizer.convert_ids_to_tokens(ids[0]))` before each forward.")
+        st.info(
+            "This run streams no tokens. Call `tap.track_tokens(tokenizer)` once, or `tap.tokens(tokenizer.convert_ids_to_tokens(ids[0]))` before each forward."
+        )
         return
 
     @st.fragment(run_every=REFRESH_S)
@@ -258,12 +342,23 @@ def page_language(store: Store, run: str, tap: str, latent: int) -> None:
         last = int(cross["prompt"].max())
         one = cross[cross["prompt"] == last].assign(label=lambda d: d["position"].astype(str) + " " + d["token"])
         st.subheader(f"#{latent} over the tokens of the sequence from step {last}")
-        st.altair_chart(alt.Chart(one).mark_bar().encode(x=alt.X("label:N", sort=list(one["label"]), title="token"), y="value:Q",
-                                                         tooltip=["position", "token", "value"]), width="stretch")
+        st.altair_chart(
+            alt.Chart(one)
+            .mark_bar()
+            .encode(
+                x=alt.X("label:N", sort=list(one["label"]), title="token"), y="value:Q", tooltip=["position", "token", "value"]
+            ),
+            width="stretch",
+        )
         st.subheader(f"#{latent} across the last {cross['prompt'].nunique()} sequences")
         base = alt.Chart(cross).encode(x="position:O", y="prompt:O")
-        st.altair_chart(base.mark_rect().encode(color=alt.Color("value:Q", scale=alt.Scale(scheme="oranges")), tooltip=["prompt", "token", "value"])
-                        + base.mark_text(fontSize=9).encode(text="token:N"), width="stretch")
+        st.altair_chart(
+            base.mark_rect().encode(
+                color=alt.Color("value:Q", scale=alt.Scale(scheme="oranges")), tooltip=["prompt", "token", "value"]
+            )
+            + base.mark_text(fontSize=9).encode(text="token:N"),
+            width="stretch",
+        )
 
     live()
 

@@ -16,8 +16,18 @@ import pandas as pd
 from monitor.store.records import Store
 from monitor.store.tapstats import tap_stats
 
-__all__ = ["overview", "heatmap", "metric_traces", "latent_card", "corr_matrix", "alerts_feed", "transcoder_table",
-           "token_trace", "cross_prompt", "is_latent_tap"]
+__all__ = [
+    "overview",
+    "heatmap",
+    "metric_traces",
+    "latent_card",
+    "corr_matrix",
+    "alerts_feed",
+    "transcoder_table",
+    "token_trace",
+    "cross_prompt",
+    "is_latent_tap",
+]
 
 SEVERITIES = ("critical", "warning", "info")
 
@@ -31,18 +41,41 @@ def is_latent_tap(tap: str) -> bool:
 def overview(store: Store) -> dict[str, Any]:
     """Runs (one row each), service health, the rejected-frame counts and the newest alerts."""
     st = store.status()
-    runs = [{
-        "run": r["run"], "taps": ", ".join(sorted(r["taps"])), "steps": r["steps"], "steps/s": round(r["steps_per_s"], 1),
-        "rows/s": round(r["rows_per_s"], 1), "drops": r["drops"], "gaps": r["gaps"], "lag ms": round(1000 * r["lag_s"], 1),
-        "episodes": r["episodes"], "return (last 100)": round(r["return_mean_100"], 1), "last seen s": round(r["last_seen_s"], 1),
-    } for r in st["runs"]]
+    runs = [
+        {
+            "run": r["run"],
+            "taps": ", ".join(sorted(r["taps"])),
+            "steps": r["steps"],
+            "steps/s": round(r["steps_per_s"], 1),
+            "rows/s": round(r["rows_per_s"], 1),
+            "drops": r["drops"],
+            "gaps": r["gaps"],
+            "lag ms": round(1000 * r["lag_s"], 1),
+            "episodes": r["episodes"],
+            "return (last 100)": round(r["return_mean_100"], 1),
+            "last seen s": round(r["last_seen_s"], 1),
+        }
+        for r in st["runs"]
+    ]
     now = time.time()
-    services = [{"kind": h.get("kind", "?"), "id": h.get("id", "?"), "pid": h.get("pid"),
-                 "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "backend", "done", "failed") if k in h),
-                 "age s": round(now - float(h.get("time", now)), 1) if "time" in h else None} for h in st["services"]]
-    return {"runs": runs, "services": services, "rejected": st["monitor"]["rejected"],
-            "monitor_alive": st["monitor"]["alive"], "explainers": sum(1 for h in st["services"] if h.get("kind") == "explainer"),
-            "alerts": list(reversed(store.alerts(count=10_000)))[:10]}
+    services = [
+        {
+            "kind": h.get("kind", "?"),
+            "id": h.get("id", "?"),
+            "pid": h.get("pid"),
+            "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "backend", "done", "failed") if k in h),
+            "age s": round(now - float(h.get("time", now)), 1) if "time" in h else None,
+        }
+        for h in st["services"]
+    ]
+    return {
+        "runs": runs,
+        "services": services,
+        "rejected": st["monitor"]["rejected"],
+        "monitor_alive": st["monitor"]["alive"],
+        "explainers": sum(1 for h in st["services"] if h.get("kind") == "explainer"),
+        "alerts": list(reversed(store.alerts(count=10_000)))[:10],
+    }
 
 
 def _by_step(rows: np.ndarray, pos: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,11 +97,14 @@ def heatmap(store: Store, run: str, tap: str, *, steps: int = 200, max_latents: 
     cols = np.arange(mean.shape[1])
     if len(cols) > max_latents:
         cols = np.sort(np.argsort(-mean.std(axis=0))[:max_latents])
-    return pd.DataFrame({"step": np.repeat(st, len(cols)), "latent": np.tile(cols, len(st)),
-                         "value": mean[:, cols].reshape(-1).astype(float)})
+    return pd.DataFrame(
+        {"step": np.repeat(st, len(cols)), "latent": np.tile(cols, len(st)), "value": mean[:, cols].reshape(-1).astype(float)}
+    )
 
 
-def metric_traces(store: Store, run: str, first_step: int, last_step: int, *, names: list[str] | None = None) -> pd.DataFrame | None:
+def metric_traces(
+    store: Store, run: str, first_step: int, last_step: int, *, names: list[str] | None = None
+) -> pd.DataFrame | None:
     """Long table (step, metric, value) of the run's recent metrics in a step range."""
     met = store.recent_metrics(run)
     frames = []
@@ -92,8 +128,14 @@ def latent_card(store: Store, run: str, tap: str, latent: int, *, top: int = 10)
     corr = pd.DataFrame([{"metric": m, "r": r} for m, r in ch.get("corr", {}).items() if r is not None])
     rows = [{"step": e["step"], "index": e["index"], "value": e["value"], **e["metrics"]} for e in ch.get("top", [])]
     alerts = [a for a in store.alerts(run) if a.get("tap") == tap and a.get("latent") == latent]
-    return {"width": d["width"], "stats": stats, "corr": corr, "top": pd.DataFrame(rows),
-            "explanation": store.explanation(run, tap, latent), "alerts": alerts[-20:]}
+    return {
+        "width": d["width"],
+        "stats": stats,
+        "corr": corr,
+        "top": pd.DataFrame(rows),
+        "explanation": store.explanation(run, tap, latent),
+        "alerts": alerts[-20:],
+    }
 
 
 def corr_matrix(store: Store, run: str, tap: str, *, sort_by: str | None = None, ew: bool = False) -> pd.DataFrame | None:
@@ -109,12 +151,26 @@ def corr_matrix(store: Store, run: str, tap: str, *, sort_by: str | None = None,
     return df
 
 
-def alerts_feed(store: Store, *, run: str | None = None, severity: list[str] | None = None, rule: list[str] | None = None,
-                state: list[str] | None = None, limit: int = 500) -> list[dict[str, Any]]:
+def alerts_feed(
+    store: Store,
+    *,
+    run: str | None = None,
+    severity: list[str] | None = None,
+    rule: list[str] | None = None,
+    state: list[str] | None = None,
+    limit: int = 500,
+) -> list[dict[str, Any]]:
     """Alert events, newest first, filtered by run, severity, rule and state."""
     out = []
     for a in reversed(store.alerts(run)):
-        if severity and a.get("severity") not in severity or rule and a.get("rule") not in rule or state and a.get("state") not in state:
+        if (
+            severity
+            and a.get("severity") not in severity
+            or rule
+            and a.get("rule") not in rule
+            or state
+            and a.get("state") not in state
+        ):
             continue
         out.append(a)
         if len(out) >= limit:
@@ -127,15 +183,28 @@ def transcoder_table(store: Store) -> pd.DataFrame:
     rows = []
     for t in store.transcoders():
         q = t.get("quality") or {}
-        rows.append({"name": t["name"], "run": t["run"], "source": t["source"], "target": t["target"], "latents": t["d_sae"],
-                     "arch": t.get("architecture"), "L0": q.get("l0"), "FVU": q.get("fvu"), "dead": q.get("dead_frac"),
-                     "return recovered": q.get("return_recovered"), "active": bool(t.get("active", True))})
+        rows.append(
+            {
+                "name": t["name"],
+                "run": t["run"],
+                "source": t["source"],
+                "target": t["target"],
+                "latents": t["d_sae"],
+                "arch": t.get("architecture"),
+                "L0": q.get("l0"),
+                "FVU": q.get("fvu"),
+                "dead": q.get("dead_frac"),
+                "return recovered": q.get("return_recovered"),
+                "active": bool(t.get("active", True)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _sequence(tokens: dict[int, dict], step: int) -> list[int]:
     """The consecutive forwards of one sequence around ``step``: a prompt and the generation
     steps that continue it (``start`` > 0)."""
+
     def follows(s: int) -> bool:  # forward s continues forward s - 1 exactly
         a, b = tokens.get(s - 1), tokens[s]
         return a is not None and b["start"] > 0 and a["start"] + len(a["rows"][0]) - a["context"] == b["start"]
@@ -148,8 +217,16 @@ def _sequence(tokens: dict[int, dict], step: int) -> list[int]:
     return list(range(first, last + 1))
 
 
-def token_trace(store: Store, run: str, tap: str, latent: int, step: int, *, tokens: dict[int, dict] | None = None,
-                got: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame | None:
+def token_trace(
+    store: Store,
+    run: str,
+    tap: str,
+    latent: int,
+    step: int,
+    *,
+    tokens: dict[int, dict] | None = None,
+    got: tuple[np.ndarray, np.ndarray] | None = None,
+) -> pd.DataFrame | None:
     """One sequence: (position, token, value) of a latent over the tokens of forward ``step`` (the
     first sequence of a batch), with the generation steps before and after it when it has them.
     ``tokens`` and ``got`` (the tap's recent rows) may be passed in when already read."""
@@ -166,8 +243,15 @@ def token_trace(store: Store, run: str, tap: str, latent: int, step: int, *, tok
         idx = pos[sel, 1]
         first = idx < length
         if first.any():
-            parts.append(pd.DataFrame({"position": tk["start"] + idx[first], "token": [tk["rows"][0][context + i] for i in idx[first]],
-                                       "value": rows[sel][first, latent].astype(float)}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "position": tk["start"] + idx[first],
+                        "token": [tk["rows"][0][context + i] for i in idx[first]],
+                        "value": rows[sel][first, latent].astype(float),
+                    }
+                )
+            )
     return pd.concat(parts, ignore_index=True) if parts else None
 
 

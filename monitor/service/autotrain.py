@@ -75,9 +75,29 @@ class AutoTrainer:
         log_path = self.cfg.data_dir / "logs" / f"auto-train-{run.replace('/', '_')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         for src, tgt in self.cfg.pairs:
-            cmd = [sys.executable, "-m", "monitor", "train", "--run", run, "--source", src, "--target", tgt,
-                   "--latents", self.cfg.latents, "--epochs", str(self.cfg.epochs), "--recording", recording,
-                   "--redis", self.cfg.redis_url, "--data-dir", str(self.cfg.data_dir), "--json"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "monitor",
+                "train",
+                "--run",
+                run,
+                "--source",
+                src,
+                "--target",
+                tgt,
+                "--latents",
+                self.cfg.latents,
+                "--epochs",
+                str(self.cfg.epochs),
+                "--recording",
+                recording,
+                "--redis",
+                self.cfg.redis_url,
+                "--data-dir",
+                str(self.cfg.data_dir),
+                "--json",
+            ]
             with open(log_path, "ab") as out:
                 self.jobs[run] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
             log.info("auto-train: training %s -> %s of run %r (log %s)", src, tgt, run, log_path)

@@ -23,6 +23,7 @@ __all__ = ["Encoders", "LATENT_PREFIX"]
 
 log = logging.getLogger(__name__)
 
+
 class Encoders:
     def __init__(self) -> None:
         self.active: dict[str, tuple[dict[str, Any], Transcoder]] = {}  # name -> (registry entry, model)
@@ -58,6 +59,10 @@ class Encoders:
         for name, (info, model) in self.active.items():
             if info["source"] == tap and info["run"] in (run, "*") and model.d_in == data.shape[1]:
                 if x is None:
-                    x = torch.from_numpy(data if data.dtype == np.float32 and data.flags.c_contiguous else np.ascontiguousarray(data, dtype=np.float32))
+                    x = torch.from_numpy(
+                        data
+                        if data.dtype == np.float32 and data.flags.c_contiguous
+                        else np.ascontiguousarray(data, dtype=np.float32)
+                    )
                 out.append((LATENT_PREFIX + name, model.encode(x).numpy()))
         return out

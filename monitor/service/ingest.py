@@ -170,7 +170,9 @@ class Monitor:
                 st.last_seen, st.dirty = now, True
                 if len(self._ctl_events) >= CTL_BACKLOG:  # Redis has been away for long: the oldest go, counted
                     self.ctl_dropped += 1
-                    self._warn_store(f"control backlog full ({CTL_BACKLOG} events): dropped the oldest ({self.ctl_dropped} so far)")
+                    self._warn_store(
+                        f"control backlog full ({CTL_BACKLOG} events): dropped the oldest ({self.ctl_dropped} so far)"
+                    )
                     del self._ctl_events[0]
                 self._ctl_events.append(frame)
                 return True
@@ -184,7 +186,11 @@ class Monitor:
         except Exception as e:  # a bug of ours must cost one frame, never the monitor
             self._reject("internal_error", f"{type(e).__name__}: {e}")
             # the first one in full: a bug report needs the traceback, a flood of them does not
-            log.log(logging.WARNING if self.rejected["internal_error"] == 1 else logging.DEBUG, "internal error on a frame", exc_info=True)
+            log.log(
+                logging.WARNING if self.rejected["internal_error"] == 1 else logging.DEBUG,
+                "internal error on a frame",
+                exc_info=True,
+            )
             return False
         self.rows += frame.rows
         self.lag_s = max(0.0, now - frame.t)
@@ -305,11 +311,15 @@ class Monitor:
                 path = rec.close()
                 del self.recorders[run]
                 req = self._record_req.pop(run, {})
-                self.store.set_record(run, {**req, "steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps})
+                self.store.set_record(
+                    run, {**req, "steps": rec.max_steps, "state": "done", "path": str(path), "recorded": rec.steps}
+                )
                 log.info("recording of run %r done: %d steps in %s", run, rec.steps, path)
             else:
                 req = self._record_req.get(run, {})
-                self.store.set_record(run, {**req, "steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps})
+                self.store.set_record(
+                    run, {**req, "steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps}
+                )
 
     def _warn_store(self, message: str) -> None:
         now = time.monotonic()
@@ -319,9 +329,18 @@ class Monitor:
 
     def health(self) -> dict[str, Any]:
         return {
-            "kind": "monitor", "id": self.ident, "pid": os.getpid(), "host": socket.gethostname(),
-            "endpoint": self.endpoint, "control_endpoint": self.control.endpoint, "started": self.started, "frames": self.frames, "rows": self.rows,
-            "rejected": sum(self.rejected.values()), "lag_s": round(self.lag_s, 4), "runs": len(self.runs),
+            "kind": "monitor",
+            "id": self.ident,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "endpoint": self.endpoint,
+            "control_endpoint": self.control.endpoint,
+            "started": self.started,
+            "frames": self.frames,
+            "rows": self.rows,
+            "rejected": sum(self.rejected.values()),
+            "lag_s": round(self.lag_s, 4),
+            "runs": len(self.runs),
             "control_events_dropped": self.ctl_dropped,
             "time": time.time(),
         }

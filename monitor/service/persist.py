@@ -29,12 +29,23 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
     p.zadd(keys.RUNS, {st.run: st.last_seen})
     mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
     st.rates(time.time())
-    p.hset(keys.run(st.run), mapping={
-        "steps": st.steps, "gaps": st.gaps, "frames": st.frames, "episodes": st.episodes,
-        "first_seen": st.first_seen, "last_seen": st.last_seen, "return_mean_100": mean_ret,
-        "returns": json.dumps(st.returns), "rows": st.rows, "lag_s": round(st.lag_s, 4),
-        "steps_per_s": round(st.steps_per_s, 2), "rows_per_s": round(st.rows_per_s, 2),
-    })
+    p.hset(
+        keys.run(st.run),
+        mapping={
+            "steps": st.steps,
+            "gaps": st.gaps,
+            "frames": st.frames,
+            "episodes": st.episodes,
+            "first_seen": st.first_seen,
+            "last_seen": st.last_seen,
+            "return_mean_100": mean_ret,
+            "returns": json.dumps(st.returns),
+            "rows": st.rows,
+            "lag_s": round(st.lag_s, 4),
+            "steps_per_s": round(st.steps_per_s, 2),
+            "rows_per_s": round(st.rows_per_s, 2),
+        },
+    )
     changed = {t: s for t, s in st.taps.items() if s.dirty}
     if changed:
         p.hset(keys.run_taps(st.run), mapping={t: json.dumps(s.info()) for t, s in changed.items()})
@@ -45,11 +56,18 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
         p.hset(keys.run_pubs(st.run), mapping={k: json.dumps(v) for k, v in st.pubs.items()})
     if st.metrics.names:
         m = st.metrics
-        p.set(keys.run_metrics(st.run), msgpack.packb({
-            "names": m.names, "rows": m.rows,
-            "moments": {n: m.moments[n].to_state() for n in m.names},
-            "recent": [{"names": list(k), "blob": pack_recent(r)} for k, r in m.recent.items()],
-        }, use_bin_type=True))
+        p.set(
+            keys.run_metrics(st.run),
+            msgpack.packb(
+                {
+                    "names": m.names,
+                    "rows": m.rows,
+                    "moments": {n: m.moments[n].to_state() for n in m.names},
+                    "recent": [{"names": list(k), "blob": pack_recent(r)} for k, r in m.recent.items()],
+                },
+                use_bin_type=True,
+            ),
+        )
     if analytics and st.analytics_dirty:
         for tap, an in st.analytics.items():
             p.set(keys.analytics(st.run, tap), msgpack.packb(an.to_state(), use_bin_type=True))
@@ -67,9 +85,19 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
         st.evicted_tokens = []
     episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
     for e in episodes:
-        p.xadd(keys.episodes(st.run), {"step": int(e[0]), "index": int(e[1]), "return": e[2], "length": int(e[3]),
-                                       "terminated": int(e[4]), "truncated": int(e[5])},
-               maxlen=EPISODES_MAXLEN, approximate=True)
+        p.xadd(
+            keys.episodes(st.run),
+            {
+                "step": int(e[0]),
+                "index": int(e[1]),
+                "return": e[2],
+                "length": int(e[3]),
+                "terminated": int(e[4]),
+                "truncated": int(e[5]),
+            },
+            maxlen=EPISODES_MAXLEN,
+            approximate=True,
+        )
     p.execute()
     if analytics and st.analytics_dirty and on_analytics is not None:
         for tap, an in st.analytics.items():  # after the write: a job filed here finds the analytics in Redis
@@ -102,9 +130,17 @@ def load_run(store: Store, run: str, *, recent_rows: int, analytics_cfg: Analyti
     h = {k.decode(): v.decode() for k, v in h_raw.items()}
     if not h:
         return None
-    st = RunState(run=run, steps=int(h.get("steps", 0)), gaps=int(h.get("gaps", 0)), frames=int(h.get("frames", 0)),
-                  episodes=int(h.get("episodes", 0)), first_seen=float(h.get("first_seen", time.time())),
-                  last_seen=float(h.get("last_seen", 0.0)), returns=json.loads(h.get("returns", "[]")), rows=int(h.get("rows", 0)))
+    st = RunState(
+        run=run,
+        steps=int(h.get("steps", 0)),
+        gaps=int(h.get("gaps", 0)),
+        frames=int(h.get("frames", 0)),
+        episodes=int(h.get("episodes", 0)),
+        first_seen=float(h.get("first_seen", time.time())),
+        last_seen=float(h.get("last_seen", 0.0)),
+        returns=json.loads(h.get("returns", "[]")),
+        rows=int(h.get("rows", 0)),
+    )
     st.pubs = {k.decode(): json.loads(v) for k, v in pubs.items()}
     infos = {t.decode(): json.loads(v) for t, v in taps_raw.items()}
     p = store.r.pipeline(transaction=False)
@@ -116,15 +152,22 @@ def load_run(store: Store, run: str, *, recent_rows: int, analytics_cfg: Analyti
     kept: dict[str, dict[str, Any]] = {}
     for i, (tap, info) in enumerate(infos.items()):
         mom, recent, analytics = blobs[3 * i : 3 * i + 3]
-        st.taps[tap] = TapState(width=info["width"], dtype=info["dtype"], rows=info["rows"], frames=info["frames"], lead=info.get("lead", []),
-                                moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else Moments(info["width"]),
-                                recent=_restore_recent(recent, min(recent_rows, tap_recent_rows(info["width"])), info["width"], np.float32))
+        st.taps[tap] = TapState(
+            width=info["width"],
+            dtype=info["dtype"],
+            rows=info["rows"],
+            frames=info["frames"],
+            lead=info.get("lead", []),
+            moments=Moments.from_state(msgpack.unpackb(mom, raw=False)) if mom else Moments(info["width"]),
+            recent=_restore_recent(recent, min(recent_rows, tap_recent_rows(info["width"])), info["width"], np.float32),
+        )
         if analytics:
             kept[tap] = unpack_analytics(analytics)
     if metrics_blob:
         d = msgpack.unpackb(metrics_blob, raw=False)
-        st.metrics = MetricState(names=d["names"], rows=d["rows"],
-                                 moments={n: Moments.from_state(s) for n, s in d["moments"].items()})
+        st.metrics = MetricState(
+            names=d["names"], rows=d["rows"], moments={n: Moments.from_state(s) for n, s in d["moments"].items()}
+        )
         for item in d["recent"]:
             st.metrics.recent[tuple(item["names"])] = _restore_recent(item["blob"], recent_rows, len(item["names"]), np.float64)
     st.tokens = dict.fromkeys(sorted(int(k) for k in token_keys))

@@ -250,7 +250,10 @@ class RunState:
             if ts is None or ring is None or ts.width != state["width"]:
                 continue
             if self.joiner is None:
-                self.joiner, replay = Joiner(names, capacity=max(8192, 4 * cfg.window_steps)), Joiner(names, capacity=ring.capacity)
+                self.joiner, replay = (
+                    Joiner(names, capacity=max(8192, 4 * cfg.window_steps)),
+                    Joiner(names, capacity=ring.capacity),
+                )
                 replay.add(*ring.get())
             elif replay is None or names != self.joiner.names:
                 continue

@@ -34,7 +34,15 @@ from monitor.store import keys
 from monitor.store.keys import LATENT_PREFIX
 from monitor.store.records import ConfigError, Store
 
-__all__ = ["ControlChannel", "build_intervention", "set_interventions", "clear_interventions", "steer_effects", "steer_id", "STEER_EVENTS_MAXLEN"]
+__all__ = [
+    "ControlChannel",
+    "build_intervention",
+    "set_interventions",
+    "clear_interventions",
+    "steer_effects",
+    "steer_id",
+    "STEER_EVENTS_MAXLEN",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,9 @@ class ControlChannel:
     ``endpoint=None`` publishes nothing (agents' reports are still recorded).
     """
 
-    def __init__(self, store: Store, ctx: zmq.Context, endpoint: str | None, *, sink: AlertSink, republish_s: float = 1.0) -> None:
+    def __init__(
+        self, store: Store, ctx: zmq.Context, endpoint: str | None, *, sink: AlertSink, republish_s: float = 1.0
+    ) -> None:
         self.store, self.sink = store, sink
         self.endpoint = endpoint
         self._republish_s = republish_s
@@ -121,14 +131,24 @@ class ControlChannel:
         kind = ev["event"]
         if kind == "hello":
             control = bool(ev.get("control"))
-            self.store.r.hset(keys.control(run), mapping={"control": int(control), "pub": frame.pub, "hello": now,
-                                                          "version": int(ev.get("version", -1)), "time": now})
+            self.store.r.hset(
+                keys.control(run),
+                mapping={
+                    "control": int(control),
+                    "pub": frame.pub,
+                    "hello": now,
+                    "version": int(ev.get("version", -1)),
+                    "time": now,
+                },
+            )
             self._hello(run, control)
             log.info("run %r (%s) %s steering", run, frame.pub, "accepts" if control else "does not accept")
             return
         if kind == "synced":
-            self.store.r.hset(keys.control(run), mapping={"version": int(ev.get("version", -1)),
-                                                          "active": json.dumps(ev.get("active", [])), "time": now})
+            self.store.r.hset(
+                keys.control(run),
+                mapping={"version": int(ev.get("version", -1)), "active": json.dumps(ev.get("active", [])), "time": now},
+            )
             return
         record = {"run": run, "pub": frame.pub, "time": now, **ev}
         self.store.r.xadd(keys.STEER_EVENTS, {"json": json.dumps(record)}, maxlen=STEER_EVENTS_MAXLEN, approximate=True)
@@ -187,9 +207,17 @@ def steer_effects(store: Store, run: str) -> list[dict[str, Any]]:
         since = max((f["step"] for f in events[:i] if f["step"] < e["step"]), default=0)  # a change at the same step: a re-steer
         during = rets[(ends >= e["step"]) & (ends < (np.inf if until is None else until))]
         before = rets[(ends >= since) & (ends < e["step"])]
-        out.append({"id": e.get("id"), "op": e.get("op"), "applied_step": e["step"], "reverted_step": until,
-                    "before": _returns(before), "during": _returns(during),
-                    "difference": diff_ci(before.tolist(), during.tolist()) if len(before) and len(during) else None})
+        out.append(
+            {
+                "id": e.get("id"),
+                "op": e.get("op"),
+                "applied_step": e["step"],
+                "reverted_step": until,
+                "before": _returns(before),
+                "during": _returns(during),
+                "difference": diff_ci(before.tolist(), during.tolist()) if len(before) and len(during) else None,
+            }
+        )
     return out
 
 
@@ -199,16 +227,36 @@ def _alert(e: dict[str, Any]) -> dict[str, Any]:
     latent_tap, _, j = ident.rpartition("/")
     latent = int(j) if j.isdigit() and latent_tap else None
     severity = "warning" if kind == "refused" else "info"
-    what = {"add": f"add alpha={e.get('alpha', 0.0):+g}", "scale": f"scale factor={e.get('alpha', 0.0):g}",
-            "ablate": "ablate", "clamp": f"clamp value={e.get('value', 0.0):g}"}.get(e.get("op", ""), "a control message")
+    what = {
+        "add": f"add alpha={e.get('alpha', 0.0):+g}",
+        "scale": f"scale factor={e.get('alpha', 0.0):g}",
+        "ablate": "ablate",
+        "clamp": f"clamp value={e.get('value', 0.0):g}",
+    }.get(e.get("op", ""), "a control message")
     text = f"[{severity}] steering {kind}: {e['run']} {ident or ''} {what}" + (f" at {tap}" if tap else "")
     text += f" (version {e['version']}, step {e.get('step', 0)})" if "version" in e else f" (step {e.get('step', 0)})"
     if e.get("reason"):
         text += f": {e['reason']}"
-    return {"id": f"steering|{e['run']}|{ident}", "rule": "steering", "kind": "steer", "state": kind, "severity": severity,
-            "labels": {}, "run": e["run"], "tap": latent_tap if latent is not None else tap, "latent": latent,
-            "step": int(e.get("step", 0)), "index": 0, "value": float(e.get("alpha", 0.0)), "z": 0.0, "correlations": {},
-            "explanation": None, "time": e["time"], "text": text, "steer": {k: e[k] for k in ("id", "op", "tap", "version") if k in e}}
+    return {
+        "id": f"steering|{e['run']}|{ident}",
+        "rule": "steering",
+        "kind": "steer",
+        "state": kind,
+        "severity": severity,
+        "labels": {},
+        "run": e["run"],
+        "tap": latent_tap if latent is not None else tap,
+        "latent": latent,
+        "step": int(e.get("step", 0)),
+        "index": 0,
+        "value": float(e.get("alpha", 0.0)),
+        "z": 0.0,
+        "correlations": {},
+        "explanation": None,
+        "time": e["time"],
+        "text": text,
+        "steer": {k: e[k] for k in ("id", "op", "tap", "version") if k in e},
+    }
 
 
 def _transcoder(store: Store, run: str, tap: str | None, name: str | None) -> dict[str, Any]:
@@ -219,8 +267,10 @@ def _transcoder(store: Store, run: str, tap: str | None, name: str | None) -> di
         if info is None:
             raise ConfigError(f"no transcoder {name!r}; `interlatent transcoders` lists them")
         if tap is not None and tap != info["target"]:
-            raise ConfigError(f"transcoder {name} writes {info['target']!r}, so its decoder directions fit there, not at {tap!r}: "
-                              f"pass --tap {info['target']}")
+            raise ConfigError(
+                f"transcoder {name} writes {info['target']!r}, so its decoder directions fit there, not at {tap!r}: "
+                f"pass --tap {info['target']}"
+            )
         return info
     if tap is None:
         raise ConfigError("say where to steer: --tap TAP (with the run's transcoder that writes it) or --transcoder NAME")
@@ -229,15 +279,32 @@ def _transcoder(store: Store, run: str, tap: str | None, name: str | None) -> di
     if len(hits) == 1:
         return hits[0]
     if hits:
-        raise ConfigError(f"several transcoders of run {run!r} write {tap!r}: {', '.join(t['name'] for t in hits)}; "
-                          "pick one with --transcoder NAME")
-    readers = [f"{t['name']} reads {tap!r} and writes {t['target']!r} (steer at --tap {t['target']})" for t in mine if t["source"] == tap]
+        raise ConfigError(
+            f"several transcoders of run {run!r} write {tap!r}: {', '.join(t['name'] for t in hits)}; "
+            "pick one with --transcoder NAME"
+        )
+    readers = [
+        f"{t['name']} reads {tap!r} and writes {t['target']!r} (steer at --tap {t['target']})" for t in mine if t["source"] == tap
+    ]
     listing = ", ".join(f"{t['name']} ({t['source']} -> {t['target']})" for t in mine) or "none; `interlatent train` makes some"
-    raise ConfigError(f"no transcoder of run {run!r} writes {tap!r}: " + ("; ".join(readers) if readers else f"the run's transcoders: {listing}"))
+    raise ConfigError(
+        f"no transcoder of run {run!r} writes {tap!r}: "
+        + ("; ".join(readers) if readers else f"the run's transcoders: {listing}")
+    )
 
 
-def build_intervention(store: Store, run: str, *, latent: int | None, op: str, tap: str | None = None, transcoder: str | None = None,
-                       alpha: float | None = None, value: float | None = None, steer_id_: str | None = None) -> dict[str, Any]:
+def build_intervention(
+    store: Store,
+    run: str,
+    *,
+    latent: int | None,
+    op: str,
+    tap: str | None = None,
+    transcoder: str | None = None,
+    alpha: float | None = None,
+    value: float | None = None,
+    steer_id_: str | None = None,
+) -> dict[str, Any]:
     """The control message that steers ``latent`` of a registered transcoder at the tap it writes
     (``interlatent steer`` and the panel's form); a :class:`ConfigError` says what to fix."""
     from agent_side.steer import SteerError, from_transcoder
@@ -260,5 +327,7 @@ def build_intervention(store: Store, run: str, *, latent: int | None, op: str, t
         raise ConfigError(str(e)) from e
     width = store.taps(run).get(tap, {}).get("width")
     if width is not None and width != len(iv.direction):
-        raise ConfigError(f"run {run!r} streams {tap!r} {width} wide, but {info['name']}'s directions are {len(iv.direction)} wide")
+        raise ConfigError(
+            f"run {run!r} streams {tap!r} {width} wide, but {info['name']}'s directions are {len(iv.direction)} wide"
+        )
     return iv.to_msg()

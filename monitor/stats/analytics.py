@@ -142,7 +142,11 @@ class TapAnalytics:
         self.top_value[:, cols] = np.take_along_axis(values, order, axis=0)
         self.top_key[:, cols] = np.take_along_axis(keys_all, order, axis=0)
         old = self.top_metrics[:, cols]  # [k, c, m]
-        new = np.where((order >= k)[:, :, None], y[np.clip(order - k, 0, n - 1)], np.take_along_axis(old, np.minimum(order, k - 1)[:, :, None], axis=0))
+        new = np.where(
+            (order >= k)[:, :, None],
+            y[np.clip(order - k, 0, n - 1)],
+            np.take_along_axis(old, np.minimum(order, k - 1)[:, :, None], axis=0),
+        )
         self.top_metrics[:, cols] = new
 
     def restore_top(self, state: dict[str, Any]) -> None:
@@ -170,7 +174,11 @@ class TapAnalytics:
         """
         n, q = self.rolling.n, self.cfg.quantiles
         if n == 0:
-            return np.zeros((0, self.width)), np.zeros((0, self.width), dtype=np.int64), np.zeros((0, self.width, len(self.metric_names)))
+            return (
+                np.zeros((0, self.width)),
+                np.zeros((0, self.width), dtype=np.int64),
+                np.zeros((0, self.width, len(self.metric_names))),
+            )
         x, y = self.rolling.x[:n], self.rolling.y[:n]
         order = np.argsort(x, axis=0, kind="stable")
         at = np.minimum(((np.arange(q) + 0.5) * n / q).astype(int), n - 1)
@@ -184,11 +192,24 @@ class TapAnalytics:
         qv, qk, qm = self.quantile_samples()
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32).tobytes()  # noqa: E731
         return {
-            "width": self.width, "metrics": self.metric_names, "window_steps": self.cfg.window_steps,
-            "ew_alpha": self.cfg.ew_alpha, "paired": self.paired, "window_n": int(ws["n"]),
-            "corr": f32(self.rolling.get()), "ew_corr": f32(self.ew.get()),
-            "mean": f32(ws["mean"]), "std": f32(ws["std"]), "max": f32(ws["max"]), "frac_active": f32(ws["frac_active"]),
-            "top_value": f32(self.top_value), "top_key": np.ascontiguousarray(self.top_key).tobytes(),
-            "top_metrics": f32(self.top_metrics), "k": self.cfg.top_k,
-            "q_value": f32(qv), "q_key": np.ascontiguousarray(qk, dtype=np.int64).tobytes(), "q_metrics": f32(qm), "q": len(qv),
+            "width": self.width,
+            "metrics": self.metric_names,
+            "window_steps": self.cfg.window_steps,
+            "ew_alpha": self.cfg.ew_alpha,
+            "paired": self.paired,
+            "window_n": int(ws["n"]),
+            "corr": f32(self.rolling.get()),
+            "ew_corr": f32(self.ew.get()),
+            "mean": f32(ws["mean"]),
+            "std": f32(ws["std"]),
+            "max": f32(ws["max"]),
+            "frac_active": f32(ws["frac_active"]),
+            "top_value": f32(self.top_value),
+            "top_key": np.ascontiguousarray(self.top_key).tobytes(),
+            "top_metrics": f32(self.top_metrics),
+            "k": self.cfg.top_k,
+            "q_value": f32(qv),
+            "q_key": np.ascontiguousarray(qk, dtype=np.int64).tobytes(),
+            "q_metrics": f32(qm),
+            "q": len(qv),
         }

@@ -58,7 +58,9 @@ class FailureProfile:
         self.waiting = still[-1000:]
 
 
-def suggest_rules(tap: str, profile: FailureProfile, mean: np.ndarray, std: np.ndarray, *, top: int = 3, min_score: float = 0.5) -> list[dict[str, Any]]:
+def suggest_rules(
+    tap: str, profile: FailureProfile, mean: np.ndarray, std: np.ndarray, *, top: int = 3, min_score: float = 0.5
+) -> list[dict[str, Any]]:
     """Threshold rules for the channels that move furthest before failures (rise or fall score,
     in std, averaged over all failures); the threshold sits halfway to the typical pre-failure
     level of the failures where the channel moved that way."""
@@ -73,12 +75,25 @@ def suggest_rules(tap: str, profile: FailureProfile, mean: np.ndarray, std: np.n
                 break
             typical = total[c] / max(1.0, count[c])  # std moved, in the failures where it moved this way
             sign = 1.0 if direction == "above" else -1.0
-            out.append({
-                "rule": {"name": f"early-warning-{tap}-{int(c)}-{direction}", "kind": "threshold", "tap": tap, "channels": [int(c)],
-                         direction: round(float(mean[c] + sign * typical / 2 * std[c]), 6), "severity": "warning"},
-                "channel": int(c), "direction": direction, "score_std": round(float(score[c]), 3),
-                "moved_in": round(float(count[c] / n), 3), "mean": round(float(mean[c]), 6), "failures": n, "k": profile.k,
-            })
+            out.append(
+                {
+                    "rule": {
+                        "name": f"early-warning-{tap}-{int(c)}-{direction}",
+                        "kind": "threshold",
+                        "tap": tap,
+                        "channels": [int(c)],
+                        direction: round(float(mean[c] + sign * typical / 2 * std[c]), 6),
+                        "severity": "warning",
+                    },
+                    "channel": int(c),
+                    "direction": direction,
+                    "score_std": round(float(score[c]), 3),
+                    "moved_in": round(float(count[c] / n), 3),
+                    "mean": round(float(mean[c]), 6),
+                    "failures": n,
+                    "k": profile.k,
+                }
+            )
     return sorted(out, key=lambda x: -x["score_std"])[:top]
 
 
@@ -103,7 +118,8 @@ def evaluate_alerts(alerts: list[dict[str, Any]], episodes: list[dict[str, Any]]
             if before:
                 leads.append(end - min(before))
         out["rules"][rule] = {
-            "alerts": len(fired), "precision": round(hits / len(fired), 4) if fired else None,
+            "alerts": len(fired),
+            "precision": round(hits / len(fired), 4) if fired else None,
             "recall": round(len(leads) / len(failures), 4) if failures else None,
             "median_lead_steps": statistics.median(leads) if leads else None,
         }

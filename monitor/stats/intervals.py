@@ -19,8 +19,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 500):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for aa in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + aa * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + aa / c
@@ -88,8 +90,7 @@ def diff_ci(baseline: Sequence[float], treated: Sequence[float], *, level: float
     """
     a, b = np.asarray(baseline, dtype=np.float64), np.asarray(treated, dtype=np.float64)
     diff = float(b.mean() - a.mean())
-    out: dict[str, Any] = {"mean": diff, "ci": [None, None], "df": None, "p_value": None, "excludes_zero": None,
-                           "level": level}
+    out: dict[str, Any] = {"mean": diff, "ci": [None, None], "df": None, "p_value": None, "excludes_zero": None, "level": level}
     if a.size < 2 or b.size < 2:
         return out
     va, vb = float(a.var(ddof=1)) / a.size, float(b.var(ddof=1)) / b.size

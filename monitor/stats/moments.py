@@ -46,8 +46,13 @@ class Moments:
         return {"count": self.count, "mean": self.mean.copy(), "std": std, "min": self.min.copy(), "max": self.max.copy()}
 
     def to_state(self) -> dict[str, Any]:
-        return {"count": self.count, "mean": self.mean.tobytes(), "m2": self.m2.tobytes(),
-                "min": self.min.tobytes(), "max": self.max.tobytes()}
+        return {
+            "count": self.count,
+            "mean": self.mean.tobytes(),
+            "m2": self.m2.tobytes(),
+            "min": self.min.tobytes(),
+            "max": self.max.tobytes(),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Moments:

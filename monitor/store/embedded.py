@@ -54,8 +54,19 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         sock = self.data_dir / "redis.sock"
-        args = [redis_server_binary(), "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--daemonize", "no",
-                "--logfile", str(self.data_dir / "redis.log"), "--dbfilename", "interlatent.rdb"]
+        args = [
+            redis_server_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--dbfilename",
+            "interlatent.rdb",
+        ]
         if len(str(sock)) <= _MAX_UNIX_PATH:
             if sock.exists():
                 sock.unlink()
@@ -78,9 +89,15 @@ class EmbeddedRedis:
                 break
             except redis.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr and self.proc.poll() is not None else "timeout"
+                    err = (
+                        self.proc.stderr.read().decode(errors="replace")
+                        if self.proc.stderr and self.proc.poll() is not None
+                        else "timeout"
+                    )
                     self.stop()
-                    raise RuntimeError(f"embedded Redis did not start ({err.strip()[:300]}); see {self.data_dir / 'redis.log'}") from None
+                    raise RuntimeError(
+                        f"embedded Redis did not start ({err.strip()[:300]}); see {self.data_dir / 'redis.log'}"
+                    ) from None
                 time.sleep(0.05)
         client.close()
         if self.write_url:

@@ -8,8 +8,36 @@ apart: the run registry ``RUNS`` lists the run names.
 from __future__ import annotations
 
 __all__ = [
-    "LATENT_PREFIX", "PREFIX", "RUNS", "REJECTED", "HEALTH_MATCH", "ALERTS", "ALERTS_ACTIVE", "ALERTS_COUNT", "RECORD", "TRANSCODERS", "TRANSCODERS_VERSION", "EXPLAIN_JOBS", "EXPLAIN_GROUP", "EXPLAIN_PENDING", "explanations",
-    "STEER_VERSION", "STEER_EVENTS", "steer", "control", "run", "run_taps", "run_pubs", "run_metrics", "tap_stats", "recent", "analytics", "suggestions", "episodes", "tokens", "health",
+    "LATENT_PREFIX",
+    "PREFIX",
+    "RUNS",
+    "REJECTED",
+    "HEALTH_MATCH",
+    "ALERTS",
+    "ALERTS_ACTIVE",
+    "ALERTS_COUNT",
+    "RECORD",
+    "TRANSCODERS",
+    "TRANSCODERS_VERSION",
+    "EXPLAIN_JOBS",
+    "EXPLAIN_GROUP",
+    "EXPLAIN_PENDING",
+    "explanations",
+    "STEER_VERSION",
+    "STEER_EVENTS",
+    "steer",
+    "control",
+    "run",
+    "run_taps",
+    "run_pubs",
+    "run_metrics",
+    "tap_stats",
+    "recent",
+    "analytics",
+    "suggestions",
+    "episodes",
+    "tokens",
+    "health",
 ]
 
 LATENT_PREFIX = "latents:"  # not a key: the tap name a transcoder's latents stream under, latents:<name>

@@ -136,12 +136,25 @@ class Recorder:
 
     def _write_manifest(self, *, complete: bool) -> None:
         doc = {
-            "format": "interlatent-recording/1", "run": self.run, "complete": complete, "steps": self.steps,
-            "first_step": self.first_step, "max_steps": self.max_steps,
-            "taps": {t: {"folder": s.folder, "width": s.width, "dtype": s.dtype, "rows": sum(e["rows"] for e in s.shards), "shards": s.shards}
-                     for t, s in self.taps.items()},
-            "metrics": None if self.metrics is None else {"names": self.metric_names, "rows": sum(e["rows"] for e in self.metrics.shards),
-                                                          "shards": self.metrics.shards},
+            "format": "interlatent-recording/1",
+            "run": self.run,
+            "complete": complete,
+            "steps": self.steps,
+            "first_step": self.first_step,
+            "max_steps": self.max_steps,
+            "taps": {
+                t: {
+                    "folder": s.folder,
+                    "width": s.width,
+                    "dtype": s.dtype,
+                    "rows": sum(e["rows"] for e in s.shards),
+                    "shards": s.shards,
+                }
+                for t, s in self.taps.items()
+            },
+            "metrics": None
+            if self.metrics is None
+            else {"names": self.metric_names, "rows": sum(e["rows"] for e in self.metrics.shards), "shards": self.metrics.shards},
         }
         tmp = self.dir / "manifest.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))

@@ -17,7 +17,16 @@ import redis
 from monitor.stats.moments import Moments, Recent
 from monitor.store import keys
 
-__all__ = ["Store", "connect", "ConfigError", "resolve_redis_url", "EPISODES_MAXLEN", "pack_recent", "unpack_recent", "unpack_analytics"]
+__all__ = [
+    "Store",
+    "connect",
+    "ConfigError",
+    "resolve_redis_url",
+    "EPISODES_MAXLEN",
+    "pack_recent",
+    "unpack_recent",
+    "unpack_analytics",
+]
 
 EPISODES_MAXLEN = 100_000
 
@@ -35,9 +44,7 @@ def resolve_redis_url(url: str | None, data_dir: Path | None) -> str:
         f = Path(data_dir) / "redis.url"
         if f.exists():
             return f.read_text().strip()
-    raise ConfigError(
-        "no Redis to talk to: start one with `interlatent up`, or pass --redis URL (or set INTERLATENT_REDIS_URL)"
-    )
+    raise ConfigError("no Redis to talk to: start one with `interlatent up`, or pass --redis URL (or set INTERLATENT_REDIS_URL)")
 
 
 def connect(url: str) -> redis.Redis:
@@ -73,10 +80,20 @@ def unpack_analytics(blob: bytes) -> dict[str, Any]:
     w, m, k, q = d["width"], len(d["metrics"]), d["k"], d["q"]
     f = lambda name, *shape: np.frombuffer(d[name], dtype=np.float32).reshape(*shape)  # noqa: E731
     out = dict(d)
-    out.update(corr=f("corr", w, m), ew_corr=f("ew_corr", w, m), mean=f("mean", w), std=f("std", w), max=f("max", w),
-               frac_active=f("frac_active", w), top_value=f("top_value", k, w), top_metrics=f("top_metrics", k, w, m),
-               top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
-               q_value=f("q_value", q, w), q_metrics=f("q_metrics", q, w, m), q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w))
+    out.update(
+        corr=f("corr", w, m),
+        ew_corr=f("ew_corr", w, m),
+        mean=f("mean", w),
+        std=f("std", w),
+        max=f("max", w),
+        frac_active=f("frac_active", w),
+        top_value=f("top_value", k, w),
+        top_metrics=f("top_metrics", k, w, m),
+        top_key=np.frombuffer(d["top_key"], dtype=np.int64).reshape(k, w),
+        q_value=f("q_value", q, w),
+        q_metrics=f("q_metrics", q, w, m),
+        q_key=np.frombuffer(d["q_key"], dtype=np.int64).reshape(q, w),
+    )
     return out
 
 
@@ -174,7 +191,10 @@ class Store:
         return int(self.r.get(keys.TRANSCODERS_VERSION) or 0)
 
     def transcoders(self) -> list[dict[str, Any]]:
-        return sorted((json.loads(v) for v in self.r.hvals(keys.TRANSCODERS)), key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"]))
+        return sorted(
+            (json.loads(v) for v in self.r.hvals(keys.TRANSCODERS)),
+            key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"]),
+        )
 
     def record_requests(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.RECORD).items()}
@@ -188,7 +208,9 @@ class Store:
 
     def episodes(self, run: str, count: int = EPISODES_MAXLEN) -> list[dict[str, Any]]:
         """The newest ``count`` episode ends of a run, oldest first."""
-        return [{k.decode(): float(v) for k, v in f.items()} for _, f in reversed(self.r.xrevrange(keys.episodes(run), count=count))]
+        return [
+            {k.decode(): float(v) for k, v in f.items()} for _, f in reversed(self.r.xrevrange(keys.episodes(run), count=count))
+        ]
 
     def alerts(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
         out = [json.loads(f[b"json"]) for _, f in self.r.xrange(keys.ALERTS, count=count)]
@@ -200,8 +222,13 @@ class Store:
         blob = self.r.get(keys.steer(run))
         want = json.loads(blob) if blob else {"version": 0, "interventions": []}
         c = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.control(run)).items()}
-        return {**want, "control": c["control"] == "1" if "control" in c else None, "applied_version": int(c.get("version", -1)),
-                "active": json.loads(c.get("active", "[]")), "agent_time": float(c.get("time", 0.0))}
+        return {
+            **want,
+            "control": c["control"] == "1" if "control" in c else None,
+            "applied_version": int(c.get("version", -1)),
+            "active": json.loads(c.get("active", "[]")),
+            "agent_time": float(c.get("time", 0.0)),
+        }
 
     def steer_events(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
         """Agents' steering events (applied / reverted / refused), oldest first, of ``run`` or all runs."""
@@ -235,23 +262,28 @@ class Store:
             met = self.r.get(keys.run_metrics(run))
             metric_names = msgpack.unpackb(met, raw=False)["names"] if met else []
             last_seen = float(h.get("last_seen", 0.0))
-            runs.append({
-                "run": run,
-                "steps": int(h.get("steps", 0)),
-                "drops": sum(int(p.get("drops", 0)) for p in pubs),
-                "gaps": int(h.get("gaps", 0)),
-                "frames": int(h.get("frames", 0)),
-                "last_seen_s": round(max(0.0, now - last_seen), 3),
-                "rows": int(h.get("rows", 0)),
-                "steps_per_s": float(h.get("steps_per_s", 0.0)) if now - last_seen < 10 else 0.0,
-                "rows_per_s": float(h.get("rows_per_s", 0.0)) if now - last_seen < 10 else 0.0,
-                "lag_s": float(h.get("lag_s", 0.0)),
-                "publishers": len(pubs),
-                "episodes": int(h.get("episodes", 0)),
-                "return_mean_100": float(h.get("return_mean_100", 0.0)),
-                "taps": {t: {"width": v["width"], "rows": v["rows"], "frames": v["frames"], "dtype": v["dtype"]} for t, v in taps.items()},
-                "metrics": metric_names,
-            })
+            runs.append(
+                {
+                    "run": run,
+                    "steps": int(h.get("steps", 0)),
+                    "drops": sum(int(p.get("drops", 0)) for p in pubs),
+                    "gaps": int(h.get("gaps", 0)),
+                    "frames": int(h.get("frames", 0)),
+                    "last_seen_s": round(max(0.0, now - last_seen), 3),
+                    "rows": int(h.get("rows", 0)),
+                    "steps_per_s": float(h.get("steps_per_s", 0.0)) if now - last_seen < 10 else 0.0,
+                    "rows_per_s": float(h.get("rows_per_s", 0.0)) if now - last_seen < 10 else 0.0,
+                    "lag_s": float(h.get("lag_s", 0.0)),
+                    "publishers": len(pubs),
+                    "episodes": int(h.get("episodes", 0)),
+                    "return_mean_100": float(h.get("return_mean_100", 0.0)),
+                    "taps": {
+                        t: {"width": v["width"], "rows": v["rows"], "frames": v["frames"], "dtype": v["dtype"]}
+                        for t, v in taps.items()
+                    },
+                    "metrics": metric_names,
+                }
+            )
         return {
             "monitor": {"alive": bool(monitors), "rejected": rejected, "instances": monitors},
             "services": health,

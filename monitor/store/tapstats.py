@@ -12,20 +12,29 @@ from monitor.store.records import Store
 
 __all__ = ["tap_stats"]
 
+
 def _num(x: float) -> float | None:
     """JSON has no NaN: an undefined correlation is null."""
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else round(x, 6)
 
 
-def _examples(values: np.ndarray, keys: np.ndarray, metrics: np.ndarray, names: list[str], c: int, limit: int) -> list[dict[str, Any]]:
+def _examples(
+    values: np.ndarray, keys: np.ndarray, metrics: np.ndarray, names: list[str], c: int, limit: int
+) -> list[dict[str, Any]]:
     out = []
     for j in range(min(limit, len(values))):
         if keys[j, c] < 0 or not np.isfinite(values[j, c]):
             continue
         step, index = pos_of(keys[j, c])
-        out.append({"step": step, "index": index, "value": _num(values[j, c]),
-                    "metrics": {n: _num(v) for n, v in zip(names, metrics[j, c], strict=True)}})
+        out.append(
+            {
+                "step": step,
+                "index": index,
+                "value": _num(values[j, c]),
+                "metrics": {n: _num(v) for n, v in zip(names, metrics[j, c], strict=True)},
+            }
+        )
     return out
 
 
@@ -42,7 +51,13 @@ def tap_stats(store: Store, run: str, tap: str, *, top: int = 5) -> dict[str, An
     for c in range(info["width"]):
         ch: dict[str, Any] = {"channel": c}
         if mom:
-            ch.update(count=int(mom["count"]), mean=_num(mom["mean"][c]), std=_num(mom["std"][c]), min=_num(mom["min"][c]), max=_num(mom["max"][c]))
+            ch.update(
+                count=int(mom["count"]),
+                mean=_num(mom["mean"][c]),
+                std=_num(mom["std"][c]),
+                min=_num(mom["min"][c]),
+                max=_num(mom["max"][c]),
+            )
         if an:
             ch["window"] = {k: _num(an[k][c]) for k in ("mean", "std", "max", "frac_active")}
             ch["corr"] = {n: _num(an["corr"][c, j]) for j, n in enumerate(names)}

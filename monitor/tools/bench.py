@@ -90,7 +90,10 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
     sink = mp.get_context("spawn").Process(target=_sink, args=(sink_ep,), daemon=True)
     sink.start()
     try:
-        with tempfile.TemporaryDirectory(prefix="il-bench-") as tmp, EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url:
+        with (
+            tempfile.TemporaryDirectory(prefix="il-bench-") as tmp,
+            EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url,
+        ):
             with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp), explainer=False):
                 env = gym.make("CartPole-v1")
                 _loop(model, env, warmup)
@@ -109,11 +112,17 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
         "rounds": rounds,
         "steps_per_round": steps,
         "taps": DEMO_TAPS,
-        "steps_per_s": {"plain": statistics.median(plain), "attached_no_monitor": statistics.median(nomon),
-                        "attached_sink": statistics.median(sunk), "attached_monitor": statistics.median(live)},
+        "steps_per_s": {
+            "plain": statistics.median(plain),
+            "attached_no_monitor": statistics.median(nomon),
+            "attached_sink": statistics.median(sunk),
+            "attached_monitor": statistics.median(live),
+        },
         # the same cost in absolute terms: what an agent with a heavier step would pay
-        "overhead_us_per_step": {k: round(1e6 * (1 / statistics.median(v) - 1 / statistics.median(plain)), 1)
-                                 for k, v in (("attached_no_monitor", nomon), ("attached_sink", sunk), ("attached_monitor", live))},
+        "overhead_us_per_step": {
+            k: round(1e6 * (1 / statistics.median(v) - 1 / statistics.median(plain)), 1)
+            for k, v in (("attached_no_monitor", nomon), ("attached_sink", sunk), ("attached_monitor", live))
+        },
         "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon, strict=True)]),
         "ratio_sink": _ratios([b / a for a, b in zip(plain, sunk, strict=True)]),
         "ratio_monitor": _ratios([c / a for a, c in zip(plain, live, strict=True)]),
@@ -181,14 +190,22 @@ def bench_ingest(*, frames: int = 5000) -> dict[str, Any]:
         p.join()
         mon.close()
     return {
-        "width": INGEST_WIDTH, "rows_per_frame": INGEST_ROWS, "frames": frames, "dtype": "float32",
-        "decode_rows_per_s": decode_rps, "monitor_rows_per_s": handle_rps, "socket_rows_per_s": socket_rps,
-        "monitor_vs_decode": handle_rps / decode_rps, "rejected": res.rejected, "received": first.frames + res.frames,
+        "width": INGEST_WIDTH,
+        "rows_per_frame": INGEST_ROWS,
+        "frames": frames,
+        "dtype": "float32",
+        "decode_rows_per_s": decode_rps,
+        "monitor_rows_per_s": handle_rps,
+        "socket_rows_per_s": socket_rps,
+        "monitor_vs_decode": handle_rps / decode_rps,
+        "rejected": res.rejected,
+        "received": first.frames + res.frames,
     }
 
 
-def bench_stats(*, widths: tuple[int, ...] = (8, 512, 16384), metrics: int = 8, window: int = 1000,
-                steps: int = 300, frame_rows: int = 64) -> dict[str, Any]:
+def bench_stats(
+    *, widths: tuple[int, ...] = (8, 512, 16384), metrics: int = 8, window: int = 1000, steps: int = 300, frame_rows: int = 64
+) -> dict[str, Any]:
     """Per-step cost of the live statistics against ``metrics`` metrics, and river's rolling
     Pearson (one object per channel-metric pair) on the same data."""
     from monitor.stats.analytics import AnalyticsConfig, TapAnalytics
@@ -214,10 +231,16 @@ def bench_stats(*, widths: tuple[int, ...] = (8, 512, 16384), metrics: int = 8, 
             an._update(x[i : i + frame_rows], y[i : i + frame_rows], keys[i : i + frame_rows])
         full_us = (time.perf_counter() - t0) / steps * 1e6
         river_step_us = river_us * width * metrics
-        out["rows"].append({
-            "latents": width, "rolling_pearson_us_per_step": corr_us, "all_analytics_us_per_row_in_frames": full_us,
-            "river_us_per_step": river_step_us, "river_measured": width == widths[0], "speedup_vs_river": river_step_us / corr_us,
-        })
+        out["rows"].append(
+            {
+                "latents": width,
+                "rolling_pearson_us_per_step": corr_us,
+                "all_analytics_us_per_row_in_frames": full_us,
+                "river_us_per_step": river_step_us,
+                "river_measured": width == widths[0],
+                "speedup_vs_river": river_step_us / corr_us,
+            }
+        )
     out["river_us_per_pair_update"] = river_us
     out["frame_rows"] = frame_rows
     return out
@@ -262,8 +285,15 @@ def bench_encode(*, rows: int = 256, rounds: int = 5, budget_s: float = 0.3) -> 
             with torch.no_grad():
                 bare.append(_rows_per_s(lambda xt=xt, w=w: xt @ w, rows, budget_s))
         ratios = [a / b for a, b in zip(ours, bare, strict=True)]
-        out["shapes"].append({"d_in": d_in, "latents": d_sae, "encode_rows_per_s": statistics.median(ours),
-                              "matmul_rows_per_s": statistics.median(bare), "ratio": _ratios(ratios)})
+        out["shapes"].append(
+            {
+                "d_in": d_in,
+                "latents": d_sae,
+                "encode_rows_per_s": statistics.median(ours),
+                "matmul_rows_per_s": statistics.median(bare),
+                "ratio": _ratios(ratios),
+            }
+        )
     return out
 
 

@@ -20,8 +20,15 @@ log = logging.getLogger(__name__)
 DEMO_RUN = "cartpole-demo"
 
 
-def run_agent(model: Any, tap: Any, *, steps: int | None, on_tick: Callable[[int, list[float]], None] | None = None,
-              tick_s: float = 2.0, seed: int = 0) -> list[float]:
+def run_agent(
+    model: Any,
+    tap: Any,
+    *,
+    steps: int | None,
+    on_tick: Callable[[int, list[float]], None] | None = None,
+    tick_s: float = 2.0,
+    seed: int = 0,
+) -> list[float]:
     """Run the policy on CartPole for ``steps`` steps (forever if None); returns episode returns."""
     import gymnasium as gym
 

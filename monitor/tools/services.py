@@ -52,8 +52,19 @@ class Services:
             self.embedded = EmbeddedRedis(self.data_dir)
             self.redis_url = self.embedded.start()
         store = Store(connect(self.redis_url))
-        self._spawn("monitor", ["monitor", "--redis", self.redis_url, "--endpoint", self.endpoint, "--data-dir", str(self.data_dir),
-                               *self.extra_monitor_args])
+        self._spawn(
+            "monitor",
+            [
+                "monitor",
+                "--redis",
+                self.redis_url,
+                "--endpoint",
+                self.endpoint,
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra_monitor_args,
+            ],
+        )
         deadline = time.monotonic() + timeout_s
         while not any(h.get("kind") == "monitor" and h.get("pid") == self.children["monitor"].pid for h in store.health()):
             if self.children["monitor"].poll() is not None or time.monotonic() > deadline:

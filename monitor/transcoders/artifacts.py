@@ -27,14 +27,20 @@ class ArtifactError(RuntimeError):
     """An artifact directory that cannot be loaded; the message says why and what to do."""
 
 
-def save_artifact(directory: Path | str, model: Transcoder, *, source: str, target: str, run: str = "",
-                  extra: dict[str, Any] | None = None) -> Path:
+def save_artifact(
+    directory: Path | str, model: Transcoder, *, source: str, target: str, run: str = "", extra: dict[str, Any] | None = None
+) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().float() for k, v in model.state_dict().items()}, str(d / WEIGHTS))
     cfg = {
-        "architecture": "standard" if model.arch == "relu" else "topk", "d_in": model.d_in, "d_sae": model.d_sae,
-        "d_out": model.d_out, "k": model.k, "dtype": "float32", "hook_name": source,
+        "architecture": "standard" if model.arch == "relu" else "topk",
+        "d_in": model.d_in,
+        "d_sae": model.d_sae,
+        "d_out": model.d_out,
+        "k": model.k,
+        "dtype": "float32",
+        "hook_name": source,
         "metadata": {"source": source, "target": target, "run": run, "transcoder": source != target, **(extra or {})},
     }
     (d / "cfg.json").write_text(json.dumps(cfg, indent=1))
@@ -50,8 +56,10 @@ def load_artifact(directory: Path | str) -> tuple[Transcoder, dict[str, Any]]:
     if not tensors:
         pickles = [p.name for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickles:
-            raise ArtifactError(f"{d} holds only pickle weights ({', '.join(pickles)}); Interlatent never loads pickle: "
-                                "save the tensors with safetensors (W_enc, b_enc, W_dec, b_dec) and a cfg.json")
+            raise ArtifactError(
+                f"{d} holds only pickle weights ({', '.join(pickles)}); Interlatent never loads pickle: "
+                "save the tensors with safetensors (W_enc, b_enc, W_dec, b_dec) and a cfg.json"
+            )
         raise ArtifactError(f"{d} has no *.safetensors weights")
     try:
         cfg = json.loads((d / "cfg.json").read_text())

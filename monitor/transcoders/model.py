@@ -77,7 +77,9 @@ class TrainConfig:
     unit_decoder: bool = True  # keep decoder rows at unit norm so the L1 penalty cannot be dodged by scale
 
 
-def train_transcoder(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, progress: bool = True) -> tuple[Transcoder, dict[str, Any]]:
+def train_transcoder(
+    x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, progress: bool = True
+) -> tuple[Transcoder, dict[str, Any]]:
     """Fit a transcoder from source rows ``x`` to target rows ``y``; deterministic for a seed.
 
     Returns the model with the weights of its best validation epoch, and the loss history.

@@ -40,6 +40,7 @@ def spliced(root: torch.nn.Module, model: Transcoder | None, source: str, target
         handles.append(tensor_hook(tgt_mod, tgt.site, torch.zeros_like))
     else:
         if (src.module, src.site) != (tgt.module, tgt.site):
+
             def remember(t: torch.Tensor) -> torch.Tensor:
                 seen["x"] = t
                 return t
@@ -76,7 +77,9 @@ def mean_return(make_env: Callable[[], Any], act: Callable[[Any], Any], episodes
     return float(np.mean(total))
 
 
-def return_recovered(agent: Agent, model: Transcoder, source: str, target: str, *, episodes: int = 10, seed: int = 0) -> dict[str, Any]:
+def return_recovered(
+    agent: Agent, model: Transcoder, source: str, target: str, *, episodes: int = 10, seed: int = 0
+) -> dict[str, Any]:
     """Mean return clean, spliced and ablated over the same episode seeds, and the fraction recovered."""
     root, make_env, act = agent
     clean = mean_return(make_env, act, episodes, seed=seed)
@@ -85,5 +88,10 @@ def return_recovered(agent: Agent, model: Transcoder, source: str, target: str, 
     with spliced(root, None, source, target):
         abl = mean_return(make_env, act, episodes, seed=seed)
     gap = clean - abl
-    return {"episodes": episodes, "return_clean": clean, "return_spliced": spl, "return_ablated": abl,
-            "return_recovered": (spl - abl) / gap if abs(gap) > 1e-9 else None}
+    return {
+        "episodes": episodes,
+        "return_clean": clean,
+        "return_spliced": spl,
+        "return_ablated": abl,
+        "return_recovered": (spl - abl) / gap if abs(gap) > 1e-9 else None,
+    }

@@ -205,8 +205,9 @@ def test_sb3_callback_streams_only_rollout_forwards(store, live_monitor):
 
     n_envs, n_steps, total = 2, 64, 256
     venv = make_vec_env("CartPole-v1", n_envs=n_envs, seed=0)
-    model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=32, n_epochs=2,
-                policy_kwargs=dict(net_arch=[16, 16]), seed=0, device="cpu")
+    model = PPO(
+        "MlpPolicy", venv, n_steps=n_steps, batch_size=32, n_epochs=2, policy_kwargs=dict(net_arch=[16, 16]), seed=0, device="cpu"
+    )
     tap_name = "mlp_extractor.policy_net.0:in"
     with agent_side.attach(model.policy, [tap_name], run="learn", endpoint=live_monitor.endpoint) as tap:
         assert tap.wait_for_monitor(10)
@@ -283,8 +284,9 @@ def test_tiny_gpt2_token_rows(store, live_monitor):
     torch.manual_seed(0)
     # Three layers: hidden_states[-1] has ln_f applied, so the last block's raw output is not in it;
     # hidden_states[2] is the raw output of block 1 only when a block follows it.
-    config = transformers.GPT2Config(n_layer=3, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=3, n_head=2, n_embd=32, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     names = dict(model.named_modules())
     assert "transformer.h.0.mlp.c_fc" in names and "transformer.h.1" in names
@@ -312,7 +314,10 @@ def test_tiny_gpt2_token_rows(store, live_monitor):
     assert st["steps"] == n
     assert st["drops"] == 0 and st["gaps"] == 0
 
-    for t, expect in [("transformer.h.1:out", hidden), ("transformer.h.0.mlp.c_fc:out", [o.reshape(-1, 128).numpy() for o in c_fc_out])]:
+    for t, expect in [
+        ("transformer.h.1:out", hidden),
+        ("transformer.h.0.mlp.c_fc:out", [o.reshape(-1, 128).numpy() for o in c_fc_out]),
+    ]:
         rows, pos = store.recent("gpt2", t)
         assert rows.shape[0] == n * batch * seq
         for k in range(n):
@@ -443,7 +448,9 @@ def test_no_monitor_is_harmless_then_monitor_arrives(store):
     assert set(obs_logged) == {(s, 0) for s in range(100, 120)}
     with torch.no_grad():
         for key, o in obs_logged.items():
-            np.testing.assert_allclose(rows_out[key], policy[0](torch.as_tensor(o, dtype=torch.float32)).numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                rows_out[key], policy[0](torch.as_tensor(o, dtype=torch.float32)).numpy(), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_no_monitor_builds_nothing_and_counts_metric_rows_as_drops():
@@ -542,5 +549,5 @@ def test_one_huge_forward_is_split_into_frames(store, live_monitor):
     entry = run_entry(store, "big")
     assert entry["taps"]["0:out"]["rows"] == 3000 and (entry["drops"], entry["gaps"]) == (0, 0)
     rows, pos = store.recent("big", "0:out")
-    np.testing.assert_array_equal(rows, out[-len(rows):].numpy())
+    np.testing.assert_array_equal(rows, out[-len(rows) :].numpy())
     np.testing.assert_array_equal(pos[:, 1], np.arange(3000 - len(rows), 3000))

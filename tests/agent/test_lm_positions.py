@@ -69,9 +69,18 @@ def test_a_cache_passed_by_position_or_keyword_is_read() -> None:
 
 def test_the_trust_order_and_what_cannot_be_placed() -> None:
     ids = torch.zeros(2, 3, dtype=torch.long)
-    assert sequence_start({"input_ids": ids, "cache_position": torch.tensor([7, 8, 9]), "position_ids": torch.tensor([[0, 1, 2]] * 2)}, 3) == 7
-    assert sequence_start({"input_ids": ids, "position_ids": torch.tensor([[4, 5, 6], [1, 1, 0]]),
-                           "attention_mask": torch.ones(2, 3)}, 3) == 4  # positions over the mask's length
+    assert (
+        sequence_start(
+            {"input_ids": ids, "cache_position": torch.tensor([7, 8, 9]), "position_ids": torch.tensor([[0, 1, 2]] * 2)}, 3
+        )
+        == 7
+    )
+    assert (
+        sequence_start(
+            {"input_ids": ids, "position_ids": torch.tensor([[4, 5, 6], [1, 1, 0]]), "attention_mask": torch.ones(2, 3)}, 3
+        )
+        == 4
+    )  # positions over the mask's length
     assert sequence_start({"input_ids": ids, "attention_mask": torch.ones(2, 10)}, 3) == 7
     assert sequence_start({"input_ids": ids}, 3) == 0
     assert sequence_start({"input_ids": ids, "use_cache": True, "return_dict": True}, 3) == 0
@@ -119,8 +128,10 @@ def test_a_forward_that_cannot_be_placed_is_its_own_step_and_counted(store: Stor
             model(torch.tensor([[6, 7]]))  # step 3: a new sequence again
         tap.flush()
         assert tap.counters()["tokens_unplaced"] == 2
-        wait_until(lambda: store.recent("rnn", "head:out") is not None and len(store.recent("rnn", "head:out")[1]) == 3 + 1 + 1 + 2,
-                   what="four forwards")
+        wait_until(
+            lambda: store.recent("rnn", "head:out") is not None and len(store.recent("rnn", "head:out")[1]) == 3 + 1 + 1 + 2,
+            what="four forwards",
+        )
     assert store.token_steps("rnn") == [0, 3]
     assert store.tokens("rnn", [3])[3] == {"rows": [["w6", "w7"]], "context": 0, "start": 0}
     _, pos = store.recent("rnn", "head:out")

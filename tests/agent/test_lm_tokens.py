@@ -84,10 +84,16 @@ def test_gpt2_tokens_reach_the_prompt_and_the_rules_backend_names_the_token(stor
                 model(torch.as_tensor(ids))
                 sent.append(toks)
         tap.flush()
-        wait_until(lambda: store.analytics("lm", "transformer.wte:out") is not None and len(store.token_steps("lm")) == n, what="tokens and analytics")
+        wait_until(
+            lambda: store.analytics("lm", "transformer.wte:out") is not None and len(store.token_steps("lm")) == n,
+            what="tokens and analytics",
+        )
 
     assert store.token_steps("lm") == list(range(n))
-    assert store.tokens("lm", [0, n - 1]) == {0: {"rows": sent[0], "context": 0, "start": 0}, n - 1: {"rows": sent[-1], "context": 0, "start": 0}}
+    assert store.tokens("lm", [0, n - 1]) == {
+        0: {"rows": sent[0], "context": 0, "start": 0},
+        n - 1: {"rows": sent[-1], "context": 0, "start": 0},
+    }
     ctx = build_context(store, "lm", "transformer.wte:out", 0)
     assert ctx is not None and ctx.tokens and ctx.metrics == ["token_pos"]
     for e in ctx.top:  # every top example is a " cat", shown in its own sentence
@@ -123,7 +129,9 @@ def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monito
     words = [f"w{i}" for i in range(30)]
     tok = word_tokenizer(words)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=64)).eval()
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=64)
+    ).eval()
     prompt = torch.tensor([[3, 4, 5, 6, 7, 8]])
     new = 5
     with agent_side.attach(model, ["transformer.h.0:out"], run="gen", endpoint=live_monitor.endpoint) as tap:
@@ -134,8 +142,14 @@ def test_track_tokens_names_prompts_and_generate_steps(store: Store, live_monito
             out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         tap.flush()
         assert tap.counters()["drops"] == 0
-        wait_until(lambda: len(store.token_steps("gen")) == 1 + new and store.recent("gen", "transformer.h.0:out") is not None
-                   and len(store.recent("gen", "transformer.h.0:out")[1]) == 3 + 6 + new - 1, what="generation tokens")
+        wait_until(
+            lambda: (
+                len(store.token_steps("gen")) == 1 + new
+                and store.recent("gen", "transformer.h.0:out") is not None
+                and len(store.recent("gen", "transformer.h.0:out")[1]) == 3 + 6 + new - 1
+            ),
+            what="generation tokens",
+        )
     seq = tok.convert_ids_to_tokens(out[0].tolist())  # prompt + generated
     got = store.tokens("gen", range(1 + new))
     assert got[0] == {"rows": [["w1", "w2", "w3"]], "context": 0, "start": 0}
@@ -160,8 +174,21 @@ def test_the_generate_example_streams_every_sequence(store: Store, live_monitor)
 
     from monitor.panel.data import cross_prompt
 
-    proc = spawn([str(ROOT / "examples" / "lm_generate.py"), "--endpoint", live_monitor.endpoint, "--run", "ex",
-                  "--prompts", "3", "--new-tokens", "4"], stdout=subprocess.PIPE, text=True)
+    proc = spawn(
+        [
+            str(ROOT / "examples" / "lm_generate.py"),
+            "--endpoint",
+            live_monitor.endpoint,
+            "--run",
+            "ex",
+            "--prompts",
+            "3",
+            "--new-tokens",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = proc.communicate(timeout=150)
     assert proc.returncode == 0, out
     lines = [json.loads(x) for x in out.splitlines()]
@@ -178,8 +205,10 @@ def test_the_generate_example_streams_every_sequence(store: Store, live_monitor)
             step = got[4 * i + k]
             assert step["start"] == n + k - 1 and step["rows"][0][-1] == text[n + k - 1]
     tap = "transformer.h.1:out"
-    wait_until(lambda: cross_prompt(store, "ex", tap, 0) is not None and cross_prompt(store, "ex", tap, 0)["prompt"].nunique() == 3,
-               what="three sequences in the panel's data")
+    wait_until(
+        lambda: cross_prompt(store, "ex", tap, 0) is not None and cross_prompt(store, "ex", tap, 0)["prompt"].nunique() == 3,
+        what="three sequences in the panel's data",
+    )
     cross = cross_prompt(store, "ex", tap, 0)
     for i, (_, seq) in enumerate(cross.groupby("prompt", sort=True)):
         assert seq["token"].tolist() == texts[i][: len(seq)] and len(seq) == len(texts[i]) - 1
@@ -209,8 +238,14 @@ def test_the_tracker_never_shares_a_step_or_borrows_context(store: Store, live_m
             other = twin(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), use_cache=True).past_key_values  # not watched
             model(torch.tensor([[9]]), past_key_values=other)  # step 4: position 8, not where step 3 ended
         tap.flush()
-        wait_until(lambda: len(store.token_steps("edge")) == 4 and store.recent("edge", tap_name) is not None
-                   and len(store.recent("edge", tap_name)[1]) == 3 + 2 + 2 + 1 + 1, what="five forwards")
+        wait_until(
+            lambda: (
+                len(store.token_steps("edge")) == 4
+                and store.recent("edge", tap_name) is not None
+                and len(store.recent("edge", tap_name)[1]) == 3 + 2 + 2 + 1 + 1
+            ),
+            what="five forwards",
+        )
     assert store.token_steps("edge") == [0, 2, 3, 4]
     _, pos = store.recent("edge", tap_name)
     assert sorted(set(pos[:, 0].tolist())) == [0, 1, 2, 3, 4] and (pos[:, 0] == 1).sum() == 2  # step 1's rows, apart

@@ -204,8 +204,10 @@ def test_clamp_reads_its_latent_at_another_tap_of_the_same_forward() -> None:
     with clamp(pol, "1:out", w_enc=we.tolist(), b_enc=0.0, w_dec=wd, value=0.0, source="0:in"):
         got = pol(x)
     torch.testing.assert_close(got, pol[2:](h - torch.relu(x @ we).unsqueeze(-1) * wd))
-    with clamp(pol, "1:out", w_enc=we, b_enc=0.0, w_dec=wd, value=0.0, source="4:out"), \
-            pytest.raises(SteerError, match="'4:out' did not run before the tap"):
+    with (
+        clamp(pol, "1:out", w_enc=we, b_enc=0.0, w_dec=wd, value=0.0, source="4:out"),
+        pytest.raises(SteerError, match="'4:out' did not run before the tap"),
+    ):
         pol(x)
     with clamp(pol, "2:in", w_enc=we, b_enc=0.0, w_dec=wd, value=0.0, source="0:in"):
         pol(x)
@@ -216,8 +218,10 @@ def test_clamp_reads_its_latent_at_another_tap_of_the_same_forward() -> None:
 @torch.no_grad()
 def test_clamp_refuses_a_source_whose_rows_do_not_line_up_with_the_tap() -> None:
     net, x = _Recurrent(), _x(4, 4, 3)  # source rows [4, 4] (batch, time), tap rows [4]: would broadcast silently
-    with clamp(net, "head:in", w_enc=[1.0] * 3, b_enc=0.0, w_dec=[1.0] * 5, value=0.0, source="lstm:in"), \
-            pytest.raises(SteerError, match=r"source 'lstm:in'.*\(4, 4\) do not line up with tap rows \(4,\)"):
+    with (
+        clamp(net, "head:in", w_enc=[1.0] * 3, b_enc=0.0, w_dec=[1.0] * 5, value=0.0, source="lstm:in"),
+        pytest.raises(SteerError, match=r"source 'lstm:in'.*\(4, 4\) do not line up with tap rows \(4,\)"),
+    ):
         net(x)
 
 
@@ -283,8 +287,10 @@ def test_width_mismatch_is_an_error_naming_the_tap_and_both_sizes() -> None:
     pol, x = _mlp(), _x(6, 4)
     with add(pol, "1:out", [1.0] * 5, 1.0), pytest.raises(SteerError, match=r"'1:out'.*5 entries.*last dim is 8"):
         pol(x)
-    with clamp(pol, "1:out", w_enc=[1.0] * 8, b_enc=0.0, w_dec=[1.0] * 8, value=0.0, source="0:in"), \
-            pytest.raises(SteerError, match=r"source '0:in'.*w_enc has 8 entries.*last dim is 4"):
+    with (
+        clamp(pol, "1:out", w_enc=[1.0] * 8, b_enc=0.0, w_dec=[1.0] * 8, value=0.0, source="0:in"),
+        pytest.raises(SteerError, match=r"source '0:in'.*w_enc has 8 entries.*last dim is 4"),
+    ):
         pol(x)
 
 
@@ -309,13 +315,19 @@ def test_bad_steers_are_refused_at_construction(make, match) -> None:
     assert torch.equal(pol(x), clean)  # nothing was left registered
 
 
-_CLAMP = Intervention("clamp", "fc2:in", (0.5, -1.0), value=3.0, w_enc=(1.0, 2.0, 0.25), b_enc=-0.5, source="fc1:in", id="fc2:in/3")
+_CLAMP = Intervention(
+    "clamp", "fc2:in", (0.5, -1.0), value=3.0, w_enc=(1.0, 2.0, 0.25), b_enc=-0.5, source="fc1:in", id="fc2:in/3"
+)
 
 
 @pytest.mark.parametrize(
     "iv",
-    [Intervention("add", "fc2:in", (1.0, 2.0), alpha=-2.5, id="a"), Intervention("scale", "fc1:out", (0.5,), alpha=0.0),
-     Intervention("ablate", "fc1:out", (1, 2)), _CLAMP],
+    [
+        Intervention("add", "fc2:in", (1.0, 2.0), alpha=-2.5, id="a"),
+        Intervention("scale", "fc1:out", (0.5,), alpha=0.0),
+        Intervention("ablate", "fc1:out", (1, 2)),
+        _CLAMP,
+    ],
 )
 def test_intervention_round_trips_through_msgpack_and_json(iv: Intervention) -> None:
     assert Intervention.from_msg(iv.to_msg()) == iv
@@ -391,5 +403,6 @@ def test_malformed_messages_are_refused_with_a_reason(msg: object, match: str) -
 
 def test_exported_names() -> None:
     assert sorted(steer_mod.__all__) == sorted(
-        ["SteerError", "Steer", "add", "scale", "ablate", "clamp", "steer_latent", "Intervention", "from_transcoder", "OPS"])
+        ["SteerError", "Steer", "add", "scale", "ablate", "clamp", "steer_latent", "Intervention", "from_transcoder", "OPS"]
+    )
     assert issubclass(SteerError, ValueError)

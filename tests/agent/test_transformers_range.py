@@ -17,8 +17,12 @@ import pytest
 import tomllib
 from helpers import ROOT
 
-MODULES = ["tests/agent/test_lm_positions.py", "tests/agent/test_lm_tokens.py",
-           "tests/explain/test_llm_backends.py::test_hf_backend_runs_generate_on_a_local_model", "tests/agent/test_agents.py::test_tiny_gpt2_token_rows"]
+MODULES = [
+    "tests/agent/test_lm_positions.py",
+    "tests/agent/test_lm_tokens.py",
+    "tests/explain/test_llm_backends.py::test_hf_backend_runs_generate_on_a_local_model",
+    "tests/agent/test_agents.py::test_tiny_gpt2_token_rows",
+]
 
 
 def _floor() -> str:
@@ -43,7 +47,8 @@ def _same_release(a: str, b: str) -> bool:
 
 def test_the_oldest_pin_is_the_extras_floor() -> None:
     assert _same_release(_pinned(), _floor()), (
-        f"requirements-hf-oldest.txt pins transformers {_pinned()} but the hf extra allows >= {_floor()}: raise both together")
+        f"requirements-hf-oldest.txt pins transformers {_pinned()} but the hf extra allows >= {_floor()}: raise both together"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -51,11 +56,24 @@ def test_language_model_tests_pass_on_the_oldest_transformers() -> None:
     target = Path(sys.prefix) / "hf-oldest"
     assert (target / "transformers").is_dir(), f"{target} is missing: `make install` puts the oldest transformers there"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"], env=env,
-                             capture_output=True, text=True, timeout=120)
+    version = subprocess.run(
+        [sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert version.returncode == 0, version.stderr
-    assert _same_release(version.stdout.strip(), _floor()), f"{target} holds transformers {version.stdout.strip()}, not {_floor()}"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODULES], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=540)
+    assert _same_release(version.stdout.strip(), _floor()), (
+        f"{target} holds transformers {version.stdout.strip()}, not {_floor()}"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODULES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert run.returncode == 0, f"on transformers {_floor()}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert re.search(r"\b\d+ passed\b", run.stdout) and " skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]

@@ -140,10 +140,20 @@ def test_fuzz_mutated_frames(which: int, data: st.DataObject) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["v", "kind", "run", "pub", "seq", "t", "drops", "tap", "dtype", "shape", "lead", "names", "episodes"]),
-                       st.one_of(st.none(), st.integers(-2, 2**40), st.text(max_size=8), st.floats(), st.lists(st.integers(-3, 70), max_size=4),
-                                 st.lists(st.lists(st.floats(), max_size=7), max_size=3))),
-       st.lists(st.binary(max_size=64), max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "kind", "run", "pub", "seq", "t", "drops", "tap", "dtype", "shape", "lead", "names", "episodes"]),
+        st.one_of(
+            st.none(),
+            st.integers(-2, 2**40),
+            st.text(max_size=8),
+            st.floats(),
+            st.lists(st.integers(-3, 70), max_size=4),
+            st.lists(st.lists(st.floats(), max_size=7), max_size=3),
+        ),
+    ),
+    st.lists(st.binary(max_size=64), max_size=3),
+)
 def test_fuzz_structured_headers(header: dict, bufs: list[bytes]) -> None:
     _check([msgpack.packb(header), *bufs])
 
@@ -163,6 +173,10 @@ def test_each_kind_decodes_to_its_own_type() -> None:
     }
     for kind, typ in [("act", ActFrame), ("met", MetFrame), ("ep", EpFrame), ("tok", TokFrame), ("ctl", CtlFrame)]:
         f = frames[kind]
-        assert type(f) is typ and f.kind == kind and (f.run, f.pub, f.seq) == ("r", "p", ["act", "met", "ep", "tok", "ctl"].index(kind))
+        assert (
+            type(f) is typ
+            and f.kind == kind
+            and (f.run, f.pub, f.seq) == ("r", "p", ["act", "met", "ep", "tok", "ctl"].index(kind))
+        )
     assert not hasattr(frames["act"], "episodes") and not hasattr(frames["ep"], "data") and not hasattr(frames["met"], "tap")
     assert [frames[k].rows for k in ("act", "met", "ep", "tok", "ctl")] == [2, 2, 1, 2, 0]

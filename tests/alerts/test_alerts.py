@@ -55,17 +55,20 @@ class Hook:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("doc, message", [
-    ({"rules": [{"name": "a", "kind": "spike"}]}, "rule 'a': field 'kind' must be one of"),
-    ({"rules": [{"name": "a", "kind": "zscore", "z": "high"}]}, "rule 'a': field 'z' must be a number"),
-    ({"rules": [{"name": "a", "kind": "threshold"}]}, "rule 'a': a threshold rule needs field 'above' or 'below'"),
-    ({"rules": [{"name": "a", "kind": "zscore", "for": -1}]}, "rule 'a': field 'for' must be >= 0"),
-    ({"rules": [{"name": "a", "kind": "zscore", "severty": "x"}]}, "rule 'a': unknown field 'severty'"),
-    ({"rules": [{"kind": "zscore"}]}, "rule #1: field 'name' is required"),
-    ({"rules": [{"name": "a", "kind": "zscore"}, {"name": "a", "kind": "wake"}]}, "rule 'a': field 'name' is used twice"),
-    ({"rules": [{"name": "a", "kind": "corr_flip"}]}, "rule 'a': a corr_flip rule needs field 'metric'"),
-    ({"rules": [{"name": "a", "kind": "zscore"}], "webhooks": [{"url": "ftp://x"}]}, "webhook #1: field 'url'"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"rules": [{"name": "a", "kind": "spike"}]}, "rule 'a': field 'kind' must be one of"),
+        ({"rules": [{"name": "a", "kind": "zscore", "z": "high"}]}, "rule 'a': field 'z' must be a number"),
+        ({"rules": [{"name": "a", "kind": "threshold"}]}, "rule 'a': a threshold rule needs field 'above' or 'below'"),
+        ({"rules": [{"name": "a", "kind": "zscore", "for": -1}]}, "rule 'a': field 'for' must be >= 0"),
+        ({"rules": [{"name": "a", "kind": "zscore", "severty": "x"}]}, "rule 'a': unknown field 'severty'"),
+        ({"rules": [{"kind": "zscore"}]}, "rule #1: field 'name' is required"),
+        ({"rules": [{"name": "a", "kind": "zscore"}, {"name": "a", "kind": "wake"}]}, "rule 'a': field 'name' is used twice"),
+        ({"rules": [{"name": "a", "kind": "corr_flip"}]}, "rule 'a': a corr_flip rule needs field 'metric'"),
+        ({"rules": [{"name": "a", "kind": "zscore"}], "webhooks": [{"url": "ftp://x"}]}, "webhook #1: field 'url'"),
+    ],
+)
 def test_rules_errors_name_the_rule_and_field(doc: dict, message: str) -> None:
     with pytest.raises(RulesError) as e:
         parse_rules(doc)
@@ -75,8 +78,13 @@ def test_rules_errors_name_the_rule_and_field(doc: dict, message: str) -> None:
 def test_bad_rules_file_on_the_command_line(tmp_path: Path, redis_url: str) -> None:
     f = tmp_path / "rules.yaml"
     f.write_text("rules:\n  - name: spiky\n    kind: zscore\n    cooldown: soon\n")
-    r = subprocess.run([sys.executable, "-m", "monitor", "monitor", "--rules", str(f), "--redis", redis_url],
-                       capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "monitor", "monitor", "--rules", str(f), "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == "interlatent: rule 'spiky': field 'cooldown' must be an integer, got 'soon'"
 
@@ -146,8 +154,9 @@ def test_corr_flip_uses_the_live_correlation() -> None:
 
 def test_alerts_reach_stream_webhook_and_metrics(store: Store) -> None:
     hook = Hook()
-    rules = parse_rules({"rules": [{"name": "hot", "kind": "threshold", "above": 5.0, "labels": {"team": "rl"}}],
-                         "webhooks": [{"url": hook.url}]})
+    rules = parse_rules(
+        {"rules": [{"name": "hot", "kind": "threshold", "above": 5.0, "labels": {"team": "rl"}}], "webhooks": [{"url": hook.url}]}
+    )
     mon = Monitor(store, endpoint="tcp://127.0.0.1:0", rules=rules)
     server = serve_metrics(mon, 0)
     try:
@@ -174,8 +183,12 @@ def test_alerts_reach_stream_webhook_and_metrics(store: Store) -> None:
 
 def test_dead_webhook_does_not_stall_the_monitor(store: Store) -> None:
     dead = free_endpoint().replace("tcp://", "http://") + "/hook"
-    rules = parse_rules({"rules": [{"name": "hot", "kind": "threshold", "above": 0.5}],
-                         "webhooks": [{"url": dead, "timeout_s": 0.2, "retries": 1}]})
+    rules = parse_rules(
+        {
+            "rules": [{"name": "hot", "kind": "threshold", "above": 0.5}],
+            "webhooks": [{"url": dead, "timeout_s": 0.2, "retries": 1}],
+        }
+    )
     mon = Monitor(store, endpoint="tcp://127.0.0.1:0", rules=rules)
     try:
         for i in range(50):  # alternate on/off: 50 frames, 25 firing events and 25 resolved
@@ -205,22 +218,52 @@ rules:
     ep = free_endpoint()
     mon = spawn_monitor(redis_url, ep, "--rules", str(rules))
     try:
-        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "600", "--spike-at", "450", "--sleep-ms", "1", "--run", "spiky"],
-                      stdout=subprocess.PIPE, text=True)
+        agent = spawn(
+            [
+                str(AGENT_DIR / "sb3_cartpole.py"),
+                "--endpoint",
+                ep,
+                "--steps",
+                "600",
+                "--spike-at",
+                "450",
+                "--sleep-ms",
+                "1",
+                "--run",
+                "spiky",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert agent.wait(timeout=120) == 0
         wait_until(lambda: len(hook.bodies) >= 2, what="the planted spike at the webhook")
         firing = hook.bodies[0]["alert"]
-        assert (firing["run"], firing["step"], firing["latent"], firing["state"], firing["value"]) == ("spiky", 450, 0, "firing", 50.0)
+        assert (firing["run"], firing["step"], firing["latent"], firing["state"], firing["value"]) == (
+            "spiky",
+            450,
+            0,
+            "firing",
+            50.0,
+        )
         assert "cart_pos" in firing["correlations"]
-        out = subprocess.run([sys.executable, "-m", "monitor", "alerts", "--run", "spiky", "--json", "--redis", redis_url],
-                             capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "monitor", "alerts", "--run", "spiky", "--json", "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+        )
         alerts = json.loads(out.stdout)["alerts"]
         assert [(a["step"], a["state"]) for a in alerts] == [(450, "firing"), (451, "resolved")]
-        follow = subprocess.run([sys.executable, "-m", "monitor", "alerts", "--follow", "--max", "1", "--run", "spiky", "--redis", redis_url],
-                                capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+        follow = subprocess.run(
+            [sys.executable, "-m", "monitor", "alerts", "--follow", "--max", "1", "--run", "spiky", "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+        )
         assert "cart-out-of-range firing: spiky" in follow.stdout
     finally:
         mon.terminate()
         mon.wait(timeout=20)
         hook.close()
-

@@ -36,8 +36,11 @@ def test_up_runs_embedded_redis_and_monitor_and_state_survives_restart(tmp_path:
         wait_until(url_file.exists, timeout_s=30, what="redis.url")
         store = Store(connect(url_file.read_text().strip()))
         wait_until(lambda: store.status()["monitor"]["alive"], what="monitor heartbeat")
-        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "120", "--run", "via-up"],
-                      stdout=subprocess.PIPE, text=True)
+        agent = spawn(
+            [str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "120", "--run", "via-up"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert agent.wait(timeout=120) == 0
         wait_until(lambda: any(r["run"] == "via-up" and r["steps"] == 120 for r in store.status()["runs"]), what="run in status")
         st = json.loads(_cli("status", "--json", env=env).stdout)  # finds Redis through the data dir

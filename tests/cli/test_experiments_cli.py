@@ -25,8 +25,14 @@ HIDDEN = DEMO_TAPS[1]  # mlp_extractor.policy_net.1:out, 64 wide
 
 def _cli(*args: str, redis_url: str, data_dir: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "monitor", *args, "--redis", redis_url, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args, "--redis", redis_url, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=600,
+        env=env,
+    )
 
 
 def _planted(tmp_path: Path, store: Store, name: str, *, seed: int) -> Transcoder:
@@ -41,8 +47,24 @@ def _planted(tmp_path: Path, store: Store, name: str, *, seed: int) -> Transcode
 @pytest.mark.timeout(300)
 def test_sweep_json_has_every_cell_with_ci_and_failure_modes(tmp_path: Path, redis_url: str, store: Store) -> None:
     _planted(tmp_path, store, "tc", seed=0)
-    r = _cli("sweep", "--policy", POLICY, "--transcoder", "tc", "--latents", "0,1", "--alphas", "40,-40", "--episodes", "4",
-             "--out", str(tmp_path / "out"), "--json", redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "sweep",
+        "--policy",
+        POLICY,
+        "--transcoder",
+        "tc",
+        "--latents",
+        "0,1",
+        "--alphas",
+        "40,-40",
+        "--episodes",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["tap"] == HIDDEN and res["transcoder"] == "tc" and res["episodes"] == 4
@@ -62,8 +84,19 @@ def test_sweep_errors_are_one_line(tmp_path: Path, redis_url: str, store: Store)
     r = _cli("sweep", "--policy", POLICY, "--transcoder", "nope", redis_url=redis_url, data_dir=tmp_path)
     assert r.returncode == 2 and "no transcoder 'nope'" in r.stderr
     _planted(tmp_path, store, "tc", seed=0)
-    r = _cli("sweep", "--policy", POLICY, "--transcoder", "tc", "--tap", DEMO_TAPS[0], "--episodes", "1",
-             redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "sweep",
+        "--policy",
+        POLICY,
+        "--transcoder",
+        "tc",
+        "--tap",
+        DEMO_TAPS[0],
+        "--episodes",
+        "1",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 2 and "64 entries" in r.stderr and "Traceback" not in r.stderr  # a 64-wide row on a 4-wide tap
     r = _cli("sweep", "--policy", POLICY, "--transcoder", "tc", "--alphas", "1,x", redis_url=redis_url, data_dir=tmp_path)
     assert r.returncode == 2 and "--alphas" in r.stderr
@@ -71,8 +104,24 @@ def test_sweep_errors_are_one_line(tmp_path: Path, redis_url: str, store: Store)
 
 @pytest.mark.timeout(300)
 def test_probe_finds_the_observation_at_the_input_tap(tmp_path: Path, redis_url: str) -> None:
-    r = _cli("probe", "--policy", POLICY, "--tap", DEMO_TAPS[0], "--episodes", "6", "--kinds", "ridge,lasso", "--metric", "pole_angle",
-             "--out", str(tmp_path / "p"), "--json", redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "probe",
+        "--policy",
+        POLICY,
+        "--tap",
+        DEMO_TAPS[0],
+        "--episodes",
+        "6",
+        "--kinds",
+        "ridge,lasso",
+        "--metric",
+        "pole_angle",
+        "--out",
+        str(tmp_path / "p"),
+        "--json",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     r2 = {(p["metric"], p["kind"]): p["r2_test"] for p in res["probes"]}

@@ -45,15 +45,42 @@ def _record_policy(folder: Path, steps: int = 1200) -> Path:
 
 def _cli(*args: str, redis_url: str, data_dir: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    return subprocess.run([sys.executable, "-m", "monitor", *args, "--redis", redis_url, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args, "--redis", redis_url, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=600,
+        env=env,
+    )
 
 
 def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: Store) -> None:
     folder = _record_policy(tmp_path / "rec")
-    r = _cli("train", "--run", "pol", "--source", DEMO_TAPS[0], "--target", DEMO_TAPS[1], "--latents", "2,4,8", "--epochs", "15",
-             "--l1", "1e-5", "--recording", str(folder), "--agent", "agents.cartpole_factory:make", "--eval-episodes", "3", "--json",
-             redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "train",
+        "--run",
+        "pol",
+        "--source",
+        DEMO_TAPS[0],
+        "--target",
+        DEMO_TAPS[1],
+        "--latents",
+        "2,4,8",
+        "--epochs",
+        "15",
+        "--l1",
+        "1e-5",
+        "--recording",
+        str(folder),
+        "--agent",
+        "agents.cartpole_factory:make",
+        "--eval-episodes",
+        "3",
+        "--json",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     infos = json.loads(r.stdout)["transcoders"]
     assert [t["d_sae"] for t in infos] == [2, 4, 8]
@@ -66,8 +93,18 @@ def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: St
     assert infos[2]["quality"]["fvu"] < infos[0]["quality"]["fvu"]  # more latents explain more
     listed = json.loads(_cli("transcoders", "--json", redis_url=redis_url, data_dir=tmp_path).stdout)["transcoders"]
     assert [t["name"] for t in listed] == [t["name"] for t in infos]
-    r = _cli("inspect", "--run", "pol", "--transcoder", infos[1]["name"], "--recording", str(folder), "--json",
-             redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "inspect",
+        "--run",
+        "pol",
+        "--transcoder",
+        infos[1]["name"],
+        "--recording",
+        str(folder),
+        "--json",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     ins = json.loads(r.stdout)
     assert ins["rows"] == 1200 and len(ins["latents"]) == 4 and ins["metrics"] == ["reward"]
@@ -79,8 +116,20 @@ def test_train_sizes_register_and_list(tmp_path: Path, redis_url: str, store: St
     assert "| 2 |" in md and "| 8 |" in md and "recovered" in md
     assert (tmp_path / "rep" / "multiscale.png").read_bytes()[:4] == b"\x89PNG"
     # an artifact made elsewhere, registered by path
-    r = _cli("import", infos[1]["path"], "--run", "other", "--source", DEMO_TAPS[0], "--target", DEMO_TAPS[1], "--name", "mine",
-             redis_url=redis_url, data_dir=tmp_path)
+    r = _cli(
+        "import",
+        infos[1]["path"],
+        "--run",
+        "other",
+        "--source",
+        DEMO_TAPS[0],
+        "--target",
+        DEMO_TAPS[1],
+        "--name",
+        "mine",
+        redis_url=redis_url,
+        data_dir=tmp_path,
+    )
     assert r.returncode == 0 and "registered mine" in r.stdout
     assert "mine" in {t["name"] for t in store.transcoders()}
 

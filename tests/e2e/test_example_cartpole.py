@@ -36,8 +36,14 @@ def _table(md: str, heading: str) -> list[list[str]]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("cartpole")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--no-progress", "--episodes", str(EPISODES)],
-                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--no-progress", "--episodes", str(EPISODES)],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -46,8 +52,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_report_has_every_section_and_table(run: tuple[Path, str]) -> None:
     out, stdout = run
     md = (out / "report.md").read_text()
-    for heading in ("## Policy", "## Transcoder quality", "## Features of the 4-latent transcoders", "## Interventions: layer1 (`fc1:out`)",
-                    "## Interventions: layer2 (`fc2:out`)", "## Against the seed post", "## Timing"):
+    for heading in (
+        "## Policy",
+        "## Transcoder quality",
+        "## Features of the 4-latent transcoders",
+        "## Interventions: layer1 (`fc1:out`)",
+        "## Interventions: layer2 (`fc2:out`)",
+        "## Against the seed post",
+        "## Timing",
+    ):
         assert heading in md, heading
     assert "did NOT reach the criterion" in md and "WARNING" in stdout  # 20 episodes cannot solve CartPole; the report says so
 
@@ -59,7 +72,7 @@ def test_report_has_every_section_and_table(run: tuple[Path, str]) -> None:
         sweep_rows = _table(md, f"## Interventions: {layer}")
         assert [(int(r[0]), float(r[1])) for r in sweep_rows] == [(j, a) for j in range(4) for a in ALPHAS]
         for r in sweep_rows:  # "baseline -> intervened" failure counts, each side summing to the episodes
-            pairs = [re.fullmatch(r"(\d+) → (\d+)", c) for c in r[-len(MODES):]]
+            pairs = [re.fullmatch(r"(\d+) → (\d+)", c) for c in r[-len(MODES) :]]
             assert all(pairs), r
             assert sum(int(p[1]) for p in pairs) == sum(int(p[2]) for p in pairs) == EPISODES
     seed = _table(md, "## Against the seed post")

@@ -105,7 +105,12 @@ def test_held_out_rows_are_whole_blocks_so_a_memorized_trend_does_not_pass() -> 
 def test_probe_table_and_heatmap(tmp_path: Path) -> None:
     X, y, _ = _planted(n=600)
     rows = probe_table(X, {"planted": y, "noise": np.random.default_rng(7).standard_normal(600)}, kinds=("ridge", "lasso"))
-    assert [(r["metric"], r["kind"]) for r in rows] == [("planted", "ridge"), ("planted", "lasso"), ("noise", "ridge"), ("noise", "lasso")]
+    assert [(r["metric"], r["kind"]) for r in rows] == [
+        ("planted", "ridge"),
+        ("planted", "lasso"),
+        ("noise", "ridge"),
+        ("noise", "lasso"),
+    ]
     assert rows[0]["r2_test"] > 0.95 > rows[2]["r2_test"]
     out = plot_probe_heatmap(rows, tmp_path / "probes.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
@@ -222,8 +227,11 @@ def test_exported_names() -> None:
     import monitor.experiments.interrogate
     import monitor.experiments.probes
 
-    assert sorted(monitor.experiments.probes.__all__) == sorted(["Rollouts", "collect", "Probe", "fit_probe", "r2_score", "probe_table", "plot_probe_heatmap"])
+    assert sorted(monitor.experiments.probes.__all__) == sorted(
+        ["Rollouts", "collect", "Probe", "fit_probe", "r2_score", "probe_table", "plot_probe_heatmap"]
+    )
     assert sorted(monitor.experiments.interrogate.__all__) == sorted(
-        ["polarity_inversion", "ablation_effect", "PCA", "pca", "projected", "greedy_subspace", "plot_ablation_curve"])
+        ["polarity_inversion", "ablation_effect", "PCA", "pca", "projected", "greedy_subspace", "plot_ablation_curve"]
+    )
     for mod in (monitor.experiments.probes, monitor.experiments.interrogate):
         assert all(hasattr(mod, n) for n in mod.__all__)

@@ -65,19 +65,22 @@ def _obs(x: float = 0.0, theta: float = 0.0) -> np.ndarray:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("obs", "term", "trunc", "mode"), [
-    (_obs(theta=-0.25), True, False, "pole_left"),
-    (_obs(theta=0.25), True, False, "pole_right"),
-    (_obs(x=1.0, theta=-0.21), True, False, "pole_left"),
-    (_obs(x=-1.0, theta=0.21), True, False, "pole_right"),
-    (_obs(x=2.5), True, False, "cart_out"),
-    (_obs(x=-2.5), True, False, "cart_out"),
-    (_obs(x=2.41, theta=0.3), True, False, "cart_out"),  # the cart check comes first
-    (_obs(theta=0.3), False, True, "survived"),  # truncated: the step limit, whatever the state
-    (_obs(theta=0.3), True, True, "survived"),
-    (_obs(), False, False, "survived"),
-    (_obs(x=2.3, theta=0.2), True, False, "terminated"),  # inside every bound
-])
+@pytest.mark.parametrize(
+    ("obs", "term", "trunc", "mode"),
+    [
+        (_obs(theta=-0.25), True, False, "pole_left"),
+        (_obs(theta=0.25), True, False, "pole_right"),
+        (_obs(x=1.0, theta=-0.21), True, False, "pole_left"),
+        (_obs(x=-1.0, theta=0.21), True, False, "pole_right"),
+        (_obs(x=2.5), True, False, "cart_out"),
+        (_obs(x=-2.5), True, False, "cart_out"),
+        (_obs(x=2.41, theta=0.3), True, False, "cart_out"),  # the cart check comes first
+        (_obs(theta=0.3), False, True, "survived"),  # truncated: the step limit, whatever the state
+        (_obs(theta=0.3), True, True, "survived"),
+        (_obs(), False, False, "survived"),
+        (_obs(x=2.3, theta=0.2), True, False, "terminated"),  # inside every bound
+    ],
+)
 def test_cartpole_classifier_on_hand_built_ends(obs: np.ndarray, term: bool, trunc: bool, mode: str) -> None:
     env = _make_env()
     assert classify("CartPole-v1", obs, term, trunc, {}, env) == mode
@@ -115,12 +118,15 @@ def test_registry_fallback_and_custom_classifiers() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("act", "mode"), [
-    (lambda obs: 1, "pole_left"),  # pushing right the whole time tips the pole left
-    (lambda obs: 0, "pole_right"),
-    (lambda obs: int(obs[2] + 0.5 * obs[3] + FLAW > 0), "cart_out"),
-    (lambda obs: int(obs[2] + 0.5 * obs[3] > 0), "survived"),
-])
+@pytest.mark.parametrize(
+    ("act", "mode"),
+    [
+        (lambda obs: 1, "pole_left"),  # pushing right the whole time tips the pole left
+        (lambda obs: 0, "pole_right"),
+        (lambda obs: int(obs[2] + 0.5 * obs[3] + FLAW > 0), "cart_out"),
+        (lambda obs: int(obs[2] + 0.5 * obs[3] > 0), "survived"),
+    ],
+)
 def test_every_episode_end_of_a_real_run_is_classified(act, mode: str) -> None:
     runs = run_episodes((None, _make_env, act), episodes=4, seed=3)
     assert [r.seed for r in runs] == [3, 4, 5, 6]
@@ -164,8 +170,13 @@ def test_mean_ci_by_hand() -> None:
 
 @pytest.mark.timeout(30)
 def test_t_distribution_against_table_values() -> None:
-    for q, df, t in [(0.975, 1, 12.7062047), (0.975, 10, 2.2281389), (0.995, 30, 2.7499957), (0.95, 2.5, 2.5582186),
-                     (0.975, 1e6, 1.9599663)]:
+    for q, df, t in [
+        (0.975, 1, 12.7062047),
+        (0.975, 10, 2.2281389),
+        (0.995, 30, 2.7499957),
+        (0.95, 2.5, 2.5582186),
+        (0.975, 1e6, 1.9599663),
+    ]:
         assert t_ppf(q, df) == pytest.approx(t, rel=1e-6)
         assert t_pvalue(t, df) == pytest.approx(2 * (1 - q), rel=1e-5)
     assert t_pvalue(0.0, 5) == 1.0
@@ -190,8 +201,14 @@ def test_t_distribution_and_welch_against_scipy() -> None:
 
 @pytest.mark.timeout(30)
 def test_diff_ci_degenerate_cases() -> None:
-    assert diff_ci([500, 500], [500, 500]) | {"level": 0} == {"mean": 0.0, "ci": [0.0, 0.0], "df": None, "p_value": 1.0,
-                                                            "excludes_zero": False, "level": 0}
+    assert diff_ci([500, 500], [500, 500]) | {"level": 0} == {
+        "mean": 0.0,
+        "ci": [0.0, 0.0],
+        "df": None,
+        "p_value": 1.0,
+        "excludes_zero": False,
+        "level": 0,
+    }
     d = diff_ci([10, 10, 10], [500, 500])
     assert (d["ci"], d["p_value"], d["excludes_zero"]) == ([490.0, 490.0], 0.0, True)
     d = diff_ci([10], [20, 30])
@@ -199,8 +216,20 @@ def test_diff_ci_degenerate_cases() -> None:
 
 
 def _check_shape(res: dict, *, latents: list[int], alphas: list[float], n: int) -> None:
-    assert {"kind", "tap", "env_id", "episodes", "seed", "level", "d_sae", "latents", "alphas", "modes", "baseline",
-            "cells"} <= set(res)
+    assert {
+        "kind",
+        "tap",
+        "env_id",
+        "episodes",
+        "seed",
+        "level",
+        "d_sae",
+        "latents",
+        "alphas",
+        "modes",
+        "baseline",
+        "cells",
+    } <= set(res)
     assert res["env_id"] == "CartPole-v1" and res["latents"] == latents and res["alphas"] == alphas
     assert set(CARTPOLE_MODES) <= set(res["modes"])
     assert [(c["latent"], c["alpha"]) for c in res["cells"]] == [(la, al) for la in latents for al in alphas]
@@ -260,8 +289,9 @@ def test_scan_finds_the_nudge_that_cancels_the_flaw() -> None:
 
 @pytest.mark.timeout(60)
 def test_table_and_plot(tmp_path) -> None:
-    res = sweep(_agent(_policy()), tap="1:out", model=_transcoder(), latents=[1, 2], alphas=(1.0, -1.0, 2.5),
-                episodes=3, progress=False)
+    res = sweep(
+        _agent(_policy()), tap="1:out", model=_transcoder(), latents=[1, 2], alphas=(1.0, -1.0, 2.5), episodes=3, progress=False
+    )
     md = sweep_table_md(res)
     lines = md.strip().splitlines()
     assert len(lines) == 2 + 6
@@ -281,12 +311,15 @@ def test_sweep_on_the_demo_agent(tmp_path, monkeypatch) -> None:
     import monitor.experiments.agents
     from monitor.experiments.agents import load_agent
 
-    monkeypatch.setattr(monitor.experiments.agents, "demo_policy", functools.partial(monitor.experiments.agents.demo_policy, train_steps=2048))
+    monkeypatch.setattr(
+        monitor.experiments.agents, "demo_policy", functools.partial(monitor.experiments.agents.demo_policy, train_steps=2048)
+    )
     agent = load_agent("demo", data_dir=tmp_path)
     torch.manual_seed(0)
     tc = Transcoder(4, 4, 64)
-    res = sweep(agent, tap="mlp_extractor.policy_net.1:out", model=tc, latents=[0, 3], alphas=(100.0, -100.0),
-                episodes=N, progress=False)
+    res = sweep(
+        agent, tap="mlp_extractor.policy_net.1:out", model=tc, latents=[0, 3], alphas=(100.0, -100.0), episodes=N, progress=False
+    )
     _check_shape(res, latents=[0, 3], alphas=[100.0, -100.0], n=N)
     sides = {}
     for c in res["cells"]:  # a huge nudge saturates the next tanh layer: one action, one side, every time

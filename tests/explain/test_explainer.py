@@ -94,7 +94,13 @@ def test_explain_commands(redis_url: str, store: Store) -> None:
     _stream_planted(store, n=600)
 
     def cli(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "monitor", *a, "--redis", redis_url], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "monitor", *a, "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=120,
+        )
 
     assert "filed an explain job" in cli("explain", "--run", "cp", "--latent", "h:out/0").stdout
     bad = cli("explain", "--run", "cp", "--latent", "h:out")
@@ -129,12 +135,15 @@ def test_the_monitor_files_jobs_and_alerts_carry_explanations(tmp_path, store: S
         mon.flush(final=True)
         jobs = store.r.xrange(keys.EXPLAIN_JOBS)
         assert sorted((f[b"tap"], int(f[b"latent"]), f[b"reason"]) for _, f in jobs) == [
-            (b"latents:tc", c, b"enough examples") for c in range(3)]
+            (b"latents:tc", c, b"enough examples") for c in range(3)
+        ]
         assert store.r.xlen(keys.EXPLAIN_JOBS) == 3  # the raw tap h:in is only explained when asked
         Worker(store, consumer="w").run(burst=True)
         label = store.explanation("cp", "latents:tc", 0)["label"]
         # an alert on that latent now carries its explanation
-        mon.alerts = type(mon.alerts)(parse_rules({"rules": [{"name": "hot", "kind": "threshold", "tap": "latents:*", "channels": [0], "above": -1e9}]}))
+        mon.alerts = type(mon.alerts)(
+            parse_rules({"rules": [{"name": "hot", "kind": "threshold", "tap": "latents:*", "channels": [0], "above": -1e9}]})
+        )
         pos = np.array([[600, 0]])
         mon.handle(encode_act("cp", "p", 100, 0, "h:in", m[:1].astype(np.float32), pos))
         (alert,) = [a for a in store.alerts("cp") if a["state"] == "firing"]

@@ -125,12 +125,16 @@ def test_a_worker_killed_mid_job_has_its_job_reclaimed(redis_url: str, store: St
     from helpers import spawn, wait_until
 
     from monitor.store import keys
+
     _stream_planted(store, n=400)
     srv = ChatServer(["slow"] * 100, "never read")  # every reply takes 1.5 s: the first worker dies waiting
     try:
         file_job(store.r, "cp", "h:out", 0, reason="test")
-        dying = spawn(["-m", "monitor", "explainer", "--backend", f"openai:{srv.url}", "--redis", redis_url],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dying = spawn(
+            ["-m", "monitor", "explainer", "--backend", f"openai:{srv.url}", "--redis", redis_url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: srv.requests, what="the first worker to be mid-job")
         dying.send_signal(signal.SIGKILL)
         dying.wait()

@@ -48,7 +48,9 @@ WORDS = [f"w{i}" for i in range(30)] + [" cat", " sat", " on", " the", " mat"]
 def _lm_run(endpoint: str, store: Store) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(WORDS), n_positions=32)).eval()
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(WORDS), n_positions=32)
+    ).eval()
     rng = np.random.default_rng(0)
     with agent_side.attach(model, ["transformer.wte:out"], run="lm", endpoint=endpoint) as tap:
         assert tap.wait_for_monitor(10)
@@ -57,7 +59,9 @@ def _lm_run(endpoint: str, store: Store) -> None:
                 ids = rng.integers(0, len(WORDS), (1, 8))
                 tap.tokens([WORDS[i] for i in ids[0]])
                 model(torch.as_tensor(ids))
-    wait_until(lambda: len(store.token_steps("lm")) == 12 and store.recent("lm", "transformer.wte:out") is not None, what="lm tokens")
+    wait_until(
+        lambda: len(store.token_steps("lm")) == 12 and store.recent("lm", "transformer.wte:out") is not None, what="lm tokens"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +78,36 @@ def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     tc = Transcoder(4, 3, 4).eval()
     path = save_artifact(tmp / "tc", tc, source=RAW, target=RAW, run="cartpole")
-    store.register_transcoder(artifact_info("tc", path, tc, run="cartpole", source=RAW, target=RAW,
-                                            q={"l0": 1.5, "fvu": 0.02, "dead_frac": 0.0, "return_recovered": 0.9}))
+    store.register_transcoder(
+        artifact_info(
+            "tc",
+            path,
+            tc,
+            run="cartpole",
+            source=RAW,
+            target=RAW,
+            q={"l0": 1.5, "fvu": 0.02, "dead_frac": 0.0, "return_recovered": 0.9},
+        )
+    )
     (tmp / "rules.yaml").write_text(RULES)
     endpoint = free_endpoint()
     mon = spawn_monitor(redis_url, endpoint, "--rules", str(tmp / "rules.yaml"))
     try:
-        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", endpoint, "--run", "cartpole", "--steps", "800",
-                       "--spike-at", "700"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        agent = spawn(
+            [
+                str(AGENT_DIR / "sb3_cartpole.py"),
+                "--endpoint",
+                endpoint,
+                "--run",
+                "cartpole",
+                "--steps",
+                "800",
+                "--spike-at",
+                "700",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         out, _ = agent.communicate(timeout=180)
         assert agent.returncode == 0, out.decode()[-2000:]
         _lm_run(endpoint, store)
@@ -89,6 +115,7 @@ def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
         # the spike's alert files a job at once, the 500-example jobs for every latent come with an
         # analytics write (each second): explain what is filed until latent 0's is among it
         worker = Worker(store, consumer="panel-test")
+
         def explained() -> object:
             worker.run(burst=True)  # whatever has been filed so far
             return store.explanation("cartpole", "latents:tc", 0)
@@ -159,7 +186,10 @@ def test_latents_page_shows_heatmap_card_explanation_and_alerts(filled: Store, r
 def test_correlations_page_sorts_and_shows_the_matrix(filled: Store, redis_url: str) -> None:
     at = _app(redis_url, page="Correlations", run="cartpole", tap=RAW)
     df = at.dataframe[0].value
-    assert list(df.columns) == ["cart_pos", "cart_vel", "pole_angle", "angle_vel", "action", "reward", "terminated", "truncated"][: len(df.columns)]
+    assert (
+        list(df.columns)
+        == ["cart_pos", "cart_vel", "pole_angle", "angle_vel", "action", "reward", "terminated", "truncated"][: len(df.columns)]
+    )
     assert df.loc[2, "pole_angle"] > 0.99  # the input tap's channel 2 is the pole angle
     at.selectbox(key="sort_by").set_value("pole_angle").run()
     assert not at.exception
@@ -192,7 +222,13 @@ def test_language_model_page_shows_tokens(filled: Store, redis_url: str) -> None
 
 
 def _empty_db(url: str) -> str:
-    return url + ("&" if "?" in url else "?") + "db=3" if url.startswith("unix://") else url.rstrip("/").rsplit("/", 1)[0] + "/3" if url.count("/") > 2 else url + "/3"
+    return (
+        url + ("&" if "?" in url else "?") + "db=3"
+        if url.startswith("unix://")
+        else url.rstrip("/").rsplit("/", 1)[0] + "/3"
+        if url.count("/") > 2
+        else url + "/3"
+    )
 
 
 @pytest.mark.parametrize("page", ["Overview", "Latents", "Correlations", "Alerts", "Transcoders", "Language models"])
@@ -220,19 +256,26 @@ def test_panel_in_headless_chromium(filled: Store, redis_url: str, tmp_path: Pat
     from monitor.store.embedded import free_port
 
     port = free_port()
-    panel = spawn(["-m", "monitor", "panel", "--redis", redis_url, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    panel = spawn(
+        ["-m", "monitor", "panel", "--redis", redis_url, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             try:
                 return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
             except OSError:
                 return panel.poll() is not None
+
         wait_until(up, 60, what="the panel server")
         assert panel.poll() is None, panel.stdout.read().decode()[-2000:]
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, timeout=60_000)
             page.get_by_text("Interlatent · Overview").wait_for(timeout=60_000)

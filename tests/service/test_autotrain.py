@@ -22,11 +22,27 @@ def test_pairs_parse_and_refuse_nonsense() -> None:
 
 def test_warm_up_then_latents_appear_in_status(tmp_path: Path, redis_url: str, store: Store) -> None:
     ep = free_endpoint()
-    mon = spawn_monitor(redis_url, ep, "--data-dir", str(tmp_path), "--auto-train", f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}",
-                        "--auto-train-steps", "300", "--auto-train-latents", "2", "--auto-train-epochs", "5")
-    agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "20000", "--sleep-ms", "1", "--run", "auto"],
-                  stdout=subprocess.PIPE, text=True)
+    mon = spawn_monitor(
+        redis_url,
+        ep,
+        "--data-dir",
+        str(tmp_path),
+        "--auto-train",
+        f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}",
+        "--auto-train-steps",
+        "300",
+        "--auto-train-latents",
+        "2",
+        "--auto-train-epochs",
+        "5",
+    )
+    agent = spawn(
+        [str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "20000", "--sleep-ms", "1", "--run", "auto"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def latents() -> dict | None:
             for r in store.status()["runs"]:
                 taps = {t: v for t, v in r["taps"].items() if t.startswith(LATENT_PREFIX)}
@@ -35,7 +51,7 @@ def test_warm_up_then_latents_appear_in_status(tmp_path: Path, redis_url: str, s
             return None
 
         taps = wait_until(latents, timeout_s=120, what="latents of the auto-trained transcoder")
-        (name, info), = taps.items()
+        ((name, info),) = taps.items()
         assert info["width"] == 2
         (tc,) = store.transcoders()
         assert (tc["run"], tc["source"], tc["target"], tc["d_sae"]) == ("auto", DEMO_TAPS[0], DEMO_TAPS[1], 2)

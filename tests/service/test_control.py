@@ -43,25 +43,39 @@ def _ctl(event: dict) -> list[bytes]:
 
 
 def test_ctl_frame_round_trip() -> None:
-    for ev in ({"event": "hello", "control": True, "version": -1},
-               {"event": "applied", "id": "latents:tc/0", "op": "add", "tap": "1:out", "version": 4, "alpha": -1.5, "value": 0.0, "step": 12},
-               {"event": "refused", "reason": "bad_msgpack: unpack failed", "step": 3},
-               {"event": "synced", "version": 4, "active": ["a", "b"], "step": 12}):
+    for ev in (
+        {"event": "hello", "control": True, "version": -1},
+        {
+            "event": "applied",
+            "id": "latents:tc/0",
+            "op": "add",
+            "tap": "1:out",
+            "version": 4,
+            "alpha": -1.5,
+            "value": 0.0,
+            "step": 12,
+        },
+        {"event": "refused", "reason": "bad_msgpack: unpack failed", "step": 3},
+        {"event": "synced", "version": 4, "active": ["a", "b"], "step": 12},
+    ):
         f = wire.decode(_ctl(ev))
         assert (f.kind, f.run, f.pub, f.seq, f.drops, f.event) == ("ctl", "r", "p", 3, 1, ev)
         assert f.rows == 0
 
 
-@pytest.mark.parametrize("event, reason", [
-    ({"event": "exec", "id": "x"}, "bad_header"),
-    ({"event": "applied", "cmd": "rm -rf /"}, "bad_header"),
-    ({"event": "hello", "control": 1}, "bad_header"),  # an int is not a bool
-    ({"event": "applied", "version": True}, "bad_header"),  # nor is a bool an int
-    ({"event": "refused", "reason": "x" * 2000}, "bad_header"),
-    ({"event": "applied", "alpha": math.nan}, "non_finite"),
-    ({"event": "synced", "active": [1, 2]}, "bad_header"),
-    ("applied", "bad_header"),
-])
+@pytest.mark.parametrize(
+    "event, reason",
+    [
+        ({"event": "exec", "id": "x"}, "bad_header"),
+        ({"event": "applied", "cmd": "rm -rf /"}, "bad_header"),
+        ({"event": "hello", "control": 1}, "bad_header"),  # an int is not a bool
+        ({"event": "applied", "version": True}, "bad_header"),  # nor is a bool an int
+        ({"event": "refused", "reason": "x" * 2000}, "bad_header"),
+        ({"event": "applied", "alpha": math.nan}, "non_finite"),
+        ({"event": "synced", "active": [1, 2]}, "bad_header"),
+        ("applied", "bad_header"),
+    ],
+)
 def test_ctl_frame_refuses_what_it_does_not_know(event: object, reason: str) -> None:
     with pytest.raises(WireError) as e:
         wire.decode(_ctl(event))  # type: ignore[arg-type]
@@ -141,7 +155,9 @@ def _pump(tap: agent_side.Attachment, pol: torch.nn.Module, cond, *, send=None, 
         time.sleep(0.005)
 
 
-def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_stepping(store: Store, live_monitor: LiveMonitor) -> None:
+def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_stepping(
+    store: Store, live_monitor: LiveMonitor
+) -> None:
     run = "ctl-inproc"
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.PUB)
@@ -151,11 +167,18 @@ def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_step
     pol, clean = make_policy(), make_policy()
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
     try:
-        with agent_side.attach(pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True, control_endpoint=ctl_ep) as tap:
+        with agent_side.attach(
+            pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True, control_endpoint=ctl_ep
+        ) as tap:
             assert tap.wait_for_monitor(10)
             # a valid, empty set first: once the agent holds it, the subscription is through and nothing is lost
-            _pump(tap, pol, lambda: tap.counters()["control_version"] == 1, send=lambda: pub.send_multipart(wire.encode_control(run, 1, [])),
-                  what="the first control message")
+            _pump(
+                tap,
+                pol,
+                lambda: tap.counters()["control_version"] == 1,
+                send=lambda: pub.send_multipart(wire.encode_control(run, 1, [])),
+                what="the first control message",
+            )
             for _, build in MALFORMED:
                 pub.send_multipart(build(run))
             expected: dict[str, int] = {}
@@ -175,7 +198,9 @@ def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_step
             # and one whose tap's width only shows at a forward (a ReLU's input): applied, then refused there, harmlessly
             hidden = Intervention("add", "1:in", (1.0,) * 5, alpha=50.0, id="hidden").to_msg()
             pub.send_multipart(wire.encode_control(run, 3, [hidden]))
-            _pump(tap, pol, lambda: tap.counters()["control_refused_by"].get("forward_error") == 1, what="the forward-time refusal")
+            _pump(
+                tap, pol, lambda: tap.counters()["control_refused_by"].get("forward_error") == 1, what="the forward-time refusal"
+            )
             with torch.no_grad():
                 assert torch.equal(pol(x), clean(x))
             assert tap.counters()["control_active"] == 0
@@ -202,7 +227,12 @@ def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_step
         alerts = [a for a in store.alerts(run) if a["rule"] == "steering"]
         assert {a["state"] for a in alerts} == {"applied", "reverted", "refused"}
         applied = next(a for a in alerts if a["state"] == "applied" and a["steer"]["id"] == good["id"])
-        assert applied["kind"] == "steer" and applied["severity"] == "info" and applied["latent"] == 0 and "alpha=+50" in applied["text"]
+        assert (
+            applied["kind"] == "steer"
+            and applied["severity"] == "info"
+            and applied["latent"] == 0
+            and "alpha=+50" in applied["text"]
+        )
         mon = live_monitor.finish()
         assert not mon.rejected  # ctl frames count in the sequence like any other: no gaps, no stale frames
         assert store.status()["runs"][0]["gaps"] == 0
@@ -242,8 +272,12 @@ class _Agent:
 
     def __init__(self, endpoint: str, run: str, tmp: Path, *extra: str) -> None:
         self.stop_file = tmp / f"{run}.stop"
-        self.proc = spawn([str(AGENT_DIR / "steerable.py"), "--endpoint", endpoint, "--run", run, "--stop-file", str(self.stop_file),
-                           *extra], stdout=subprocess.PIPE, stderr=open(tmp / f"{run}.log", "w"), text=True)
+        self.proc = spawn(
+            [str(AGENT_DIR / "steerable.py"), "--endpoint", endpoint, "--run", run, "--stop-file", str(self.stop_file), *extra],
+            stdout=subprocess.PIPE,
+            stderr=open(tmp / f"{run}.log", "w"),
+            text=True,
+        )
         self.rows: list[dict] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -311,8 +345,10 @@ def test_steer_a_running_agent_end_to_end(store: Store, redis_url: str, tmp_path
     try:
         name = _register(store, tmp_path, run)
         agent = _Agent(ep, run, tmp_path, "--allow-control")
-        wait_until(lambda: run in store.runs() and store.steering(run)["control"] is True and len(agent.actions()) >= 60,
-                   what="the agent's hello and some steps")
+        wait_until(
+            lambda: run in store.runs() and store.steering(run)["control"] is True and len(agent.actions()) >= 60,
+            what="the agent's hello and some steps",
+        )
         wait_until(lambda: store.steering(run)["applied_version"] == 0, what="the agent holding the (empty) published set")
         before = agent.actions()
         assert set(before) == {0, 1}, "the balancing policy pushes both ways"
@@ -348,8 +384,19 @@ def test_steer_a_running_agent_end_to_end(store: Store, redis_url: str, tmp_path
         assert alerts == [("applied", s_on), ("reverted", s_off)]
 
         # a steer the agent cannot take (a direction of the wrong width, from a transcoder of another tap width) is refused
-        store.register_transcoder({**artifact_info("wide", save_artifact(tmp_path / "wide", make_wide(), source="0:out", target=TAP,
-                                                                          run=run), make_wide(), run=run, source="0:out", target=TAP, q=None)})
+        store.register_transcoder(
+            {
+                **artifact_info(
+                    "wide",
+                    save_artifact(tmp_path / "wide", make_wide(), source="0:out", target=TAP, run=run),
+                    make_wide(),
+                    run=run,
+                    source="0:out",
+                    target=TAP,
+                    q=None,
+                )
+            }
+        )
         rc, out, err = _steer(redis_url, "--run", run, "--transcoder", "wide", "--latent", "0", "--alpha", "1")
         assert rc == 2 and "8 wide" in err and "16 wide" in err  # caught before it is sent: the run streams the tap
         counters = agent.stop()
@@ -378,8 +425,10 @@ def test_an_agent_without_the_opt_in_refuses(store: Store, redis_url: str, tmp_p
     try:
         _register(store, tmp_path, run)
         agent = _Agent(ep, run, tmp_path)
-        wait_until(lambda: run in store.runs() and store.steering(run)["control"] is False and len(agent.actions()) >= 30,
-                   what="the agent's hello (no control) and some steps")
+        wait_until(
+            lambda: run in store.runs() and store.steering(run)["control"] is False and len(agent.actions()) >= 30,
+            what="the agent's hello (no control) and some steps",
+        )
         rc, out, err = _steer(redis_url, "--run", run, "--tap", TAP, "--latent", "0", "--alpha", "50")
         assert rc == 2 and f"run {run}'s agent {OPT_IN}" in err
         assert store.steering(run)["interventions"] == [] and store.steer_events(run) == []
@@ -419,16 +468,23 @@ def _stepper(env, pol: torch.nn.Module):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.timeout(180)
-def test_the_panel_steers_an_opted_in_agent(store: Store, redis_url: str, live_monitor: LiveMonitor, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_panel_steers_an_opted_in_agent(
+    store: Store, redis_url: str, live_monitor: LiveMonitor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import gymnasium as gym
 
     testing = pytest.importorskip("streamlit.testing.v1")
     run = "steer-panel"
     name = _register(store, tmp_path, run)
     pol = make_policy()
-    with agent_side.attach(pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True,
-                           control_endpoint=live_monitor.monitor.control.endpoint) as tap:
+    with agent_side.attach(
+        pol,
+        [TAP],
+        run=run,
+        endpoint=live_monitor.endpoint,
+        allow_control=True,
+        control_endpoint=live_monitor.monitor.control.endpoint,
+    ) as tap:
         assert tap.wait_for_monitor(10)
         steps = _stepper(tap.wrap(gym.make("CartPole-v1"), obs_names=OBS), pol)
         deadline = time.monotonic() + 30
@@ -464,8 +520,14 @@ def test_the_action_metric_the_monitor_keeps_shows_the_steer(store: Store, live_
 
     run = "steer-metrics"
     pol = make_policy()
-    with agent_side.attach(pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True,
-                           control_endpoint=live_monitor.monitor.control.endpoint) as tap:
+    with agent_side.attach(
+        pol,
+        [TAP],
+        run=run,
+        endpoint=live_monitor.endpoint,
+        allow_control=True,
+        control_endpoint=live_monitor.monitor.control.endpoint,
+    ) as tap:
         assert tap.wait_for_monitor(10)
         env = tap.wrap(gym.make("CartPole-v1"), obs_names=OBS)
         steps = _stepper(env, pol)
@@ -480,8 +542,12 @@ def test_the_action_metric_the_monitor_keeps_shows_the_steer(store: Store, live_
         on = tap.step
         steps(100)
         tap.flush()
-    wait_until(lambda: store.recent_metrics(run).get("action") is not None
-               and store.recent_metrics(run)["action"][1][:, 0].max() >= on + 99, what="the steered steps' metrics")
+    wait_until(
+        lambda: (
+            store.recent_metrics(run).get("action") is not None and store.recent_metrics(run)["action"][1][:, 0].max() >= on + 99
+        ),
+        what="the steered steps' metrics",
+    )
     values, pos = store.recent_metrics(run)["action"]
     assert set(np.unique(values[pos[:, 0] >= on])) == {1.0}
     assert set(np.unique(values[pos[:, 0] < on])) == {0.0, 1.0}
@@ -500,20 +566,39 @@ def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Sto
         return wire.encode_ep("fx", "p", next(seq), 0, [[step, 0, ret, ret, 1.0, 0.0]])
 
     try:
-        frames = [ep(20, 100), ep(50, 110), ep(90, 90),
-                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "step": 100}),
-                  ep(120, 10), ep(150, 12), ep(190, 11),
-                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 2, "step": 200}),
-                  ep(260, 95),
-                  # a re-steer (reverted and applied at one step), then dropped by the agent (refused)
-                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 3, "step": 300}),
-                  ep(330, 20),
-                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 4, "step": 360}),
-                  wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 4, "alpha": 3.0, "step": 360}),
-                  ep(380, 30),
-                  wire.encode_ctl("fx", "p", next(seq), 0, {"event": "refused", "id": "latents:tc/0", "op": "add", "tap": TAP,
-                                                             "version": 4, "reason": "failed at a forward", "step": 400}),
-                  ep(450, 99)]
+        frames = [
+            ep(20, 100),
+            ep(50, 110),
+            ep(90, 90),
+            wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "step": 100}),
+            ep(120, 10),
+            ep(150, 12),
+            ep(190, 11),
+            wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 2, "step": 200}),
+            ep(260, 95),
+            # a re-steer (reverted and applied at one step), then dropped by the agent (refused)
+            wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 3, "step": 300}),
+            ep(330, 20),
+            wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "event": "reverted", "version": 4, "step": 360}),
+            wire.encode_ctl("fx", "p", next(seq), 0, {**applied, "version": 4, "alpha": 3.0, "step": 360}),
+            ep(380, 30),
+            wire.encode_ctl(
+                "fx",
+                "p",
+                next(seq),
+                0,
+                {
+                    "event": "refused",
+                    "id": "latents:tc/0",
+                    "op": "add",
+                    "tap": TAP,
+                    "version": 4,
+                    "reason": "failed at a forward",
+                    "step": 400,
+                },
+            ),
+            ep(450, 99),
+        ]
         for parts in frames:
             assert mon.handle([bytes(p) for p in parts])
         mon.flush(final=True)
@@ -529,7 +614,10 @@ def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Sto
     assert d["mean"] == -89.0 and d["ci"][1] < 0 and d["p_value"] < 0.01
     rc, out, err = _steer(redis_url, "--run", "fx")
     assert rc == 0, err
-    assert "latents:tc/0 (add, steps 100-200): mean return 11.0 over 3 episodes ended while on, 100.0 over 3 before; difference -89.0" in out
+    assert (
+        "latents:tc/0 (add, steps 100-200): mean return 11.0 over 3 episodes ended while on, 100.0 over 3 before; difference -89.0"
+        in out
+    )
 
 
 def test_a_steer_that_fails_at_a_forward_leaves_it_unchanged_and_comes_off() -> None:
@@ -549,8 +637,17 @@ def test_steer_finds_the_transcoder_that_writes_the_tap_or_says_which_to_use(sto
     run = "resolve"
     _register(store, tmp_path, run)  # steer-tc: 1:out -> 1:out
     wide = make_wide()
-    store.register_transcoder(artifact_info("reader", save_artifact(tmp_path / "reader", wide, source="0:out", target="2:in", run=run),
-                                            wide, run=run, source="0:out", target="2:in", q=None))
+    store.register_transcoder(
+        artifact_info(
+            "reader",
+            save_artifact(tmp_path / "reader", wide, source="0:out", target="2:in", run=run),
+            wide,
+            run=run,
+            source="0:out",
+            target="2:in",
+            q=None,
+        )
+    )
 
     def args(**kw: object) -> dict[str, object]:
         return {"tap": TAP, "latent": 0, "transcoder": None, "op": "add", "alpha": 1.0, "value": None, **kw}

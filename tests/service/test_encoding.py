@@ -91,8 +91,13 @@ def test_deactivate_stops_the_encoding_and_activate_resumes_it(tmp_path: Path, s
     latents = LATENT_PREFIX + "sae4"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "monitor", "transcoders", *args, "--redis", redis_url],
-                              capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "monitor", "transcoders", *args, "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+        )
 
     def latent_rows() -> int:
         return store.status()["runs"][0]["taps"].get(latents, {}).get("rows", 0)

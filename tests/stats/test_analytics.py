@@ -76,8 +76,11 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
     ep = free_endpoint()
     mon = spawn_monitor(redis_url, ep, "--window-steps", "200")
     try:
-        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "400", "--run", "stats"],
-                      stdout=subprocess.PIPE, text=True)
+        agent = spawn(
+            [str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "400", "--run", "stats"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         out, _ = agent.communicate(timeout=120)
         assert agent.returncode == 0
         counters = json.loads(out.strip().splitlines()[-1])
@@ -86,8 +89,13 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
         seen: list[object] = []
 
         def ready() -> dict | None:
-            out = subprocess.run([sys.executable, "-m", "monitor", "stats", "--run", "stats", "--tap", tap, "--json", "--redis", redis_url],
-                                 capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+            out = subprocess.run(
+                [sys.executable, "-m", "monitor", "stats", "--run", "stats", "--tap", tap, "--json", "--redis", redis_url],
+                capture_output=True,
+                text=True,
+                cwd=str(ROOT),
+                timeout=60,
+            )
             d = json.loads(out.stdout)["taps"][tap] if out.returncode == 0 else None
             seen.append(d.get("paired") if d else out.stderr[-300:])
             return d if d and d.get("paired") == 400 else None
@@ -102,8 +110,13 @@ def test_stats_cli_on_a_real_agent(redis_url: str, store: Store) -> None:
             top = d["channels"][i]["top"][0]
             assert abs(top["metrics"][name] - top["value"]) < 1e-5
         assert d["window_n"] == 200
-        r = subprocess.run([sys.executable, "-m", "monitor", "stats", "--run", "nope", "--redis", redis_url],
-                           capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "monitor", "stats", "--run", "nope", "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+        )
         assert r.returncode == 2 and "no run 'nope'" in r.stderr
     finally:
         mon.terminate()

@@ -12,10 +12,14 @@ from monitor.store.records import Store
 
 
 def test_evaluate_alerts_precision_recall_and_lead() -> None:
-    episodes = [{"step": 50, "index": 0, "terminated": 1}, {"step": 120, "index": 0, "terminated": 1},
-                {"step": 200, "index": 0, "terminated": 0}, {"step": 90, "index": 1, "terminated": 1}]
+    episodes = [
+        {"step": 50, "index": 0, "terminated": 1},
+        {"step": 120, "index": 0, "terminated": 1},
+        {"step": 200, "index": 0, "terminated": 0},
+        {"step": 90, "index": 1, "terminated": 1},
+    ]
     alerts = [
-        {"rule": "good", "state": "firing", "step": 45, "index": 0},   # 5 before the failure at 50
+        {"rule": "good", "state": "firing", "step": 45, "index": 0},  # 5 before the failure at 50
         {"rule": "good", "state": "firing", "step": 110, "index": 0},  # 10 before 120
         {"rule": "good", "state": "resolved", "step": 111, "index": 0},
         {"rule": "noisy", "state": "firing", "step": 10, "index": 0},  # nothing fails within 20 steps
@@ -25,7 +29,12 @@ def test_evaluate_alerts_precision_recall_and_lead() -> None:
     res = evaluate_alerts(alerts, episodes, k=20)
     assert (res["episodes"], res["failures"]) == (4, 3)
     assert res["rules"]["good"] == {"alerts": 2, "precision": 1.0, "recall": round(2 / 3, 4), "median_lead_steps": 7.5}
-    assert res["rules"]["noisy"] == {"alerts": 3, "precision": round(1 / 3, 4), "recall": round(1 / 3, 4), "median_lead_steps": 10}
+    assert res["rules"]["noisy"] == {
+        "alerts": 3,
+        "precision": round(1 / 3, 4),
+        "recall": round(1 / 3, 4),
+        "median_lead_steps": 10,
+    }
 
 
 def test_monitor_suggests_the_channel_that_rises_before_failures(store: Store) -> None:

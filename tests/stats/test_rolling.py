@@ -21,7 +21,9 @@ def test_rolling_pearson_matches_corrcoef_over_the_same_window(window: int) -> N
     for _ in range(40):  # batches of random size, so the window wraps at every offset
         n = int(rng.integers(1, 2 * window + 2))
         y = rng.standard_normal((n, 3))
-        x = np.concatenate([y @ rng.standard_normal((3, 4)) + 0.5 * rng.standard_normal((n, 4)), rng.standard_normal((n, 1))], axis=1)
+        x = np.concatenate(
+            [y @ rng.standard_normal((3, 4)) + 0.5 * rng.standard_normal((n, 4)), rng.standard_normal((n, 1))], axis=1
+        )
         x = x * 100 + 1e4  # an offset that would ruin naive sums
         rc.update(x, y)
         xs.append(x)

@@ -76,10 +76,19 @@ def test_interlatent_record_with_a_live_agent(tmp_path: Path, redis_url: str, st
     mon = spawn_monitor(redis_url, ep, "--data-dir", str(tmp_path))
     try:
         wait_until(lambda: store.status()["monitor"]["alive"], what="the monitor")
-        rec = subprocess.Popen([sys.executable, "-m", "monitor", "record", "--run", "rec", "--steps", "300", "--redis", redis_url],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        rec = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "record", "--run", "rec", "--steps", "300", "--redis", redis_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(ROOT),
+        )
         wait_until(lambda: "rec" in store.record_requests(), what="the recording request")
-        agent = spawn([str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "500", "--run", "rec"], stdout=subprocess.PIPE, text=True)
+        agent = spawn(
+            [str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", ep, "--steps", "500", "--run", "rec"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert agent.wait(timeout=120) == 0
         out, err = rec.communicate(timeout=120)
         assert rec.returncode == 0, err

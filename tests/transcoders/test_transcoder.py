@@ -78,13 +78,18 @@ def test_saelens_and_sparsify_directories_load(tmp_path: Path) -> None:
     sl = tmp_path / "saelens"
     sl.mkdir()
     save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(sl / "sae_weights.safetensors"))
-    (sl / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 8, "d_sae": 5, "hook_name": "blocks.0.hook_resid_pre"}))
+    (sl / "cfg.json").write_text(
+        json.dumps({"architecture": "standard", "d_in": 8, "d_sae": 5, "hook_name": "blocks.0.hook_resid_pre"})
+    )
     m, _ = load_artifact(sl)
     with torch.no_grad():
         torch.testing.assert_close(m(x)[1], expected)
     sp = tmp_path / "sparsify"
     sp.mkdir()
-    save_file({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(sp / "sae.safetensors"))
+    save_file(
+        {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        str(sp / "sae.safetensors"),
+    )
     (sp / "cfg.json").write_text(json.dumps({"expansion_factor": 1, "k": 2, "num_latents": 5}))
     m, _ = load_artifact(sp)
     assert m.arch == "topk" and m.k == 2
