@@ -90,6 +90,7 @@ bench: $(STAMP)
 # ruff, and the import contracts in pyproject.toml (the layers of ARCHITECTURE.md)
 lint: $(STAMP)
 	$(BIN)/ruff check agent_side monitor explainer tests examples
+	$(BIN)/ruff format --check agent_side monitor explainer tests examples
 	$(BIN)/lint-imports
 
 clean:
