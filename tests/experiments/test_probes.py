@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from agent_side.taps import tensor_hook
 from monitor.experiments.interrogate import (
     ablation_effect,
     greedy_subspace,
@@ -128,16 +129,28 @@ def test_pca_matches_numpy_svd() -> None:
     assert top2.components.shape == (2, 6) and top2.explained_variance_ratio.sum() < 1.0
 
 
-def test_collect_records_one_tap_row_per_step() -> None:
+def test_collect_records_one_tap_row_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    import monitor.experiments.probes as probes
+
+    calls = []  # every call of collect's recording function
+
+    def counted(module, site, fn):  # the real tensor_hook, its function counted
+        return tensor_hook(module, site, lambda t: (calls.append(1), fn(t))[1])
+
+    monkeypatch.setattr(probes, "tensor_hook", counted)
     net = _random_policy()
     ro = collect(_agent(net), "1:out", episodes=2, seed=0)
+    assert len(calls) == len(ro.X)
     assert ro.X.shape == (len(ro.obs), 16) and ro.X.dtype == np.float32
     assert len(ro.returns) == 2 and ro.returns.sum() == ro.rewards.sum() == len(ro.X)  # CartPole pays 1 per step
     with torch.no_grad():
         expected = torch.tanh(net[0](torch.as_tensor(ro.obs))).numpy()
     np.testing.assert_allclose(ro.X, expected, atol=1e-6)
     assert ro.returns[0] == mean_return(lambda: gym.make("CartPole-v1"), _agent(net)[2], 1, seed=0)
-    assert not net[1]._forward_hooks  # the recording hook came off
+    n = len(calls)
+    with torch.no_grad():
+        net(torch.zeros(3, 4))
+    assert len(calls) == n  # the recording hook came off: a later forward records nothing
 
 
 def test_collect_shows_the_policy_the_transformed_obs_but_keeps_the_true_one() -> None:
