@@ -85,6 +85,9 @@ def _print_transcoders(infos: list[dict[str, Any]]) -> None:
         print("no transcoders yet: `interlatent train ...` or `interlatent import PATH ...`")
     print(f"{'name':<60} {'d_sae':>5} {'L0':>6} {'FVU':>7} {'MSE':>9} {'dead':>5} {'return recovered':>17} {'active':>7}")
     for t in infos:
+        if t.get("broken"):
+            print(f"{t['name']:<60} broken: {t['broken']}")
+            continue
         q = t.get("quality") or {}
         cells = [
             format(q[k], f) if q.get(k) is not None else "-"
@@ -108,7 +111,7 @@ def cmd_transcoders(args: argparse.Namespace, s: Settings) -> int:
                     f"transcoder {name!r} {'activated' if active else 'deactivated'}: the monitor "
                     f"{'starts' if active else 'stops'} encoding with it at its next flush"
                 )
-    infos = store.transcoders()
+    infos = store.transcoders(include_broken=True)
     if args.json:
         print(json.dumps({"transcoders": infos}))
     else:
@@ -126,6 +129,13 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
     except ArtifactError as e:
         raise ConfigError(str(e)) from e
     store = s.store()
+    streamed = store.taps(args.run)  # where the run is known, its taps' widths must fit the weights
+    for what, tap, width in (("source", args.source, model.d_in), ("target", args.target, model.d_out)):
+        have = streamed.get(tap, {}).get("width")
+        if have is not None and have != width:
+            raise ConfigError(
+                f"{args.path}: the transcoder's {what} width is {width}, but run {args.run!r} streams {tap!r} {have} wide"
+            )
     q = None
     req = store.record_requests().get(args.run, {})
     if req.get("state") == "done":  # judge it on the run's recording when there is one

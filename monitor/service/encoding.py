@@ -28,10 +28,16 @@ class Encoders:
     def __init__(self) -> None:
         self.active: dict[str, tuple[dict[str, Any], Transcoder]] = {}  # name -> (registry entry, model)
         self._failed: set[tuple[str, float]] = set()
+        self.broken: dict[str, str] = {}  # name -> why it cannot be loaded, or cannot encode its tap
+        self.width_skipped: dict[str, int] = {}  # name -> frames not encoded for a width mismatch
 
     def refresh(self, registry: list[dict[str, Any]]) -> None:
-        """Load new or changed transcoders, drop the ones no longer registered or active."""
-        wanted = {t["name"]: t for t in registry if t.get("active", True)}
+        """Load new or changed transcoders, drop the ones no longer registered or active. An entry
+        that cannot be loaded is skipped with its reason (in ``broken``) until it changes; it never
+        stops the monitor or the other transcoders."""
+        wanted = {
+            t["name"]: t for t in registry if isinstance(t.get("name"), str) and t.get("active", True) and not t.get("broken")
+        }
         for name in list(self.active):
             if name not in wanted:
                 del self.active[name]
@@ -43,11 +49,16 @@ class Encoders:
             if (name, info.get("created")) in self._failed:
                 continue
             try:
+                for field in ("path", "source", "run"):
+                    if not isinstance(info.get(field), str):
+                        raise ArtifactError(f"registry entry has no {field}")
                 model, _ = load_artifact(info["path"])
-            except (ArtifactError, OSError, RuntimeError) as e:
+            except Exception as e:  # an artifact of any shape must cost only itself
                 self._failed.add((name, info.get("created")))
-                log.warning("cannot load transcoder %s from %s: %s", name, info["path"], e)
+                self.broken[name] = str(e)[:300]
+                log.warning("cannot load transcoder %s from %s: %s", name, info.get("path"), e)
                 continue
+            self.broken.pop(name, None)
             self.active[name] = (info, model)
             log.info("encoding %s of run %s with %s (%d latents)", info["source"], info["run"], name, model.d_sae)
 
@@ -57,12 +68,19 @@ class Encoders:
         out = []
         x = None
         for name, (info, model) in self.active.items():
-            if info["source"] == tap and info["run"] in (run, "*") and model.d_in == data.shape[1]:
-                if x is None:
-                    x = torch.from_numpy(
-                        data
-                        if data.dtype == np.float32 and data.flags.c_contiguous
-                        else np.ascontiguousarray(data, dtype=np.float32)
-                    )
-                out.append((LATENT_PREFIX + name, model.encode(x).numpy()))
+            if info["source"] != tap or info["run"] not in (run, "*"):
+                continue
+            if model.d_in != data.shape[1]:  # counted where a user looks (the health key), said once
+                n = self.width_skipped[name] = self.width_skipped.get(name, 0) + 1
+                self.broken[name] = (
+                    f"reads {model.d_in} channels, but {run}/{tap} streams {data.shape[1]} ({n} frames not encoded)"
+                )
+                if n == 1:
+                    log.warning("transcoder %s: %s", name, self.broken[name])
+                continue
+            if x is None:
+                x = torch.from_numpy(
+                    data if data.dtype == np.float32 and data.flags.c_contiguous else np.ascontiguousarray(data, dtype=np.float32)
+                )
+            out.append((LATENT_PREFIX + name, model.encode(x).numpy()))
         return out

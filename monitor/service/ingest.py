@@ -342,6 +342,7 @@ class Monitor:
             "lag_s": round(self.lag_s, 4),
             "runs": len(self.runs),
             "control_events_dropped": self.ctl_dropped,
+            "transcoders_broken": dict(self.encoders.broken),
             "time": time.time(),
         }
 

@@ -97,6 +97,19 @@ def unpack_analytics(blob: bytes) -> dict[str, Any]:
     return out
 
 
+_REGISTRY_FIELDS = {"name": str, "run": str, "source": str, "target": str, "path": str, "d_sae": int}
+
+
+def _registry_problem(t: Any) -> str | None:
+    """Why a transcoder registry entry cannot be used, or None."""
+    if not isinstance(t, dict):
+        return "registry entry is not a JSON object"
+    for field, typ in _REGISTRY_FIELDS.items():
+        if not isinstance(t.get(field), typ) or isinstance(t.get(field), bool):
+            return f"registry entry field {field} is missing or not {typ.__name__}"
+    return None
+
+
 class Store:
     """Interlatent's view of Redis: the monitor writes through it, the CLI and panel read."""
 
@@ -190,11 +203,22 @@ class Store:
     def transcoders_version(self) -> int:
         return int(self.r.get(keys.TRANSCODERS_VERSION) or 0)
 
-    def transcoders(self) -> list[dict[str, Any]]:
-        return sorted(
-            (json.loads(v) for v in self.r.hvals(keys.TRANSCODERS)),
-            key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"]),
-        )
+    def transcoders(self, *, include_broken: bool = False) -> list[dict[str, Any]]:
+        """The registry, sorted. An entry without the fields every reader needs (someone edited
+        Redis by hand) is left out, or with ``include_broken`` listed as ``{"name", "broken"}``."""
+        out, broken = [], []
+        for name, v in self.r.hgetall(keys.TRANSCODERS).items():
+            try:
+                t = json.loads(v)
+            except ValueError:
+                t = None
+            why = _registry_problem(t)
+            if why is None:
+                out.append(t)
+            else:
+                broken.append({"name": name.decode(errors="replace"), "broken": why})
+        out.sort(key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"], t["name"]))
+        return out + (sorted(broken, key=lambda t: t["name"]) if include_broken else [])
 
     def record_requests(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.RECORD).items()}

@@ -61,19 +61,31 @@ def load_artifact(directory: Path | str) -> tuple[Transcoder, dict[str, Any]]:
                 "save the tensors with safetensors (W_enc, b_enc, W_dec, b_dec) and a cfg.json"
             )
         raise ArtifactError(f"{d} has no *.safetensors weights")
+    cfg = _read_cfg(d / "cfg.json")
+    path = d / WEIGHTS if (d / WEIGHTS).exists() else tensors[0]
     try:
-        cfg = json.loads((d / "cfg.json").read_text())
-    except FileNotFoundError as e:
-        raise ArtifactError(f"{d} has no cfg.json") from e
-    w = load_file(str(d / WEIGHTS if (d / WEIGHTS).exists() else tensors[0]))
+        w = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ArtifactError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from e
     if "W_enc" in w:  # Interlatent / SAELens
-        W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
+        names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
     elif "encoder.weight" in w:  # sparsify: encoder is an nn.Linear(d_in, d_sae)
-        W_enc, b_enc, W_dec, b_dec = w["encoder.weight"].T, w["encoder.bias"], w["W_dec"], w["b_dec"]
+        names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
     else:
-        raise ArtifactError(f"{d}: weights have none of the known layouts (W_enc... or encoder.weight...); keys: {sorted(w)[:8]}")
+        raise ArtifactError(
+            f"{path}: weights have none of the known layouts (W_enc... or encoder.weight...); keys: {sorted(w)[:8]}"
+        )
+    missing = [v for v in names.values() if v not in w]
+    if missing:
+        raise ArtifactError(f"{path}: tensor {missing[0]} is missing (needed: {', '.join(names.values())})")
+    got = {k: w[v] for k, v in names.items()}
+    if names["W_enc"] == "encoder.weight":
+        got["W_enc"] = got["W_enc"].T
+    W_enc, b_enc, W_dec, b_dec = _checked(path, names, got, cfg)
     k = cfg.get("k")
     arch = "topk" if cfg.get("architecture") == "topk" or (k and "encoder.weight" in w) else "relu"
+    if arch == "topk" and not (type(k) is int and 1 <= k <= W_enc.shape[1]):
+        raise ArtifactError(f"{d / 'cfg.json'}: field k must be an int in [1, {W_enc.shape[1]}] for a topk SAE, got {k!r:.40}")
     model = Transcoder(W_enc.shape[0], W_enc.shape[1], W_dec.shape[1], arch=arch, k=k if arch == "topk" else None)
     with torch.no_grad():
         model.W_enc.copy_(W_enc)
@@ -81,3 +93,48 @@ def load_artifact(directory: Path | str) -> tuple[Transcoder, dict[str, Any]]:
         model.W_dec.copy_(W_dec)
         model.b_dec.copy_(b_dec)
     return model.eval(), cfg
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path.parent} has no cfg.json") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({str(e)[:120]})") from e
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{path}: must be a JSON object, got {type(cfg).__name__}")
+    for field in ("d_in", "d_sae", "d_out"):
+        v = cfg.get(field)
+        if v is not None and not (type(v) is int and v > 0):
+            raise ArtifactError(f"{path}: field {field} must be a positive int, got {v!r:.40}")
+    return cfg
+
+
+def _checked(path: Path, names: dict[str, str], t: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The four tensors, each of the shape the others and ``cfg.json`` imply (never broadcast),
+    floating point and finite; an :class:`ArtifactError` naming the first that is not."""
+    for key, tensor in t.items():
+        if not tensor.is_floating_point():
+            raise ArtifactError(
+                f"{path}: tensor {names[key]} has dtype {str(tensor.dtype).removeprefix('torch.')}, not a float type"
+            )
+        if tensor.dim() != (2 if key.startswith("W") else 1):
+            raise ArtifactError(
+                f"{path}: tensor {names[key]} has shape {list(tensor.shape)}, expected {2 if key.startswith('W') else 1} dimensions"
+            )
+    d_in, d_sae = t["W_enc"].shape
+    d_out = t["W_dec"].shape[1]
+    want = {"W_enc": [d_in, d_sae], "b_enc": [d_sae], "W_dec": [d_sae, d_out], "b_dec": [d_out]}
+    for key, shape in want.items():
+        if list(t[key].shape) != shape:
+            raise ArtifactError(
+                f"{path}: tensor {names[key]} has shape {list(t[key].shape)}, expected {shape} (from the other tensors)"
+            )
+    for field, value in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+        if cfg.get(field) is not None and cfg[field] != value:
+            raise ArtifactError(f"{path.parent / 'cfg.json'}: field {field} is {cfg[field]}, but the weights say {value}")
+    for key, tensor in t.items():
+        if not torch.isfinite(tensor).all():
+            raise ArtifactError(f"{path}: tensor {names[key]} holds NaN or Inf")
+    return t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,39 @@ def test_deactivate_stops_the_encoding_and_activate_resumes_it(tmp_path: Path, s
     assert [t["active"] for t in store.transcoders()] == [True]
     r = cli("--deactivate", "nope")
     assert r.returncode == 2 and "no transcoder 'nope'" in r.stderr and "sae4" in r.stderr
+
+
+def test_no_registry_entry_or_artifact_stops_the_monitor(tmp_path: Path, store: Store) -> None:
+    """A registry entry that is not JSON, one missing its fields, an artifact whose weights broke
+    after registration and a transcoder whose source width is not the tap's: the monitor keeps
+    serving, the good transcoder encodes, and each other one is in the health key with its reason."""
+    from monitor.store import keys
+
+    good = _register(store, tmp_path, "good", 4, seed=1)
+    wide = Transcoder(9, 3, 9).eval()
+    path = save_artifact(tmp_path / "wide", wide, source="h:out", target="h:out", run="r")
+    store.register_transcoder(artifact_info("wide", path, wide, run="r", source="h:out", target="h:out", q=None))
+    rotten = Transcoder(6, 2, 6).eval()
+    path = save_artifact(tmp_path / "rotten", rotten, source="h:out", target="h:out", run="r")
+    store.register_transcoder(artifact_info("rotten", path, rotten, run="r", source="h:out", target="h:out", q=None))
+    (path / "cfg.json").write_text("{oops")  # broken after registration
+    store.r.hset(keys.TRANSCODERS, "garbage", b"\xff not json")
+    store.r.hset(keys.TRANSCODERS, "partial", json.dumps({"name": "partial", "run": "r"}))
+    listed = {t["name"]: t for t in store.transcoders(include_broken=True)}
+    assert "not a JSON object" in listed["garbage"]["broken"] and "field source" in listed["partial"]["broken"]
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:
+        mon.flush()
+        x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+        assert mon.handle(encode_act("r", "p", 0, 0, "h:out", x, _pos(range(3))))
+        mon.flush(final=True)
+        assert set(store.taps("r")) == {"h:out", LATENT_PREFIX + "good"}
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                store.recent("r", LATENT_PREFIX + "good")[0], good.encode(torch.from_numpy(x)).numpy(), atol=1e-6
+            )
+        broken = mon.health()["transcoders_broken"]
+        assert set(broken) == {"wide", "rotten"}
+        assert "reads 9 channels" in broken["wide"] and "1 frames not encoded" in broken["wide"] and "JSON" in broken["rotten"]
+    finally:
+        mon.close()

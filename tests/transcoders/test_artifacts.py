@@ -1,0 +1,128 @@
+"""Artifacts from outside: every field checked before anything is built, one line naming the file
+and the field, never a traceback and never a silently broadcast weight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors.torch import load_file, save_file
+
+from monitor.transcoders.artifacts import WEIGHTS, ArtifactError, load_artifact, save_artifact
+from monitor.transcoders.model import Transcoder
+
+
+def _good(tmp: Path, name: str = "good", *, arch: str = "relu") -> Path:
+    torch.manual_seed(0)
+    m = Transcoder(6, 4, 5, arch=arch, k=2 if arch == "topk" else None)
+    return save_artifact(tmp / name, m, source="a:out", target="b:out", run="r")
+
+
+def _edit_weights(path: Path, **change: torch.Tensor | None) -> None:
+    w = load_file(str(path / WEIGHTS))
+    for k, v in change.items():
+        if v is None:
+            del w[k]
+        else:
+            w[k] = v
+    save_file(w, str(path / WEIGHTS))
+
+
+def _edit_cfg(path: Path, **change: object) -> None:
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg.update(change)
+    (path / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_a_good_artifact_loads_exactly(tmp_path: Path) -> None:
+    model, cfg = load_artifact(_good(tmp_path))
+    torch.manual_seed(0)
+    ref = Transcoder(6, 4, 5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(model, name), getattr(ref, name)), name
+    assert (model.d_in, model.d_sae, model.d_out, cfg["d_sae"]) == (6, 4, 5, 4)
+
+
+@pytest.mark.parametrize(
+    "breakage, field",
+    [
+        (lambda p: _edit_weights(p, W_dec=torch.zeros(1, 5)), "W_dec"),  # broadcastable: copy_ would have taken it
+        (lambda p: _edit_weights(p, b_enc=torch.zeros(1)), "b_enc"),
+        (lambda p: _edit_weights(p, b_dec=torch.zeros(4)), "b_dec"),
+        (lambda p: _edit_weights(p, W_enc=torch.zeros(6, 4, 1)), "W_enc"),
+        (lambda p: _edit_weights(p, b_dec=None), "b_dec"),
+        (lambda p: _edit_weights(p, W_enc=torch.zeros(6, 4, dtype=torch.int32)), "W_enc"),
+        (lambda p: _edit_weights(p, b_enc=torch.tensor([0.0, float("nan"), 0.0, 0.0])), "b_enc"),
+        (lambda p: _edit_cfg(p, d_sae=8), "d_sae"),
+        (lambda p: _edit_cfg(p, d_in="6"), "d_in"),
+        (lambda p: _edit_cfg(p, architecture="topk", k=0), "k"),
+        (lambda p: (p / "cfg.json").write_text("{not json"), "JSON"),
+        (lambda p: (p / "cfg.json").write_text("[1, 2]"), "JSON object"),
+        (lambda p: (p / WEIGHTS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad"), "safetensors"),
+    ],
+)
+def test_each_broken_field_is_refused_by_name(tmp_path: Path, breakage, field: str) -> None:
+    path = _good(tmp_path)
+    breakage(path)
+    with pytest.raises(ArtifactError, match=field) as e:
+        load_artifact(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_import_refuses_with_one_line_and_registers_nothing(tmp_path: Path, redis_url: str, store) -> None:
+    path = _good(tmp_path)
+    _edit_weights(path, W_dec=torch.zeros(1, 5))
+    cmd = [
+        sys.executable,
+        "-m",
+        "monitor",
+        "import",
+        str(path),
+        "--run",
+        "r",
+        "--source",
+        "a:out",
+        "--target",
+        "b:out",
+        "--redis",
+        redis_url,
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "W_dec" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert store.transcoders(include_broken=True) == []
+
+
+def test_import_refuses_a_source_width_that_is_not_the_taps(tmp_path: Path, redis_url: str, store) -> None:
+    import numpy as np
+
+    from agent_side.wire import encode_act
+    from monitor.service.ingest import Monitor
+
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:  # run r streams a:out 7 wide; the artifact reads 6
+        pos = np.array([[0, 0], [1, 0]], dtype=np.int64)
+        assert mon.handle(encode_act("r", "p", 0, 0, "a:out", np.ones((2, 7), np.float32), pos))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    cmd = [
+        sys.executable,
+        "-m",
+        "monitor",
+        "import",
+        str(_good(tmp_path)),
+        "--run",
+        "r",
+        "--source",
+        "a:out",
+        "--target",
+        "b:out",
+    ]
+    r = subprocess.run([*cmd, "--redis", redis_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "source width is 6" in r.stderr and "7 wide" in r.stderr
+    assert store.transcoders(include_broken=True) == []
