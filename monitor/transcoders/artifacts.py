@@ -39,6 +39,7 @@ def save_artifact(
         "d_sae": model.d_sae,
         "d_out": model.d_out,
         "k": model.k,
+        "apply_b_dec_to_input": False,  # what SAELens reads; without it, its pre-6 default subtracts b_dec
         "dtype": "float32",
         "hook_name": source,
         "metadata": {"source": source, "target": target, "run": run, "transcoder": source != target, **(extra or {})},
@@ -81,7 +82,16 @@ def load_artifact(directory: Path | str) -> tuple[Transcoder, dict[str, Any]]:
     got = {k: w[v] for k, v in names.items()}
     if names["W_enc"] == "encoder.weight":
         got["W_enc"] = got["W_enc"].T
+    _refuse_unsupported(d / "cfg.json", cfg, w)
     W_enc, b_enc, W_dec, b_dec = _checked(path, names, got, cfg)
+    sparsify = names["W_enc"] == "encoder.weight"
+    if (cfg.get("apply_b_dec_to_input") is True) or (sparsify and not cfg.get("transcode")):
+        # the library encodes (x - b_dec) W_enc + b_enc: the same as x W_enc + (b_enc - b_dec W_enc)
+        if W_enc.shape[0] != W_dec.shape[1]:
+            raise ArtifactError(
+                f"{d / 'cfg.json'}: b_dec is subtracted from the input, but d_in {W_enc.shape[0]} != d_out {W_dec.shape[1]}"
+            )
+        b_enc = b_enc.double() - b_dec.double() @ W_enc.double()
     k = cfg.get("k")
     arch = "topk" if cfg.get("architecture") == "topk" or (k and "encoder.weight" in w) else "relu"
     if arch == "topk" and not (type(k) is int and 1 <= k <= W_enc.shape[1]):
@@ -93,6 +103,28 @@ def load_artifact(directory: Path | str) -> tuple[Transcoder, dict[str, Any]]:
         model.W_dec.copy_(W_dec)
         model.b_dec.copy_(b_dec)
     return model.eval(), cfg
+
+
+# what SAELens and sparsify can describe that this loader does not encode: refused by name, never
+# encoded some other way
+_ARCHITECTURES = (None, "standard", "topk")
+
+
+def _refuse_unsupported(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    arch = cfg.get("architecture")
+    if arch not in _ARCHITECTURES:
+        raise ArtifactError(f"{path}: field architecture {arch!r:.40} is not supported (standard and topk are)")
+    if cfg.get("normalize_activations") not in (None, "none"):
+        raise ArtifactError(
+            f"{path}: field normalize_activations {cfg['normalize_activations']!r:.40} is not supported (only none)"
+        )
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ArtifactError(f"{path}: field rescale_acts_by_decoder_norm is not supported")
+    if cfg.get("activation") not in (None, "topk"):
+        raise ArtifactError(f"{path}: field activation {cfg['activation']!r:.40} is not supported (topk is)")
+    extra = sorted(set(weights) & {"W_skip", "threshold", "log_threshold", "r_mag", "b_mag", "b_gate", "W_skip.weight"})
+    if extra:
+        raise ArtifactError(f"{path.parent}: tensor {extra[0]} (a skip, JumpReLU or gated SAE) is not supported")
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:

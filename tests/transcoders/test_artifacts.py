@@ -126,3 +126,60 @@ def test_import_refuses_a_source_width_that_is_not_the_taps(tmp_path: Path, redi
     r = subprocess.run([*cmd, "--redis", redis_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "source width is 6" in r.stderr and "7 wide" in r.stderr
     assert store.transcoders(include_broken=True) == []
+
+
+def test_saelens_apply_b_dec_to_input_is_encoded_as_saelens_does(tmp_path: Path) -> None:
+    """SAELens' standard SAE with apply_b_dec_to_input: relu((x - b_dec) W_enc + b_enc); with it
+    false, relu(x W_enc + b_enc). A sparsify transcoder (transcode: true) subtracts nothing."""
+    g = torch.Generator().manual_seed(1)
+    W_enc, b_enc, W_dec, b_dec = (
+        torch.randn(6, 4, generator=g),
+        torch.randn(4, generator=g),
+        torch.randn(4, 6, generator=g),
+        torch.randn(6, generator=g),
+    )
+    x = torch.randn(5, 6, generator=g)
+    for apply, sae_in in ((True, x - b_dec), (False, x)):
+        d = tmp_path / f"sl-{apply}"
+        d.mkdir()
+        save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(d / WEIGHTS))
+        (d / "cfg.json").write_text(
+            json.dumps({"architecture": "standard", "d_in": 6, "d_sae": 4, "apply_b_dec_to_input": apply})
+        )
+        m, _ = load_artifact(d)
+        with torch.no_grad():
+            torch.testing.assert_close(m.encode(x), torch.relu(sae_in @ W_enc + b_enc), atol=1e-5, rtol=1e-5)
+    d = tmp_path / "sparsify-transcoder"
+    d.mkdir()
+    save_file(
+        {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        str(d / "sae.safetensors"),
+    )
+    (d / "cfg.json").write_text(json.dumps({"k": 2, "num_latents": 4, "transcode": True}))
+    m, _ = load_artifact(d)
+    pre = x @ W_enc + b_enc
+    top = torch.topk(pre, 2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode(x), torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values)))
+
+
+@pytest.mark.parametrize(
+    "cfg, tensors, field",
+    [
+        ({"architecture": "jumprelu"}, {}, "architecture"),
+        ({"architecture": "gated"}, {}, "architecture"),
+        ({"architecture": "batchtopk"}, {}, "architecture"),
+        ({"normalize_activations": "layer_norm"}, {}, "normalize_activations"),
+        ({"architecture": "topk", "k": 2, "rescale_acts_by_decoder_norm": True}, {}, "rescale_acts_by_decoder_norm"),
+        ({"activation": "groupmax"}, {}, "activation"),
+        ({}, {"W_skip": torch.zeros(6, 5)}, "W_skip"),
+        ({}, {"threshold": torch.zeros(4)}, "threshold"),
+    ],
+)
+def test_what_is_not_encoded_exactly_is_refused_by_name(tmp_path: Path, cfg: dict, tensors: dict, field: str) -> None:
+    path = _good(tmp_path)
+    _edit_cfg(path, **cfg)
+    if tensors:
+        _edit_weights(path, **tensors)
+    with pytest.raises(ArtifactError, match=field):
+        load_artifact(path)

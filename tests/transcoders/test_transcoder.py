@@ -93,7 +93,7 @@ def test_saelens_and_sparsify_directories_load(tmp_path: Path) -> None:
     (sp / "cfg.json").write_text(json.dumps({"expansion_factor": 1, "k": 2, "num_latents": 5}))
     m, _ = load_artifact(sp)
     assert m.arch == "topk" and m.k == 2
-    pre = x @ W_enc + b_enc
+    pre = (x - b_dec) @ W_enc + b_enc  # a sparsify SAE (not a transcoder) subtracts b_dec before encoding
     top = torch.topk(pre, 2, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
     with torch.no_grad():
