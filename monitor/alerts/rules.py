@@ -152,6 +152,9 @@ def _rule(i: int, d: Any) -> Rule:
 def parse_rules(doc: Any) -> RulesFile:
     if not isinstance(doc, dict):
         raise RulesError("rules file: the top level must be a mapping with 'rules' (and optionally 'webhooks')")
+    unknown = sorted(str(k) for k in set(doc) - {"rules", "webhooks"})
+    if unknown:
+        raise RulesError(f"rules file: unknown top-level field '{unknown[0]}' (known: rules, webhooks)")
     rules = doc.get("rules")
     if not isinstance(rules, list) or not rules:
         raise RulesError("rules file: field 'rules' must be a non-empty list")
@@ -161,7 +164,13 @@ def parse_rules(doc: Any) -> RulesFile:
     if dup:
         raise RulesError(f"rule {dup!r}: field 'name' is used twice")
     hooks = []
-    for i, h in enumerate(doc.get("webhooks") or []):
+    webhooks = doc.get("webhooks") or []
+    if not isinstance(webhooks, list):
+        raise RulesError("rules file: field 'webhooks' must be a list of {url, timeout_s, retries}")
+    for i, h in enumerate(webhooks):
+        extra = sorted(str(k) for k in set(h) - {"url", "timeout_s", "retries"}) if isinstance(h, dict) else []
+        if extra:
+            raise RulesError(f"webhook #{i + 1}: unknown field '{extra[0]}' (known: retries, timeout_s, url)")
         if not isinstance(h, dict) or not isinstance(h.get("url"), str) or not h["url"].startswith(("http://", "https://")):
             raise RulesError(f"webhook #{i + 1}: field 'url' must be an http(s) URL")
         hooks.append(

@@ -67,6 +67,12 @@ class Hook:
         ({"rules": [{"name": "a", "kind": "zscore"}, {"name": "a", "kind": "wake"}]}, "rule 'a': field 'name' is used twice"),
         ({"rules": [{"name": "a", "kind": "corr_flip"}]}, "rule 'a': a corr_flip rule needs field 'metric'"),
         ({"rules": [{"name": "a", "kind": "zscore"}], "webhooks": [{"url": "ftp://x"}]}, "webhook #1: field 'url'"),
+        (
+            {"rules": [{"name": "a", "kind": "zscore"}], "webhooks": [{"url": "http://h/x", "timeout": 2}]},
+            "webhook #1: unknown field 'timeout'",
+        ),
+        ({"rules": [{"name": "a", "kind": "zscore"}], "webhook": [{"url": "http://h/x"}]}, "unknown top-level field 'webhook'"),
+        ({"rules": [{"name": "a", "kind": "zscore"}], "webhooks": {"url": "http://h/x"}}, "field 'webhooks' must be a list"),
     ],
 )
 def test_rules_errors_name_the_rule_and_field(doc: dict, message: str) -> None:
