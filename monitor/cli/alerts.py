@@ -22,8 +22,9 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
     def show(a: dict) -> None:
         print(json.dumps(a) if args.json else f"{time.strftime('%H:%M:%S', time.localtime(a['time']))} {a['text']}", flush=True)
 
-    past = [(eid, json.loads(f[b"json"])) for eid, f in reversed(r.xrevrange(keys.ALERTS, count=args.last))]
-    past = [(eid, a) for eid, a in past if wanted(a)]
+    past = s.store().last_alerts(args.run, args.last) if args.last > 0 else []
+    if args.follow and args.max is not None:
+        past = past[len(past) - min(len(past), args.max) :]  # --max counts what is shown, past ones included
     if not args.follow:
         if args.json:
             active = [json.loads(v) for v in r.hvals(keys.ALERTS_ACTIVE)]
@@ -36,7 +37,8 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
             for _, a in past:
                 show(a)
         return 0
-    last = past[-1][0] if past else b"$"
+    newest = r.xrevrange(keys.ALERTS, count=1)
+    last = newest[0][0] if newest else b"0-0"  # follow from the stream's end, whatever run the past came from
     for _, a in past:
         show(a)
     shown = len(past)
@@ -45,7 +47,7 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
             for eid, f in entries:
                 last = eid
                 a = json.loads(f[b"json"])
-                if wanted(a):
+                if wanted(a) and (args.max is None or shown < args.max):
                     show(a)
                     shown += 1
     return 0

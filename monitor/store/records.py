@@ -236,6 +236,24 @@ class Store:
             {k.decode(): float(v) for k, v in f.items()} for _, f in reversed(self.r.xrevrange(keys.episodes(run), count=count))
         ]
 
+    def last_alerts(self, run: str | None, last: int, *, page: int = 1000) -> list[tuple[bytes, dict[str, Any]]]:
+        """The newest ``last`` alert events of ``run`` (or of all runs), oldest first, with their
+        stream ids; the stream is read newest first in pages, so a busy run never hides a quiet one."""
+        out: list[tuple[bytes, dict[str, Any]]] = []
+        end = "+"
+        while len(out) < last:
+            batch = self.r.xrevrange(keys.ALERTS, max=end, count=page)
+            for eid, f in batch:
+                a = json.loads(f[b"json"])
+                if run is None or a.get("run") == run:
+                    out.append((eid, a))
+                    if len(out) == last:
+                        break
+            if len(batch) < page:
+                break
+            end = "(" + batch[-1][0].decode()
+        return out[::-1]
+
     def alerts(self, run: str | None = None, count: int = 10_000) -> list[dict[str, Any]]:
         out = [json.loads(f[b"json"]) for _, f in self.r.xrange(keys.ALERTS, count=count)]
         return [a for a in out if run is None or a["run"] == run]

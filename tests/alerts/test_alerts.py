@@ -273,3 +273,26 @@ rules:
         mon.terminate()
         mon.wait(timeout=20)
         hook.close()
+
+
+def test_alerts_of_a_quiet_run_are_not_hidden_by_a_busy_one(store: Store, redis_url: str, capsys: pytest.CaptureFixture) -> None:
+    """`alerts --run R --last N` is the newest N of R, read past any number of other runs' alerts;
+    `--follow --max N` prints at most N."""
+    from monitor.cli.main import main
+
+    def add(run: str, i: int) -> None:
+        a = {"run": run, "rule": "r", "state": "firing", "time": 1000.0 + i, "text": f"{run} {i}"}
+        store.r.xadd(keys.ALERTS, {"json": json.dumps(a)})
+
+    for i in range(3):
+        add("quiet", i)
+    for i in range(2500):
+        add("busy", i)
+    assert main(["alerts", "--run", "quiet", "--last", "2", "--json", "--redis", redis_url]) == 0
+    got = json.loads(capsys.readouterr().out)["alerts"]
+    assert [a["text"] for a in got] == ["quiet 1", "quiet 2"]
+    assert main(["alerts", "--last", "3", "--json", "--redis", redis_url]) == 0
+    assert [a["text"] for a in json.loads(capsys.readouterr().out)["alerts"]] == ["busy 2497", "busy 2498", "busy 2499"]
+    assert main(["alerts", "--run", "busy", "--last", "10", "--follow", "--max", "4", "--redis", redis_url]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].endswith("busy 2499")
