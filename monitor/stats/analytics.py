@@ -37,6 +37,9 @@ def pos_of(key: int) -> tuple[int, int]:
     return int(key) >> _INDEX_BITS, int(key) & _INDEX_MASK
 
 
+PENDING_BYTES = 64 << 20  # activation rows waiting for their metric rows, per tap
+
+
 @dataclass(frozen=True)
 class AnalyticsConfig:
     window_steps: int = 1000
@@ -97,6 +100,7 @@ class TapAnalytics:
         self.pending_x: list[np.ndarray] = []  # rows still waiting for their metrics
         self.pending_keys: list[np.ndarray] = []
         self.paired = 0
+        self.unpaired_dropped = 0  # rows that waited too long for their metric rows
 
     def offer(self, data: np.ndarray, pos: np.ndarray, joiner: Joiner) -> None:
         """New activation rows: pair what can be paired now, keep the rest for later."""
@@ -113,10 +117,20 @@ class TapAnalytics:
         hit = slots >= 0
         if hit.any():
             self._update(x[hit], joiner.values[slots[hit]], keys[hit])
-        # unmatched rows wait, but never more than a window's worth
+        # unmatched rows wait for their metric rows (which trail them in frames of their own) up to
+        # a bound in rows and bytes; past it the oldest go, counted
         keep = ~hit
-        x, keys = x[keep][-self.cfg.window_steps :], keys[keep][-self.cfg.window_steps :]
+        cap = self.pending_cap()
+        lost = max(0, int(keep.sum()) - cap)
+        if lost:
+            self.unpaired_dropped += lost
+        x, keys = x[keep][-cap:], keys[keep][-cap:]
         self.pending_x, self.pending_keys = ([x], [keys]) if len(x) else ([], [])
+
+    def pending_cap(self) -> int:
+        """How many rows may wait for their metric rows: four windows, or what fits in 64 MiB of
+        float64 rows for a wide tap, whichever is larger (at least one window)."""
+        return max(self.cfg.window_steps, min(max(4 * self.cfg.window_steps, 8192), PENDING_BYTES // (8 * max(1, self.width))))
 
     def _update(self, x: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
         w = self.cfg.window_steps
@@ -197,6 +211,7 @@ class TapAnalytics:
             "window_steps": self.cfg.window_steps,
             "ew_alpha": self.cfg.ew_alpha,
             "paired": self.paired,
+            "unpaired_dropped": self.unpaired_dropped,
             "window_n": int(ws["n"]),
             "corr": f32(self.rolling.get()),
             "ew_corr": f32(self.ew.get()),

@@ -69,5 +69,11 @@ def tap_stats(store: Store, run: str, tap: str, *, top: int = 5) -> dict[str, An
         channels.append(ch)
     out = {"width": info["width"], "rows": info["rows"], "metrics": names, "channels": channels}
     if an:
-        out.update(window_steps=an["window_steps"], ew_alpha=an["ew_alpha"], paired=an["paired"], window_n=an["window_n"])
+        out.update(
+            window_steps=an["window_steps"],
+            ew_alpha=an["ew_alpha"],
+            paired=an["paired"],
+            window_n=an["window_n"],
+            unpaired_dropped=an.get("unpaired_dropped", 0),
+        )
     return out
