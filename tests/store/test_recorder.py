@@ -107,7 +107,7 @@ def test_interlatent_record_with_a_live_agent(tmp_path: Path, redis_url: str, st
 def test_a_full_recording_waits_for_the_metrics_of_its_last_steps(tmp_path: Path) -> None:
     """Metric frames trail the tap frames of their steps: a recording whose taps filled up closes
     only once the metric rows of its last step are in (or a grace period passed), so every
-    recorded step pairs (CI once saw 199 of 300 paired under load)."""
+    recorded step pairs (a loaded run once saw 199 of 300 paired)."""
     rec = Recorder(tmp_path / "rec", "r", max_steps=10)
     rec.add_tap("t", np.ones((12, 3), np.float32), _pos(np.arange(12)))
     assert rec.full and rec.steps == 10
