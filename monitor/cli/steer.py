@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monitor.cli.common import Settings
-from monitor.service.steering import build_intervention, clear_interventions, set_interventions, steer_effects
+from monitor.service.steering import build_intervention, clear_interventions, describe_op, set_interventions, steer_effects
 from monitor.store.records import ConfigError, Store
 
 __all__ = ["add_parsers", "cmd_steer"]
@@ -40,12 +40,7 @@ def _wait(store: Store, run: str, version: int, timeout_s: float) -> list[dict[s
 
 
 def _describe(e: dict[str, Any]) -> str:
-    what = {
-        "add": f"add alpha={e.get('alpha', 0.0):+g}",
-        "scale": f"scale factor={e.get('alpha', 0.0):g}",
-        "ablate": "ablate",
-        "clamp": f"clamp value={e.get('value', 0.0):g}",
-    }.get(e.get("op", ""), "")
+    what = describe_op(e)
     line = f"{e['event']} {e.get('id', '')} ({what} at {e.get('tap', '?')}) from step {e.get('step', 0)}"
     return line + (f": {e['reason']}" if e.get("reason") else "")
 

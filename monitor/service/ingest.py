@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ class Monitor:
         self._next_analytics = 0.0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
-        self._ctl_events: list[CtlFrame] = []  # control-plane events, answered at the next flush, beside the data path
+        self._ctl_events: deque[CtlFrame] = deque()  # control-plane events, answered at the next flush, beside the data path
         self.ctl_dropped = 0
         self._record_req: dict[str, dict[str, Any]] = {}
         self.encoders = Encoders()
@@ -173,7 +173,7 @@ class Monitor:
                     self._warn_store(
                         f"control backlog full ({CTL_BACKLOG} events): dropped the oldest ({self.ctl_dropped} so far)"
                     )
-                    del self._ctl_events[0]
+                    self._ctl_events.popleft()
                 self._ctl_events.append(frame)
                 return True
             st.update(frame, now)
@@ -266,7 +266,7 @@ class Monitor:
             self._evict_idle()
             while self._ctl_events:  # one at a time: an event whose write failed stays for the next flush
                 self.control.on_event(self._ctl_events[0])
-                del self._ctl_events[0]
+                self._ctl_events.popleft()
             self.control.publish()
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()

@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 STEER_EVENTS_MAXLEN = 10_000
 
 
+def describe_op(e: dict[str, Any], unknown: str = "") -> str:
+    """A steering event's operation in words (``add alpha=-1``), or ``unknown`` for another op."""
+    return {
+        "add": f"add alpha={e.get('alpha', 0.0):+g}",
+        "scale": f"scale factor={e.get('alpha', 0.0):g}",
+        "ablate": "ablate",
+        "clamp": f"clamp value={e.get('value', 0.0):g}",
+    }.get(e.get("op", ""), unknown)
+
+
 def steer_id(transcoder: str, latent: int) -> str:
     """The id of a steer along a transcoder latent: its latent tap and index, like explanations'."""
     return f"{LATENT_PREFIX}{transcoder}/{latent}"
@@ -227,12 +237,7 @@ def _alert(e: dict[str, Any]) -> dict[str, Any]:
     latent_tap, _, j = ident.rpartition("/")
     latent = int(j) if j.isdigit() and latent_tap else None
     severity = "warning" if kind == "refused" else "info"
-    what = {
-        "add": f"add alpha={e.get('alpha', 0.0):+g}",
-        "scale": f"scale factor={e.get('alpha', 0.0):g}",
-        "ablate": "ablate",
-        "clamp": f"clamp value={e.get('value', 0.0):g}",
-    }.get(e.get("op", ""), "a control message")
+    what = describe_op(e, "a control message")
     text = f"[{severity}] steering {kind}: {e['run']} {ident or ''} {what}" + (f" at {tap}" if tap else "")
     text += f" (version {e['version']}, step {e.get('step', 0)})" if "version" in e else f" (step {e.get('step', 0)})"
     if e.get("reason"):

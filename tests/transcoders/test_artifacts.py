@@ -39,6 +39,12 @@ def _edit_cfg(path: Path, **change: object) -> None:
     (path / "cfg.json").write_text(json.dumps(cfg))
 
 
+def _import(path: Path, redis_url: str) -> subprocess.CompletedProcess:
+    """`interlatent import PATH` for run r, a:out -> b:out, as a user runs it."""
+    cmd = [sys.executable, "-m", "monitor", "import", str(path), "--run", "r", "--source", "a:out", "--target", "b:out"]
+    return subprocess.run([*cmd, "--redis", redis_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_a_good_artifact_loads_exactly(tmp_path: Path) -> None:
     model, cfg = load_artifact(_good(tmp_path))
     torch.manual_seed(0)
@@ -77,22 +83,7 @@ def test_each_broken_field_is_refused_by_name(tmp_path: Path, breakage, field: s
 def test_import_refuses_with_one_line_and_registers_nothing(tmp_path: Path, redis_url: str, store) -> None:
     path = _good(tmp_path)
     _edit_weights(path, W_dec=torch.zeros(1, 5))
-    cmd = [
-        sys.executable,
-        "-m",
-        "monitor",
-        "import",
-        str(path),
-        "--run",
-        "r",
-        "--source",
-        "a:out",
-        "--target",
-        "b:out",
-        "--redis",
-        redis_url,
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = _import(path, redis_url)
     assert r.returncode == 2 and "W_dec" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert store.transcoders(include_broken=True) == []
 
@@ -110,20 +101,7 @@ def test_import_refuses_a_source_width_that_is_not_the_taps(tmp_path: Path, redi
         mon.flush(final=True)
     finally:
         mon.close()
-    cmd = [
-        sys.executable,
-        "-m",
-        "monitor",
-        "import",
-        str(_good(tmp_path)),
-        "--run",
-        "r",
-        "--source",
-        "a:out",
-        "--target",
-        "b:out",
-    ]
-    r = subprocess.run([*cmd, "--redis", redis_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = _import(_good(tmp_path), redis_url)
     assert r.returncode == 2 and "source width is 6" in r.stderr and "7 wide" in r.stderr
     assert store.transcoders(include_broken=True) == []
 
