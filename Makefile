@@ -11,7 +11,7 @@ ARGS    ?=
 TORCH   := torch==2.13.0
 PIP_VER := pip==26.3
 UV_VER  := uv==0.13.9
-EXTRAS  := service,rl,hf,dev
+EXTRAS  := service,rl,hf,dev,peers
 # the oldest transformers the hf extra allows, beside the venv's own, for tests/agent/test_transformers_range.py
 HF_OLD  := hf-oldest
 
@@ -75,7 +75,7 @@ test-latest: browser
 lock:
 	test -x .venv-lock/bin/uv || ($(PY) -m venv .venv-lock && .venv-lock/bin/pip install --quiet "$(UV_VER)")
 	echo "$(TORCH)$$(test -d /opt/wheels && echo +cpu)" > .venv-lock/torch-constraint.txt
-	.venv-lock/bin/uv pip compile pyproject.toml --extra service --extra rl --extra hf --extra dev --python-version 3.11 \
+	.venv-lock/bin/uv pip compile pyproject.toml --extra service --extra rl --extra hf --extra dev --extra peers --python-version 3.11 \
 		--no-emit-package torch --constraint .venv-lock/torch-constraint.txt \
 		$$(test -d /opt/wheels && echo --find-links /opt/wheels) --quiet --output-file requirements.lock
 	@! grep -nE '^(nvidia|triton|cuda)' requirements.lock || (echo "CUDA packages in the lock: resolve torch against a CPU wheel"; exit 1)

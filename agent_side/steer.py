@@ -417,6 +417,11 @@ def from_transcoder(
     alpha, value = _finite("alpha", alpha), _finite("value", value)  # numpy or 0-d tensor scalars are fine here
     if op != "clamp":
         return Intervention(op, tap, direction, alpha=alpha, source=source, id=f"{tap}/{j}")
+    if not getattr(model, "plain", True):
+        raise SteerError(
+            f"clamp evaluates relu(x W_enc + b_enc) on the agent, so it needs a plain ReLU transcoder; this one is "
+            f"{model.arch}{' with ' + model.input_norm if model.input_norm != 'none' else ''}: use add or ablate"
+        )
     w_enc = tuple(model.W_enc[:, j].detach().cpu().double().tolist())
     return Intervention(
         op, tap, direction, value=value, w_enc=w_enc, b_enc=float(model.b_enc[j].detach()), source=source, id=f"{tap}/{j}"

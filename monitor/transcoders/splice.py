@@ -50,8 +50,8 @@ def spliced(root: torch.nn.Module, model: Transcoder | None, source: str, target
         def rebuild(t: torch.Tensor) -> torch.Tensor:
             x = seen.pop("x", t)
             shape = t.shape
-            z = model.encode(x.reshape(-1, x.shape[-1]).float())
-            return model.decode(z).reshape(shape).to(t.dtype)
+            _, rec = model(x.reshape(-1, x.shape[-1]).float())  # the skip term and de-normalization included
+            return rec.reshape(shape).to(t.dtype)
 
         handles.append(tensor_hook(tgt_mod, tgt.site, rebuild))
     try:

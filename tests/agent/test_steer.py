@@ -406,3 +406,12 @@ def test_exported_names() -> None:
         ["SteerError", "Steer", "add", "scale", "ablate", "clamp", "steer_latent", "Intervention", "from_transcoder", "OPS"]
     )
     assert issubclass(SteerError, ValueError)
+
+
+@pytest.mark.parametrize("arch, norm", [("jumprelu", "none"), ("topk", "none"), ("relu", "layer_norm")])
+def test_clamp_is_refused_for_a_transcoder_the_agent_cannot_evaluate(arch: str, norm: str) -> None:
+    # the agent evaluates relu(x w_enc + b_enc) for a clamp: any other encoder would hold the wrong latent
+    tc = Transcoder(4, 3, 5, arch=arch, k=2 if arch == "topk" else None, input_norm=norm)
+    with pytest.raises(SteerError, match=f"{arch}.*use add or ablate"):
+        from_transcoder(tc, 1, tap="fc2:in", op="clamp", value=1.0, source="fc1:in")
+    assert from_transcoder(tc, 1, tap="fc2:in", op="add", alpha=1.0).op == "add"

@@ -82,6 +82,11 @@ def test_saelens_and_sparsify_directories_load(tmp_path: Path) -> None:
         json.dumps({"architecture": "standard", "d_in": 8, "d_sae": 5, "hook_name": "blocks.0.hook_resid_pre"})
     )
     m, _ = load_artifact(sl)
+    with torch.no_grad():  # SAELens's default apply_b_dec_to_input is true: it encodes x - b_dec
+        torch.testing.assert_close(m(x)[1], torch.relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec)
+    cfg = json.loads((sl / "cfg.json").read_text())
+    (sl / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+    m, _ = load_artifact(sl)
     with torch.no_grad():
         torch.testing.assert_close(m(x)[1], expected)
     sp = tmp_path / "sparsify"
