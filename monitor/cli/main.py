@@ -19,7 +19,7 @@ from monitor.cli.experiments import add_parsers as add_experiment_parsers
 from monitor.cli.live import PANEL_PORT
 from monitor.cli.live import add_parsers as add_live_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
-from monitor.cli.train import cmd_import, cmd_inspect, cmd_report, cmd_train, cmd_transcoders
+from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
 from monitor.store.records import ConfigError, Store, connect
 
@@ -392,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_import)
+
+    sp = sub.add_parser("judge", help="measure a registered transcoder on a run's recording and store the figures")
+    common(sp)
+    sp.add_argument("name", help="a name from `interlatent transcoders`")
+    sp.add_argument("--run", required=True, help="the run whose recording it is judged on")
+    sp.add_argument("--recording", help="a recording directory (default: the run's latest `interlatent record`)")
+    sp.add_argument(
+        "--agent", help="'demo' or package.module:factory returning (module, make_env, act): measures return recovered"
+    )
+    sp.add_argument("--eval-episodes", type=int, default=10, help="episodes per condition for return recovered")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads")
+    sp.add_argument("--json", action="store_true", help="print the updated registry entry as JSON")
+    sp.set_defaults(fn=cmd_judge)
 
     sp = sub.add_parser("explainer", help="run an explainer worker (jobs from Redis, explanations back)")
     common(sp)

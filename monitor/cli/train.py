@@ -1,16 +1,17 @@
-"""`interlatent train`, `transcoders` and `import`: transcoder artifacts from the command line."""
+"""`interlatent train`, `transcoders`, `import` and `judge`: transcoder artifacts from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from monitor.cli.common import Settings, pin_threads
 from monitor.store.records import ConfigError, Store
 
-__all__ = ["cmd_train", "cmd_transcoders", "cmd_import", "cmd_inspect", "cmd_report"]
+__all__ = ["cmd_train", "cmd_transcoders", "cmd_import", "cmd_judge", "cmd_inspect", "cmd_report"]
 
 
 def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
@@ -28,6 +29,25 @@ def _recording_of(s: Settings, store: Store, run: str, path: str | None) -> Any:
         return Recording(path)
     except RecordingError as e:
         raise ConfigError(str(e)) from e
+
+
+def _agent_of(s: Settings, spec: str | None) -> Any:
+    if not spec:
+        return None
+    from monitor.experiments.agents import load_agent
+
+    try:
+        return load_agent(spec, data_dir=s.data_dir)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot load --agent {spec!r}: {e}") from e
+
+
+def _registered(store: Store, name: str) -> dict[str, Any]:
+    info = next((t for t in store.transcoders() if t["name"] == name), None)
+    if info is None:
+        names = [t["name"] for t in store.transcoders()]
+        raise ConfigError(f"no transcoder {name!r}; registered: {', '.join(names) or 'none'}")
+    return info
 
 
 def cmd_train(args: argparse.Namespace, s: Settings) -> int:
@@ -48,14 +68,7 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
     base = TrainConfig(
         d_sae=sizes[0], l1=args.l1, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, arch=args.arch, k=args.k
     )
-    agent = None
-    if args.agent:
-        from monitor.experiments.agents import load_agent
-
-        try:
-            agent = load_agent(args.agent, data_dir=s.data_dir)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigError(f"cannot load --agent {args.agent!r}: {e}") from e
+    agent = _agent_of(s, args.agent)
     try:
         infos = train_sizes(
             rec,
@@ -77,6 +90,9 @@ def cmd_train(args: argparse.Namespace, s: Settings) -> int:
         print(json.dumps({"transcoders": infos}))
     else:
         _print_transcoders(infos)
+        for t in infos:
+            if t.get("undertrained"):
+                print(f"warning: {t['name']} is undertrained: {t['hint']}")
     return 0
 
 
@@ -150,6 +166,44 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
     )
     store.register_transcoder(info)
     print(json.dumps(info) if args.json else f"registered {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace, s: Settings) -> int:
+    from monitor.store.recording import RecordingError
+    from monitor.transcoders.artifacts import ArtifactError, load_artifact
+    from monitor.transcoders.training import judge
+
+    pin_threads(args.threads)
+    store = s.store()
+    info = _registered(store, args.name)
+    try:
+        model, _ = load_artifact(info["path"])
+    except ArtifactError as e:
+        raise ConfigError(str(e)) from e
+    rec = _recording_of(s, store, args.run, args.recording)
+    for tap in {info["source"], info["target"]}:
+        if tap not in rec.taps:
+            raise ConfigError(
+                f"tap {tap!r} of transcoder {args.name!r} is not in the recording {rec.dir}; it has {', '.join(rec.taps)}"
+            )
+    agent = _agent_of(s, args.agent)
+    try:
+        q = judge(model, rec, source=info["source"], target=info["target"], agent=agent, eval_episodes=args.eval_episodes)
+    except (RecordingError, ValueError) as e:
+        raise ConfigError(f"{args.name}: {e}") from e
+    # re-read the entry: an --activate or --deactivate while the episodes ran must survive
+    info = {
+        **_registered(store, args.name),
+        "quality": q,
+        "judged": {"run": args.run, "recording": str(rec.dir.resolve()), "agent": args.agent, "at": time.time()},
+    }
+    store.register_transcoder(info)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"judged {info['name']} on {q['rows']} rows of run {args.run} ({rec.dir})")
+        _print_transcoders([info])
     return 0
 
 

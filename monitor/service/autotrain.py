@@ -2,8 +2,10 @@
 
 For each run that streams a configured source tap and has no transcoder for the pair yet, the
 monitor asks for a recording of the next ``steps`` steps. When it is done, ``interlatent train``
-runs in a child process (training never stalls the receive loop), registers its transcoders,
-and the monitor starts encoding with them between two frames.
+runs in a child process for each configured pair that still has no transcoder, one pair after
+another (training never stalls the receive loop, and one child per run keeps the cores for the
+agent); each registers its transcoders, and the monitor starts encoding with them between two
+frames. A pair whose training fails is logged with its exit code and the next one starts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class AutoTrainer:
         self.cfg = cfg
         self.store = store
         self.started: set[str] = set()  # runs whose warm-up recording was asked for
-        self.jobs: dict[str, subprocess.Popen] = {}
+        self.todo: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # run -> (recording, pairs not started yet)
+        self.jobs: dict[str, tuple[tuple[str, str], subprocess.Popen]] = {}  # run -> the pair training now
 
     def tick(self, runs: dict[str, set[str]]) -> None:
         """Called at each flush with every run's taps: ask, train, reap."""
@@ -62,19 +65,30 @@ class AutoTrainer:
             self.store.set_record(run, {"steps": self.cfg.steps, "state": "requested", "auto": True})
             log.info("auto-train: recording %d warm-up steps of run %r", self.cfg.steps, run)
         for run, req in self.store.record_requests().items():
-            if req.get("auto") and req.get("state") == "done" and run not in self.jobs and not req.get("trained"):
+            if req.get("auto") and req.get("state") == "done" and run not in self.todo and not req.get("trained"):
                 self.store.set_record(run, {**req, "trained": True})
-                self._train(run, req["path"])
-        for run, job in list(self.jobs.items()):
+                self.todo[run] = (req["path"], list(self.cfg.pairs))
+        for run, ((src, tgt), job) in list(self.jobs.items()):
             rc = job.poll()
             if rc is not None:
                 del self.jobs[run]
-                (log.info if rc == 0 else log.warning)("auto-train of run %r finished with exit code %d", run, rc)
+                (log.info if rc == 0 else log.warning)(
+                    "auto-train of %s -> %s of run %r finished with exit code %d", src, tgt, run, rc
+                )
+        for run in list(self.todo):
+            if run not in self.jobs:
+                self._start_next(run)
 
-    def _train(self, run: str, recording: str) -> None:
+    def _start_next(self, run: str) -> None:
+        """Start training the run's next pair that has no transcoder yet; forget the run when none is left."""
+        recording, pairs = self.todo[run]
+        have = {(t["source"], t["target"]) for t in self.store.transcoders() if t["run"] == run}
         log_path = self.cfg.data_dir / "logs" / f"auto-train-{run.replace('/', '_')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        for src, tgt in self.cfg.pairs:
+        while pairs:
+            src, tgt = pairs.pop(0)
+            if (src, tgt) in have:
+                continue
             cmd = [
                 sys.executable,
                 "-m",
@@ -98,11 +112,17 @@ class AutoTrainer:
                 str(self.cfg.data_dir),
                 "--json",
             ]
-            with open(log_path, "ab") as out:
-                self.jobs[run] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                with open(log_path, "ab") as out:
+                    self.jobs[run] = ((src, tgt), subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+            except OSError as e:
+                log.warning("auto-train: cannot start training %s -> %s of run %r: %s", src, tgt, run, e)
+                continue
             log.info("auto-train: training %s -> %s of run %r (log %s)", src, tgt, run, log_path)
-            break  # one pair at a time per run; the next tick starts nothing new until it finishes
+            return  # one pair at a time per run: the tick after it exits starts the next
+        del self.todo[run]
 
     def close(self) -> None:
-        for job in self.jobs.values():
+        for _, job in self.jobs.values():
             job.terminate()
+        self.todo.clear()
