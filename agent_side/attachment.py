@@ -23,7 +23,7 @@ from agent_side import wire
 from agent_side.control import Controller, greeting
 from agent_side.lm import TokenTracker, token_rows
 from agent_side.sender import Sender
-from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve
+from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve_tap
 from agent_side.wire import DEFAULT_ENDPOINT
 
 __all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT"]
@@ -107,9 +107,12 @@ class Attachment:
         specs = [parse_tap(t) for t in taps]
         if not specs:
             raise ValueError("attach() needs at least one tap")
+        # resolved first: a TransformerLens hook name streams as itself, wherever it is hooked
+        self._targets: list[tuple[TapSpec, torch.nn.Module]] = [resolve_tap(module, s) for s in specs]
+        specs = [s for s, _ in self._targets]
         if len({str(s) for s in specs}) != len(specs):
             raise ValueError(f"duplicate taps in {[str(s) for s in specs]}")
-        self._targets: list[tuple[TapSpec, torch.nn.Module]] = [(s, resolve(module, s)) for s in specs]
+        self._per_position = {str(s) for s in specs if s.per_position}  # [batch, pos, head, d] -> a row per pos
         self._module = module
         self._extra_hooks: list[Callable[[], Any]] = []  # registered with the taps: track_tokens()
         self._trackers: list[TokenTracker] = []
@@ -230,7 +233,7 @@ class Attachment:
         if t.dim() == 2:
             lead: list[int] = []
         else:
-            t, lead = as_rows(t)
+            t, lead = as_rows(t, per_position=s.name in self._per_position)
         if t.dtype not in _SENDABLE:
             t = t.float()
         if not t.is_cpu:
@@ -462,7 +465,9 @@ def attach(
     """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
 
     ``taps`` are ``"module.name:in"`` or ``"module.name:out"``; unknown names fail here with
-    close matches. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
+    close matches. A language model's tap may be a TransformerLens hook name
+    (``"blocks.3.hook_resid_post"``, on a HookedTransformer or a HuggingFace model
+    :mod:`agent_side.hooknames` maps), streamed under that name. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
     The agent may start before the monitor, and the monitor may come and go: while none is
     connected, nothing is copied and what would have been sent is counted as dropped.
     ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;

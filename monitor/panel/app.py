@@ -23,6 +23,7 @@ from monitor.store.records import ConfigError, Store, connect, resolve_redis_url
 
 REFRESH_S = float(os.environ.get("INTERLATENT_PANEL_REFRESH_S", "2"))
 PAGES = ("Overview", "Latents", "Correlations", "Alerts", "Transcoders", "Language models")
+TOP_LATENTS = 3  # latents shown per token on the language-model page
 NO_RUNS = "No runs yet. Start the services with `interlatent up` and attach an agent; `make demo` streams a CartPole agent."
 
 
@@ -332,12 +333,18 @@ def page_language(store: Store, run: str, tap: str, latent: int) -> None:
             "This run streams no tokens. Call `tap.track_tokens(tokenizer)` once, or `tap.tokens(tokenizer.convert_ids_to_tokens(ids[0]))` before each forward."
         )
         return
+    encoded = data.latent_taps_for(store, run, tap)
+    if len(encoded) > 1:
+        which: str | None = st.selectbox("latents of", encoded, key="lm_latents")
+    else:
+        which = encoded[0] if encoded else None
 
     @st.fragment(run_every=REFRESH_S)
     def live() -> None:
         cross = data.cross_prompt(store, run, tap, latent)
         if cross is None:
             st.info("No recent activations with tokens for this tap.")
+            _token_latents(store, run, tap, which)
             return
         last = int(cross["prompt"].max())
         one = cross[cross["prompt"] == last].assign(label=lambda d: d["position"].astype(str) + " " + d["token"])
@@ -359,8 +366,29 @@ def page_language(store: Store, run: str, tap: str, latent: int) -> None:
             + base.mark_text(fontSize=9).encode(text="token:N"),
             width="stretch",
         )
+        _token_latents(store, run, tap, which)
 
     live()
+
+
+def _token_latents(store: Store, run: str, tap: str, which: str | None) -> None:
+    """The latest sequence, token by token, with its most active latents and their explanations."""
+    if which is None:
+        st.info(
+            f"No transcoder encodes {tap}, so there are no latents per token: `interlatent import PATH --run {run} "
+            f"--source {tap} --target {tap}` registers an SAELens SAE trained on it (its hook_name), or pick a `latents:` tap."
+        )
+        return
+    table = data.token_latents(store, run, which, top=TOP_LATENTS)
+    if table is None:
+        st.info(f"No recent latents of {which} with tokens yet.")
+        return
+    st.subheader(f"Top {TOP_LATENTS} latents of {which} per token of the sequence from step {int(table['step'].iloc[0])}")
+    st.dataframe(table.drop(columns=["step"]), hide_index=True, width="stretch", key="token_latents")
+    st.caption(
+        "Latents with a value above 0, highest first; generated marks the tokens of generation steps. An explanation "
+        f"appears once the explainer has written one (`interlatent explain --run {run} --latent {which}/J`)."
+    )
 
 
 # -- layout --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ them into a sentence saying what to do.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "transcoder_table",
     "token_trace",
     "cross_prompt",
+    "latent_taps_for",
+    "token_latents",
     "is_latent_tap",
 ]
 
@@ -269,3 +272,91 @@ def cross_prompt(store: Store, run: str, tap: str, latent: int, *, prompts: int 
         if tr is not None:
             frames.append(tr.assign(prompt=s))
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def latent_taps_for(store: Store, run: str, tap: str) -> list[str]:
+    """The latent taps of ``run`` that hold ``tap``'s latents: the tap itself when it is one, else
+    those of the registered transcoders that read it (and have streamed)."""
+    if is_latent_tap(tap):
+        return [tap]
+    from monitor.store.keys import LATENT_PREFIX
+
+    have = store.taps(run)
+    return sorted(
+        LATENT_PREFIX + t["name"]
+        for t in store.transcoders()
+        if t.get("source") == tap and t.get("run") in (run, "*") and LATENT_PREFIX + t["name"] in have
+    )
+
+
+def token_latents(store: Store, run: str, tap: str, *, top: int = 3, step: int | None = None) -> pd.DataFrame | None:
+    """Per token of one sequence, its ``top`` most active latents of ``tap`` (a ``latents:`` tap)
+    and their explanations: one row per token (step, position, token, generated, then ``latent r``,
+    ``value r``, ``explanation r`` for r = 1..top; empty where fewer latents are active, > 0).
+
+    The sequence is the one holding forward ``step``, by default the latest one in the tap's recent
+    rows (the first sequence of a batch, as :func:`token_trace`); ``generated`` marks the tokens of
+    its generation steps (every forward after its first). The values are the tap's recent rows, the
+    latents the monitor encoded online, so a sequence longer than the rows kept shows its tail."""
+    got = store.recent(run, tap)
+    if got is None or len(got[0]) == 0:
+        return None
+    tokens = store.tokens(run, store.token_steps(run))
+    rows, pos = got
+    if step is None:
+        named = [int(s) for s in np.unique(pos[:, 0]) if int(s) in tokens]
+        if not named:
+            return None
+        step = named[-1]
+    elif step not in tokens:
+        return None
+    seq = _sequence(tokens, step)
+    out: list[dict[str, Any]] = []
+    for s in seq:
+        tk = tokens[s]
+        context, length = tk["context"], len(tk["rows"][0]) - tk["context"]
+        sel = np.nonzero(pos[:, 0] == s)[0]
+        sel = sel[pos[sel, 1] < length]
+        for r in sel[np.argsort(pos[sel, 1], kind="stable")]:
+            i = int(pos[r, 1])
+            v = rows[r].astype(float)
+            best = np.argsort(-v, kind="stable")[:top]
+            best = best[v[best] > 0]
+            row: dict[str, Any] = {
+                "step": s,
+                "position": tk["start"] + i,
+                "token": tk["rows"][0][context + i],
+                "generated": s != seq[0],
+            }
+            for k in range(top):
+                row[f"latent {k + 1}"] = int(best[k]) if k < len(best) else None
+                row[f"value {k + 1}"] = float(v[best[k]]) if k < len(best) else None
+            out.append(row)
+    if not out:
+        return None
+    df = pd.DataFrame(out)
+    wanted = sorted({int(x) for k in range(top) for x in df[f"latent {k + 1}"].dropna()})
+    labels = _labels(store, run, tap, wanted)
+    for k in range(top):
+        col = df[f"latent {k + 1}"]
+        df[f"explanation {k + 1}"] = [labels.get(int(x), "") if pd.notna(x) else "" for x in col]
+        df[f"latent {k + 1}"] = col.astype("Int64")
+    order = ["step", "position", "token", "generated"]
+    order += [f"{c} {k + 1}" for k in range(top) for c in ("latent", "value", "explanation")]
+    return df[order]
+
+
+def _labels(store: Store, run: str, tap: str, latents: list[int]) -> dict[int, str]:
+    """The explanation labels of these latents, where the explainer has written one (one read)."""
+    if not latents:
+        return {}
+    from monitor.store import keys
+
+    blobs = store.r.hmget(keys.explanations(run), [f"{tap}/{j}" for j in latents])
+    out = {}
+    for j, blob in zip(latents, blobs, strict=True):
+        if blob:
+            e = json.loads(blob)
+            if not e.get("error") and e.get("label"):
+                out[j] = str(e["label"])
+    return out
