@@ -106,7 +106,7 @@ class RunState:
     new_episodes: list[list[float]] = field(default_factory=list)  # not yet written to Redis
     dirty: bool = True
     analytics_cfg: AnalyticsConfig | None = None  # None: no live analytics
-    joiner: Joiner | None = None  # the run's step metrics (the first set of names seen), by (step, index)
+    joiner: Joiner | None = None  # the run's step metrics (every name it logs), by (step, index)
     analytics: dict[str, TapAnalytics] = field(default_factory=dict)
     early: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # rows before any metrics
     analytics_dirty: bool = False  # analytics changed since they were last written
@@ -177,15 +177,14 @@ class RunState:
             if self.analytics_cfg is not None:
                 if self.joiner is None:
                     self.joiner = Joiner(frame.names, capacity=max(8192, 4 * self.analytics_cfg.window_steps))
-                if frame.names == self.joiner.names:
-                    self.joiner.add(frame.data, frame.pos)
-                    for name, t in self.taps.items():
-                        an = self._analytics_for(name, t.width)
-                        if an is not None:
-                            for data, pos in self.early.pop(name, []):
-                                an.offer(data, pos, self.joiner)
-                            an.retry(self.joiner)
-                            self.analytics_dirty = True
+                self.joiner.add(frame.data, frame.pos, frame.names)  # every metric, whichever frame it came in
+                for name, t in self.taps.items():
+                    an = self._analytics_for(name, t.width)
+                    if an is not None:
+                        for data, pos in self.early.pop(name, []):
+                            an.offer(data, pos, self.joiner)
+                        an.retry(self.joiner)
+                        self.analytics_dirty = True
 
     def rates(self, now: float) -> None:
         """Update steps/s and rows/s over the time since the last call (smoothed)."""
@@ -245,18 +244,16 @@ class RunState:
             return
         replay: Joiner | None = None  # the kept metric rows, for the replay only: an agent that
         for tap, state in saved.items():  # restarts the run at step 0 must not pair with them later
-            ts, names = self.taps.get(tap), list(state["metrics"])
-            ring = self.metrics.recent.get(tuple(names))
-            if ts is None or ring is None or ts.width != state["width"]:
+            ts = self.taps.get(tap)
+            if ts is None or ts.width != state["width"] or not self.metrics.recent:
                 continue
             if self.joiner is None:
-                self.joiner, replay = (
-                    Joiner(names, capacity=max(8192, 4 * cfg.window_steps)),
-                    Joiner(names, capacity=ring.capacity),
-                )
-                replay.add(*ring.get())
-            elif replay is None or names != self.joiner.names:
-                continue
+                self.joiner = Joiner(list(state["metrics"]), capacity=max(8192, 4 * cfg.window_steps))
+            if replay is None:
+                replay = Joiner(self.joiner.names, capacity=sum(r.capacity for r in self.metrics.recent.values()))
+                for names, ring in self.metrics.recent.items():
+                    replay.add(*ring.get(), list(names))
+                self.joiner._columns(replay.names)  # one column order for the replay and what follows
             an = self._analytics_for(tap, ts.width)
             if an is None:
                 continue

@@ -54,31 +54,76 @@ DEFAULT_ANALYTICS = AnalyticsConfig()
 
 
 class Joiner:
-    """The recent metric rows of a run, findable by (step, index); bounded to ``capacity`` rows."""
+    """The recent metric rows of a run, findable by (step, index); bounded to ``capacity`` rows.
 
-    def __init__(self, names: list[str], capacity: int = 8192) -> None:
-        self.names = list(names)
+    Every metric name the run logs is a column, whichever frame it comes in (the env wrapper's
+    step metrics, ``tap.log()``'s): a step's row fills as its frames arrive, NaN where a metric
+    has not come. Each set of names that arrives together is a *group*; a row is :meth:`final`
+    once every group has reached its step (a group's frames come in step order) or has stopped
+    logging (nothing for a window of steps).
+    """
+
+    def __init__(self, names: list[str] | tuple[str, ...] = (), capacity: int = 8192) -> None:
+        self.names: list[str] = []
+        self.col: dict[str, int] = {}
         self.capacity = capacity
-        self.values = np.zeros((capacity, len(names)))
+        self.values = np.zeros((capacity, 0))
         self.keys = np.full(capacity, -1, dtype=np.int64)
         self.where: dict[int, int] = {}
         self.n = 0
+        self.groups: dict[tuple[str, ...], int] = {}  # names that arrive together -> newest step delivered
+        self.newest = -1
+        self._columns(list(names))
 
-    def add(self, data: np.ndarray, pos: np.ndarray) -> None:
-        for k, row in zip(key_of(pos).tolist(), data, strict=True):
-            slot = self.n % self.capacity
-            old = int(self.keys[slot])
-            if old >= 0 and self.where.get(old) == slot:
-                del self.where[old]
-            self.keys[slot] = k
-            self.values[slot] = row
-            self.where[k] = slot
-            self.n += 1
+    def _columns(self, names: list[str]) -> None:
+        new = [n for n in dict.fromkeys(names) if n not in self.col]
+        if new:
+            for n in new:
+                self.col[n] = len(self.names)
+                self.names.append(n)
+            self.values = np.concatenate([self.values, np.full((self.capacity, len(new)), np.nan)], axis=1)
+
+    def add(self, data: np.ndarray, pos: np.ndarray, names: list[str] | None = None) -> None:
+        """Metric rows of ``names`` (default: the joiner's own) at their (step, index)."""
+        names = self.names if names is None else list(names)
+        self._columns(names)
+        cols = np.array([self.col[n] for n in names], dtype=np.int64)
+        for k, row in zip(key_of(pos).tolist(), np.asarray(data, dtype=np.float64), strict=True):
+            slot = self.where.get(k)
+            if slot is None:
+                slot = self.n % self.capacity
+                old = int(self.keys[slot])
+                if old >= 0 and self.where.get(old) == slot:
+                    del self.where[old]
+                self.keys[slot] = k
+                self.values[slot] = np.nan
+                self.where[k] = slot
+                self.n += 1
+            self.values[slot, cols] = row
+        if len(pos):
+            step = int(pos[:, 0].max())
+            group = tuple(sorted(names))
+            self.groups[group] = max(self.groups.get(group, -1), step)
+            self.newest = max(self.newest, step)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, -1 where the metric row has not arrived (or has left)."""
         get = self.where.get
         return np.fromiter((get(k, -1) for k in keys.tolist()), dtype=np.int64, count=len(keys))
+
+    def final(self, keys: np.ndarray, slots: np.ndarray, window: int) -> np.ndarray:
+        """Which rows (their keys and :meth:`lookup` slots) have every metric they will get."""
+        ok = slots >= 0
+        if not ok.any():
+            return ok
+        steps = keys >> _INDEX_BITS
+        for last in self.groups.values():
+            # a group's frames come in step order: once it has reached a step it has sent all of it
+            # (a group that logs some rows or steps only has NaN there); one that stopped logging
+            # for a window of steps holds nothing back
+            if last > self.newest - window:
+                ok &= last >= steps
+        return ok
 
 
 @dataclass
@@ -91,12 +136,12 @@ class TapAnalytics:
 
     def __post_init__(self) -> None:
         m, k = len(self.metric_names), self.cfg.top_k
-        self.rolling = RollingCorr(self.width, m, window=self.cfg.window_steps)
+        self.metric_names = list(self.metric_names)
+        self.rolling = RollingCorr(self.width, m, window=self.cfg.window_steps, max_rows=self.window_rows_cap())
         self.ew = EWCorr(self.width, m, alpha=self.cfg.ew_alpha)
         self.top_value = np.full((k, self.width), -np.inf)
         self.top_key = np.full((k, self.width), -1, dtype=np.int64)
-        self.top_metrics = np.zeros((k, self.width, m))
-        self.window_keys = np.full(self.cfg.window_steps, -1, dtype=np.int64)
+        self.top_metrics = np.full((k, self.width, m), np.nan)
         self.pending_x: list[np.ndarray] = []  # rows still waiting for their metrics
         self.pending_keys: list[np.ndarray] = []
         self.paired = 0
@@ -111,10 +156,12 @@ class TapAnalytics:
     def retry(self, joiner: Joiner) -> None:
         if not self.pending_x:
             return
+        if len(joiner.names) > len(self.metric_names):
+            self._more_metrics(joiner.names[len(self.metric_names) :])
         x = np.concatenate(self.pending_x)
         keys = np.concatenate(self.pending_keys)
         slots = joiner.lookup(keys)
-        hit = slots >= 0
+        hit = joiner.final(keys, slots, self.cfg.window_steps)
         if hit.any():
             self._update(x[hit], joiner.values[slots[hit]], keys[hit])
         # unmatched rows wait for their metric rows (which trail them in frames of their own) up to
@@ -132,14 +179,21 @@ class TapAnalytics:
         float64 rows for a wide tap, whichever is larger (at least one window)."""
         return max(self.cfg.window_steps, min(max(4 * self.cfg.window_steps, 8192), PENDING_BYTES // (8 * max(1, self.width))))
 
+    def window_rows_cap(self) -> int:
+        """The rolling window holds the rows of ``window_steps`` steps (several a step for a vector
+        env), up to 64 MiB of float64 rows and at least one row a step."""
+        return max(self.cfg.window_steps, PENDING_BYTES // (8 * max(1, self.width)))
+
+    def _more_metrics(self, names: list[str]) -> None:
+        """Metrics the run logs from now on (another frame's names): their columns start empty."""
+        self.metric_names.extend(names)
+        self.rolling.add_metrics(len(names))
+        self.ew.add_metrics(len(names))
+        k = self.top_metrics.shape[0]
+        self.top_metrics = np.concatenate([self.top_metrics, np.full((k, self.width, len(names)), np.nan)], axis=2)
+
     def _update(self, x: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
-        w = self.cfg.window_steps
-        slots = (self.rolling.count + np.arange(len(x))) % w
-        self.rolling.update(x, y)
-        if len(x) >= w:
-            self.window_keys[:] = np.roll(keys[-w:], (self.rolling.count) % w)
-        else:
-            self.window_keys[slots] = keys
+        self.rolling.update(x, y, keys >> _INDEX_BITS, keys)
         self.ew.update(x, y)
         self._update_top(x, y, keys)
         self.paired += len(x)
@@ -178,7 +232,7 @@ class TapAnalytics:
         if n == 0:
             z = np.zeros(self.width)
             return {"n": 0, "mean": z, "std": z, "max": z, "frac_active": z}
-        x = self.rolling.x[:n]
+        x = self.rolling.rows()[0]
         return {"n": n, "mean": x.mean(0), "std": x.std(0), "max": x.max(0), "frac_active": (x > 0).mean(0)}
 
     def quantile_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,12 +247,12 @@ class TapAnalytics:
                 np.zeros((0, self.width), dtype=np.int64),
                 np.zeros((0, self.width, len(self.metric_names))),
             )
-        x, y = self.rolling.x[:n], self.rolling.y[:n]
+        x, y, _, keys = self.rolling.rows()
         order = np.argsort(x, axis=0, kind="stable")
         at = np.minimum(((np.arange(q) + 0.5) * n / q).astype(int), n - 1)
         rows = order[at]  # [q, width]: row of the window for each bin's middle
         values = np.take_along_axis(x, rows, axis=0)
-        return values, self.window_keys[:n][rows], y[rows]
+        return values, keys[rows], y[rows]
 
     def to_state(self) -> dict[str, Any]:
         """A msgpack-able summary for Redis (float32 arrays as bytes)."""
@@ -213,6 +267,8 @@ class TapAnalytics:
             "paired": self.paired,
             "unpaired_dropped": self.unpaired_dropped,
             "window_n": int(ws["n"]),
+            "window_steps_held": self.rolling.steps_held,
+            "window_truncated": self.rolling.truncated,
             "corr": f32(self.rolling.get()),
             "ew_corr": f32(self.ew.get()),
             "mean": f32(ws["mean"]),

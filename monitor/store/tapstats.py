@@ -74,6 +74,8 @@ def tap_stats(store: Store, run: str, tap: str, *, top: int = 5) -> dict[str, An
             ew_alpha=an["ew_alpha"],
             paired=an["paired"],
             window_n=an["window_n"],
+            window_steps_held=an.get("window_steps_held"),
+            window_truncated=an.get("window_truncated", 0),
             unpaired_dropped=an.get("unpaired_dropped", 0),
         )
     return out

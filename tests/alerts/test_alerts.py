@@ -19,7 +19,7 @@ from monitor.alerts.engine import WARMUP_ROWS, AlertEngine
 from monitor.alerts.prom import serve_metrics
 from monitor.alerts.rules import RulesError, parse_rules
 from monitor.service.ingest import Monitor
-from monitor.stats.analytics import AnalyticsConfig, TapAnalytics
+from monitor.stats.analytics import AnalyticsConfig, TapAnalytics, key_of
 from monitor.store import keys
 from monitor.store.records import Store
 
@@ -152,7 +152,7 @@ def test_corr_flip_uses_the_live_correlation() -> None:
             m = rng.standard_normal((25, 1))
             x = (sign * m).astype(np.float32)
             steps = range(chunk * 25 + (0 if sign > 0 else 100), chunk * 25 + 25 + (0 if sign > 0 else 100))
-            an._update(x.astype(np.float64), m, np.arange(25))
+            an._update(x.astype(np.float64), m, key_of(_pos(steps)))  # the rows' own steps: the window is in steps
             events += engine.on_rows("r", "t", x, _pos(steps), an)
     assert [e["state"] for e in events] == ["firing", "resolved"]  # a flip is an event: it resolves at the next frame
     assert events[0]["value"] < -0.8 and events[0]["correlations"]["m"] < -0.8

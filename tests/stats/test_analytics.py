@@ -180,7 +180,9 @@ def test_a_restarted_monitor_continues_the_analytics(store: Store) -> None:
     d = tap_stats(store, "r", "h:out", top=3)
     assert d["paired"] == 1600
     assert d["channels"][1]["top"][0]["step"] == 100 and d["channels"][1]["top"][0]["value"] == 50.0
-    assert d["window_n"] == 400  # the window holds replayed rows (Redis keeps 512), not just the new ones
+    # the window holds the replayed rows (Redis keeps 512) of its 400 steps, not just the new ones;
+    # the restarted agent's 100 rows are at 100 of those steps again
+    assert d["window_n"] == 500 and d["window_steps_held"] == 400
     assert d["channels"][0]["corr"]["a"] > 0.999  # old rows with old metrics, new rows with new ones
 
 
@@ -276,3 +278,31 @@ def test_rows_wait_for_their_metric_rows_past_one_window() -> None:
     pos = np.stack([np.arange(1000, 1000 + far), np.zeros(far, dtype=np.int64)], axis=1)
     an.offer(rng.standard_normal((far, 3)), pos, joiner)
     assert an.unpaired_dropped == 50 and an.to_state()["unpaired_dropped"] == 50
+
+
+def test_a_vector_agent_logging_its_own_metric_has_every_metric_correlated_over_steps(redis_url: str, store: Store) -> None:
+    """tap.log() beside tap.wrap(): both frames' metrics pair with the step's rows, whichever comes
+    first; with 2 envs a window of 200 steps holds 400 rows, not 200."""
+    ep = free_endpoint()
+    mon = spawn_monitor(redis_url, ep, "--window-steps", "200")
+    try:
+        agent = spawn(
+            [str(AGENT_DIR / "logged_vector.py"), "--endpoint", ep, "--steps", "600"], stdout=subprocess.PIPE, text=True
+        )
+        out, _ = agent.communicate(timeout=120)
+        assert agent.returncode == 0, out
+        tap = "0:in"
+
+        def paired() -> dict | None:
+            d = tap_stats(store, "logged", tap)
+            return d if d and d.get("paired") == 1200 else None
+
+        d = wait_until(paired, 60, what="1200 paired rows (600 steps x 2 envs)")
+        assert set(d["metrics"]) >= {"pole_angle", "angle_x3", "reward"}
+        assert d["channels"][2]["corr"]["pole_angle"] > 0.9999  # the wrapper's metric, both envs' rows
+        # the user's metric is logged for row 0 of each step only: it pairs with env 0's rows
+        assert d["channels"][2]["corr"]["angle_x3"] > 0.99
+        assert d["window_steps"] == 200 and d["window_steps_held"] == 200 and d["window_n"] == 400
+    finally:
+        mon.terminate()
+        mon.wait(timeout=20)

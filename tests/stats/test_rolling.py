@@ -92,3 +92,68 @@ def test_ew_with_a_large_offset_and_batches_of_any_size() -> None:
     many.update(x[250:], y[250:])
     np.testing.assert_allclose(many.get(), one.get(), rtol=1e-9)
     assert one.get()[0, 0] > 0.98
+
+
+def _pairwise(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """numpy's Pearson of every channel with every metric over the rows where the metric is present."""
+    out = np.full((x.shape[1], y.shape[1]), np.nan)
+    for j in range(y.shape[1]):
+        ok = ~np.isnan(y[:, j])
+        for i in range(x.shape[1]):
+            if ok.sum() >= 2 and x[ok, i].std() > 0 and y[ok, j].std() > 0:
+                out[i, j] = np.corrcoef(x[ok, i], y[ok, j])[0, 1]
+    return out
+
+
+def test_the_window_is_in_steps_and_a_missing_metric_leaves_only_its_own_pairs() -> None:
+    # a 3-env vector env: 3 rows a step; one metric logged every step, one every 4th step only
+    rng = np.random.default_rng(3)
+    rc, window = RollingCorr(4, 2, window=50), 50
+    xs, ys, steps = [], [], []
+    for step in range(400):
+        x = rng.normal(size=(3, 4))
+        y = np.stack([x[:, 0] + 0.3 * rng.normal(size=3), -x[:, 1] + 0.5 * rng.normal(size=3)], axis=1)
+        if step % 4:
+            y[:, 1] = np.nan
+        xs.append(x), ys.append(y), steps.append(np.full(3, step))
+        if step % 7 == 0 or step == 399:  # frames of a few steps at a time
+            rc.update(np.concatenate(xs), np.concatenate(ys), np.concatenate(steps))
+            xs, ys, steps = [], [], []
+    X = rng.normal(size=0)  # noqa: F841 (the reference below rebuilds the same rows)
+    rng = np.random.default_rng(3)
+    allx, ally, alls = [], [], []
+    for step in range(400):
+        x = rng.normal(size=(3, 4))
+        y = np.stack([x[:, 0] + 0.3 * rng.normal(size=3), -x[:, 1] + 0.5 * rng.normal(size=3)], axis=1)
+        if step % 4:
+            y[:, 1] = np.nan
+        allx.append(x), ally.append(y), alls.append(np.full(3, step))
+    allx, ally, alls = np.concatenate(allx), np.concatenate(ally), np.concatenate(alls)
+    inside = alls > 399 - window
+    assert rc.n == inside.sum() == 150 and rc.steps_held == window  # 50 steps, not 50 rows
+    np.testing.assert_allclose(rc.get(), _pairwise(allx[inside], ally[inside]), atol=1e-9)
+    assert rc.get()[0, 0] > 0.9 and rc.get()[1, 1] < -0.7 and rc.truncated == 0
+
+
+def test_ew_with_a_missing_metric_equals_the_recursion_over_its_own_rows() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 3))
+    y = np.stack([x[:, 0] + rng.normal(size=300), x[:, 2] * 2 + rng.normal(size=300)], axis=1)
+    y[rng.random(300) < 0.6, 1] = np.nan
+    ew = EWCorr(3, 2, alpha=0.05)
+    for chunk in np.array_split(np.arange(300), 17):
+        ew.update(x[chunk], y[chunk])
+    for j in range(2):  # each metric: the plain EW correlation over the rows it is present in
+        ok = ~np.isnan(y[:, j])
+        ref = EWCorr(3, 1, alpha=0.05)
+        ref.update(x[ok], y[ok, j : j + 1])
+        np.testing.assert_allclose(ew.get()[:, j], ref.get()[:, 0], atol=1e-10)
+
+
+def test_a_metric_added_later_starts_empty() -> None:
+    rc = RollingCorr(2, 1, window=10)
+    rc.update(np.arange(10.0).reshape(5, 2), np.arange(5.0)[:, None])
+    rc.add_metrics(1)
+    assert np.isnan(rc.get()[:, 1]).all() and rc.get()[0, 0] == pytest.approx(1.0)
+    rc.update(np.array([[1.0, 0.0], [2.0, 1.0], [4.0, 0.0]]), np.array([[1.0, 3.0], [2.0, 5.0], [3.0, 9.0]]))
+    assert rc.get()[0, 1] == pytest.approx(1.0)
