@@ -163,6 +163,8 @@ class TokenTracker:
         try:
             inputs = _named(self._signature(module), args, kwargs or {})
             ids = inputs.get("input_ids")
+            if ids is None:  # a TransformerLens HookedTransformer's forward(input, ...) with token ids
+                ids = inputs.get("input")
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
                 # inputs_embeds only, or an odd call: still a step of its own, so its rows never
                 # share (step, index) with the forward before; it just has no token names

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import wait_until
+from helpers import wait_until, word_tokenizer
 
 import agent_side
 from agent_side import hooknames
@@ -236,15 +236,23 @@ def test_a_hooked_transformer_streams_its_hook_points_by_name(store: Store, live
         _, cache = model.run_with_cache(ids)
     asked = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "hook_embed:out", "blocks.0.mlp.hook_post:in"]
     names = [a.split(":")[0] for a in asked]
+    words = [f"w{i}" for i in range(VOCAB)]
     with agent_side.attach(model, asked, run="hooked", endpoint=live_monitor.endpoint) as tap:
         assert tap.wait_for_monitor(10)
+        tap.track_tokens(word_tokenizer(words))  # HookedTransformer.forward(input, ...) takes the ids as `input`
         with torch.no_grad():
             model(ids)
         tap.flush()
         wait_until(
-            lambda: all((g := store.recent("hooked", n)) is not None and len(g[0]) == ids.numel() for n in names),
-            what="the hook points' rows",
+            lambda: (
+                all((g := store.recent("hooked", n)) is not None and len(g[0]) == ids.numel() for n in names)
+                and store.token_steps("hooked")
+            ),
+            60,
+            what="the hook points' rows and the forward's tokens",
         )
+    (step,) = store.token_steps("hooked")
+    assert store.tokens("hooked", [step])[step]["rows"] == [[words[int(i)] for i in row] for row in ids]
     assert set(store.taps("hooked")) == set(names)
     assert store.taps("hooked")["blocks.1.attn.hook_z"]["width"] == D  # n_heads * d_head
     worst = _compare({n: store.recent("hooked", n) for n in names}, cache, ids)
