@@ -184,11 +184,15 @@ def alerts_feed(
 def transcoder_table(store: Store) -> pd.DataFrame:
     """Every registered transcoder with its quality figures."""
     rows = []
-    for t in store.transcoders():
+    for t in store.transcoders(include_broken=True):
         q = t.get("quality") or {}
+        if "run" not in t:  # a registry entry that is not one
+            rows.append({"name": t["name"], "broken": t["broken"]})
+            continue
         rows.append(
             {
                 "name": t["name"],
+                "broken": t.get("broken"),
                 "run": t["run"],
                 "source": t["source"],
                 "target": t["target"],

@@ -10,6 +10,7 @@ next frame on, and no frame is dropped for it.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,26 @@ __all__ = ["Encoders", "LATENT_PREFIX"]
 log = logging.getLogger(__name__)
 
 
+def _stamp(path: Any) -> tuple[tuple[str, int, int], ...] | None:
+    """(name, mtime, size) of an artifact directory's files: a fixed file changes it."""
+    try:
+        d = Path(path)
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.iterdir() if p.is_file()))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 class Encoders:
     def __init__(self) -> None:
         self.active: dict[str, tuple[dict[str, Any], Transcoder]] = {}  # name -> (registry entry, model)
-        self._failed: set[tuple[str, float]] = set()
+        self._failed: set[tuple[str, Any, Any]] = set()  # (name, created, files' stamp) that did not load
         self.broken: dict[str, str] = {}  # name -> why it cannot be loaded, or cannot encode its tap
         self.width_skipped: dict[str, int] = {}  # name -> frames not encoded for a width mismatch
+
+    @property
+    def failing(self) -> bool:
+        """Whether some registered transcoder could not be loaded (the monitor retries it when its files change)."""
+        return bool(self._failed)
 
     def refresh(self, registry: list[dict[str, Any]]) -> None:
         """Load new or changed transcoders, drop the ones no longer registered or active. An entry
@@ -46,7 +61,8 @@ class Encoders:
             have = self.active.get(name)
             if have is not None and have[0].get("created") == info.get("created"):
                 continue
-            if (name, info.get("created")) in self._failed:
+            attempt = (name, info.get("created"), _stamp(info.get("path")))
+            if attempt in self._failed:  # tried again when the entry or its files change
                 continue
             try:
                 for field in ("path", "source", "run"):
@@ -54,7 +70,7 @@ class Encoders:
                         raise ArtifactError(f"registry entry has no {field}")
                 model, _ = load_artifact(info["path"])
             except Exception as e:  # an artifact of any shape must cost only itself
-                self._failed.add((name, info.get("created")))
+                self._failed.add(attempt)
                 self.broken[name] = str(e)[:300]
                 log.warning("cannot load transcoder %s from %s: %s", name, info.get("path"), e)
                 continue

@@ -53,6 +53,7 @@ __all__ = ["Monitor", "MonitorResult"]
 
 CTL_BACKLOG = 4096  # control events kept while Redis is away
 RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
+ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Monitor:
         self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
         self.filer = JobFiler(store.r) if file_jobs else None
         self._encoders_version = -1
+        self._encoders_retry_at = 0.0
         self.alerts = AlertEngine(rules) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
@@ -257,8 +259,10 @@ class Monitor:
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:
             version = self.store.transcoders_version()
-            if version != self._encoders_version:  # a transcoder was registered: load it between frames
+            retry = self.encoders.failing and now >= self._encoders_retry_at  # a broken artifact may have been fixed
+            if version != self._encoders_version or retry:  # a transcoder was registered: load it between frames
                 self._encoders_version = version
+                self._encoders_retry_at = now + ENCODER_RETRY_S
                 self.encoders.refresh(self.store.transcoders())
             if self.auto is not None:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})

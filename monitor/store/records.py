@@ -205,7 +205,9 @@ class Store:
 
     def transcoders(self, *, include_broken: bool = False) -> list[dict[str, Any]]:
         """The registry, sorted. An entry without the fields every reader needs (someone edited
-        Redis by hand) is left out, or with ``include_broken`` listed as ``{"name", "broken"}``."""
+        Redis by hand) is left out, or with ``include_broken`` listed as ``{"name", "broken"}``;
+        with ``include_broken``, an entry a running monitor cannot load or encode carries its
+        reason as ``broken`` too."""
         out, broken = [], []
         for name, v in self.r.hgetall(keys.TRANSCODERS).items():
             try:
@@ -218,7 +220,15 @@ class Store:
             else:
                 broken.append({"name": name.decode(errors="replace"), "broken": why})
         out.sort(key=lambda t: (t["run"], t["source"], t["target"], t["d_sae"], t["name"]))
-        return out + (sorted(broken, key=lambda t: t["name"]) if include_broken else [])
+        if not include_broken:
+            return out
+        # what a running monitor could not load or encode, from its health key
+        seen = {}
+        for h in self.health():
+            if h.get("kind") == "monitor" and isinstance(h.get("transcoders_broken"), dict):
+                seen.update(h["transcoders_broken"])
+        out = [{**t, "broken": str(seen[t["name"]])} if t["name"] in seen else t for t in out]
+        return out + sorted(broken, key=lambda t: t["name"])
 
     def record_requests(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(keys.RECORD).items()}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import wait_until
+from safetensors.torch import load_file, save_file
 
 from agent_side.wire import encode_act, encode_met
 from monitor.service.encoding import LATENT_PREFIX
@@ -156,3 +158,54 @@ def test_no_registry_entry_or_artifact_stops_the_monitor(tmp_path: Path, store: 
         assert "reads 9 channels" in broken["wide"] and "1 frames not encoded" in broken["wide"] and "JSON" in broken["rotten"]
     finally:
         mon.close()
+
+
+def test_a_fixed_artifact_is_taken_up_and_a_restarted_monitor_serves_past_broken_ones(tmp_path: Path, store: Store) -> None:
+    """Each field broken in turn while a monitor runs: the monitor serves on, `transcoders` shows
+    why; fixing the files on disk is enough for it to encode; a monitor started later is not stopped."""
+    import shutil
+
+    from monitor.transcoders.artifacts import WEIGHTS
+
+    torch.manual_seed(2)
+    model = Transcoder(6, 3, 6).eval()
+    good = save_artifact(tmp_path / "pristine", model, source="h:out", target="h:out", run="r")
+    path = tmp_path / "live"
+    shutil.copytree(good, path)
+    store.register_transcoder(artifact_info("live", path, model, run="r", source="h:out", target="h:out", q=None))
+    x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
+    seq = iter(range(10_000))
+    breakages = {
+        "cfg.json": lambda: (path / "cfg.json").write_text("{oops"),
+        "d_sae": lambda: (path / "cfg.json").write_text(json.dumps({**json.loads((good / "cfg.json").read_text()), "d_sae": 7})),
+        "W_dec": lambda: save_file({**load_file(str(good / WEIGHTS)), "W_dec": torch.zeros(1, 6)}, str(path / WEIGHTS)),
+        "b_enc": lambda: save_file({k: v for k, v in load_file(str(good / WEIGHTS)).items() if k != "b_enc"}, str(path / WEIGHTS)),
+        "NaN": lambda: save_file(
+            {**load_file(str(good / WEIGHTS)), "b_dec": torch.full((6,), float("nan"))}, str(path / WEIGHTS)
+        ),
+    }
+    for field, breakage in breakages.items():
+        shutil.rmtree(path)
+        shutil.copytree(good, path)
+        breakage()
+        for _ in range(2):  # a monitor that meets it running, then one started after
+            mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+            try:
+                mon.flush()
+                assert mon.handle(encode_act("r", "p", next(seq), 0, "h:out", x, _pos(range(3))))
+                mon.flush(final=True)
+                assert field in mon.health()["transcoders_broken"]["live"], field
+                listed = {t["name"]: t for t in store.transcoders(include_broken=True)}
+                assert field in listed["live"]["broken"]  # what `interlatent transcoders` and the panel show
+                shutil.rmtree(path)
+                shutil.copytree(good, path)  # fixed on disk, not registered again
+                wait_until(lambda: (mon.flush(), "live" not in mon.health()["transcoders_broken"])[1], 10, what="the fix")  # noqa: B023
+                assert mon.handle(encode_act("r", "p", next(seq), 0, "h:out", x, _pos(range(3))))
+                mon.flush(final=True)
+                with torch.no_grad():
+                    np.testing.assert_allclose(
+                        store.recent("r", LATENT_PREFIX + "live")[0][-3:], model.encode(torch.from_numpy(x)).numpy(), atol=1e-6
+                    )
+                breakage()
+            finally:
+                mon.close()
