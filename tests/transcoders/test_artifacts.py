@@ -86,6 +86,9 @@ def test_import_refuses_with_one_line_and_registers_nothing(tmp_path: Path, redi
     r = _import(path, redis_url)
     assert r.returncode == 2 and "W_dec" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert store.transcoders(include_broken=True) == []
+    assert _import(_good(tmp_path, "fine"), redis_url).returncode == 0
+    (entry,) = store.transcoders()
+    assert entry["active"] is True and entry["architecture"] == "relu"  # listed as active from the start
 
 
 def test_import_refuses_a_source_width_that_is_not_the_taps(tmp_path: Path, redis_url: str, store) -> None:
