@@ -179,7 +179,9 @@ def test_a_fixed_artifact_is_taken_up_and_a_restarted_monitor_serves_past_broken
         "cfg.json": lambda: (path / "cfg.json").write_text("{oops"),
         "d_sae": lambda: (path / "cfg.json").write_text(json.dumps({**json.loads((good / "cfg.json").read_text()), "d_sae": 7})),
         "W_dec": lambda: save_file({**load_file(str(good / WEIGHTS)), "W_dec": torch.zeros(1, 6)}, str(path / WEIGHTS)),
-        "b_enc": lambda: save_file({k: v for k, v in load_file(str(good / WEIGHTS)).items() if k != "b_enc"}, str(path / WEIGHTS)),
+        "b_enc": lambda: save_file(
+            {k: v for k, v in load_file(str(good / WEIGHTS)).items() if k != "b_enc"}, str(path / WEIGHTS)
+        ),
         "NaN": lambda: save_file(
             {**load_file(str(good / WEIGHTS)), "b_dec": torch.full((6,), float("nan"))}, str(path / WEIGHTS)
         ),
