@@ -1,7 +1,15 @@
 """Alert rules from a YAML file, in the spirit of Prometheus alerting rules.
 
 ```yaml
-webhooks: [{url: "http://127.0.0.1:9000/hook", timeout_s: 2, retries: 2}]
+webhooks:
+  - url: "http://127.0.0.1:9000/hook"
+    name: ops                 # the `receiver` label on /metrics (default: the URL's host:port)
+    timeout_s: 2              # per POST
+    retries: 2                # after the first try, with exponential backoff
+    group_by: [rule, run]     # alert fields or rule labels; one POST carries one group's alerts
+    group_wait: 1             # seconds to gather the first alerts of a new group
+    group_interval: 10        # seconds between POSTs about changes to a group already sent
+    repeat_interval: 3600     # seconds before a still-firing group is sent again (0: never)
 rules:
   - name: latent-spike        # unique
     kind: zscore              # zscore | threshold | wake | corr_flip
@@ -19,19 +27,22 @@ rules:
 ``threshold`` takes ``above`` and/or ``below``; ``wake`` fires when a channel whose EW fraction
 of steps above ``above`` (default 0) is under ``rare_below`` goes above it; ``corr_flip`` fires
 when a channel's rolling correlation with ``metric`` changes sign while ``|r| >= min_abs``.
-A mistake gives one line naming the rule and the field.
+A mistake gives one line naming the rule (or webhook) and the field.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["Rule", "Webhook", "RulesFile", "RulesError", "load_rules", "parse_rules", "KINDS", "SEVERITIES"]
+__all__ = ["Rule", "Webhook", "RulesFile", "RulesError", "load_rules", "parse_rules", "KINDS", "SEVERITIES", "GROUP_FIELDS"]
 
 KINDS = ("zscore", "threshold", "wake", "corr_flip")
 SEVERITIES = ("info", "warning", "critical")
+GROUP_FIELDS = ("rule", "kind", "severity", "run", "tap", "latent")  # alert fields a webhook may group by, besides labels
 
 
 class RulesError(ValueError):
@@ -61,9 +72,23 @@ class Rule:
 
 @dataclass(frozen=True)
 class Webhook:
+    """One receiver of alert POSTs, grouped and rate-limited like an Alertmanager route.
+
+    The defaults are short next to Alertmanager's (30 s, 5 min, 4 h) because one monitor sees an
+    alert the moment a row arrives, not after a scrape and an evaluation cycle: the alerts of one
+    step (every tap, every channel) arrive within an agent flush or two (100 ms each by default),
+    so a second gathers them into one message; and a training run lasts hours, so a still-firing
+    alert is repeated hourly rather than every four hours.
+    """
+
     url: str
+    name: str = ""  # the receiver label; parse_rules fills in the URL's host:port
     timeout_s: float = 2.0
     retries: int = 2
+    group_by: tuple[str, ...] = ("rule", "run")  # ("...",): every alert its own group
+    group_wait_s: float = 1.0
+    group_interval_s: float = 10.0
+    repeat_interval_s: float = 3600.0  # 0: never repeat
 
 
 @dataclass(frozen=True)
@@ -163,24 +188,67 @@ def parse_rules(doc: Any) -> RulesFile:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise RulesError(f"rule {dup!r}: field 'name' is used twice")
-    hooks = []
-    webhooks = doc.get("webhooks") or []
-    if not isinstance(webhooks, list):
-        raise RulesError("rules file: field 'webhooks' must be a list of {url, timeout_s, retries}")
-    for i, h in enumerate(webhooks):
-        extra = sorted(str(k) for k in set(h) - {"url", "timeout_s", "retries"}) if isinstance(h, dict) else []
-        if extra:
-            raise RulesError(f"webhook #{i + 1}: unknown field '{extra[0]}' (known: retries, timeout_s, url)")
-        if not isinstance(h, dict) or not isinstance(h.get("url"), str) or not h["url"].startswith(("http://", "https://")):
-            raise RulesError(f"webhook #{i + 1}: field 'url' must be an http(s) URL")
-        hooks.append(
-            Webhook(
-                url=h["url"],
-                timeout_s=float(_num(f"webhook #{i + 1}", "timeout_s", h.get("timeout_s", 2.0), lo=0.01)),
-                retries=_num(f"webhook #{i + 1}", "retries", h.get("retries", 2), lo=0, integer=True),
+    return RulesFile(rules=parsed, webhooks=_webhooks(doc.get("webhooks") or [], parsed))
+
+
+_WEBHOOK_FIELDS = ("url", "name", "timeout_s", "retries", "group_by", "group_wait", "group_interval", "repeat_interval")
+
+
+def _seconds(where: str, key: str, v: Any, *, positive: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise RulesError(f"{where}: field '{key}' must be a number of seconds {'> 0' if positive else '>= 0'}, got {v!r}")
+    return float(v)
+
+
+def _webhook(i: int, h: Any, labels: set[str]) -> Webhook:
+    where = f"webhook #{i + 1}"
+    if not isinstance(h, dict):
+        raise RulesError(f"{where}: must be a mapping of fields ({', '.join(_WEBHOOK_FIELDS)})")
+    extra = sorted(str(k) for k in set(h) - set(_WEBHOOK_FIELDS))
+    if extra:
+        raise RulesError(f"{where}: unknown field '{extra[0]}' (known: {', '.join(sorted(_WEBHOOK_FIELDS))})")
+    url = h.get("url")
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        port_ok = parts is not None and (parts.port or 0) >= 0
+    except ValueError:  # a bad port or bracketed host
+        parts, port_ok = None, False
+    if parts is None or not port_ok or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RulesError(f"{where}: field 'url' must be an http(s) URL, got {url!r}")
+    name = h.get("name", parts.netloc.rpartition("@")[2])  # never a password in a label
+    if not isinstance(name, str) or not name:
+        raise RulesError(f"{where}: field 'name' must be a non-empty string")
+    kw: dict[str, Any] = {"url": url, "name": name}
+    for key in ("timeout_s", "group_wait", "group_interval", "repeat_interval"):
+        if key in h:
+            kw[key.removesuffix("_s") + "_s"] = _seconds(where, key, h[key], positive=key == "timeout_s")
+    if "retries" in h:
+        kw["retries"] = _num(where, "retries", h["retries"], lo=0, integer=True)
+    if "group_by" in h:
+        by = h["group_by"]
+        if not isinstance(by, list) or not all(isinstance(k, str) for k in by):
+            raise RulesError(f"{where}: field 'group_by' must be a list of alert fields or labels")
+        if "..." in by and by != ["..."]:
+            raise RulesError(f"{where}: field 'group_by' takes '...' (every alert alone) only on its own")
+        unknown = [k for k in by if k != "..." and k not in GROUP_FIELDS and k not in labels]
+        if unknown:
+            raise RulesError(
+                f"{where}: field 'group_by' names '{unknown[0]}', neither an alert field ({', '.join(GROUP_FIELDS)}) nor a rule's label"
             )
-        )
-    return RulesFile(rules=parsed, webhooks=tuple(hooks))
+        kw["group_by"] = tuple(by)
+    return Webhook(**kw)
+
+
+def _webhooks(webhooks: Any, rules: tuple[Rule, ...]) -> tuple[Webhook, ...]:
+    if not isinstance(webhooks, list):
+        raise RulesError("rules file: field 'webhooks' must be a list of mappings (url, name, timeout_s, ...)")
+    labels = {k for r in rules for k in r.labels}
+    hooks = tuple(_webhook(i, h, labels) for i, h in enumerate(webhooks))
+    names = [h.name for h in hooks]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise RulesError(f"webhook #{i + 1}: name {n!r} is used twice (set field 'name' to tell them apart)")
+    return hooks
 
 
 def load_rules(path: str | Path) -> RulesFile:

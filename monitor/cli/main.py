@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from agent_side.wire import DEFAULT_ENDPOINT
+from monitor.alerts.prom import DEFAULT_PORT as METRICS_PORT
 from monitor.cli.alerts import cmd_alerts, cmd_evaluate_alerts, cmd_explain, cmd_explainer, cmd_explanations
 from monitor.cli.bench import add_parsers as add_bench_parsers
 from monitor.cli.common import Settings, pin_threads, sigterm_as_interrupt
@@ -32,6 +33,7 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
 
     sigterm_as_interrupt()
     extra = ["--rules", str(Path(args.rules).resolve())] if args.rules else []
+    extra += ["--metrics-port", str(args.metrics_port)]
     if args.rules:
         from monitor.alerts.rules import RulesError, load_rules
 
@@ -49,7 +51,8 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
     )
     try:
         services.start()
-        print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}, /metrics on http://127.0.0.1:9108/metrics")
+        metrics = f", /metrics on http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port > 0 else ""
+        print(f"interlatent up: redis {services.redis_url}, monitor on {s.endpoint}{metrics}")
         if services.panel_url:
             print(f"panel: {services.panel_url}")
         print("attach an agent with agent_side.attach(...); `interlatent status` shows what streams; Ctrl-C stops")
@@ -61,7 +64,7 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
-    from monitor.alerts.prom import serve_metrics
+    from monitor.alerts.prom import MetricsPortError, serve_metrics
     from monitor.alerts.rules import RulesError, load_rules
     from monitor.service.ingest import Monitor
     from monitor.stats.analytics import AnalyticsConfig
@@ -101,13 +104,16 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         auto_train=auto,
         control_endpoint=args.control_endpoint,
         evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None,
+        alert_idle_s=args.alert_idle_s if args.alert_idle_s > 0 else None,
     )
     server = None
     if args.metrics_port >= 0:
         try:
             server = serve_metrics(mon, args.metrics_port)
-        except OSError as e:
-            log.warning("not serving /metrics on port %d: %s", args.metrics_port, e)
+        except MetricsPortError as e:
+            print(f"interlatent: {e} (--metrics-port P for another port, 0 for any free one, -1 for none)", file=sys.stderr)
+            mon.close()
+            return 2
     signal.signal(signal.SIGTERM, lambda *_: mon.stop())
     signal.signal(signal.SIGINT, lambda *_: mon.stop())
     try:
@@ -115,6 +121,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
     finally:
         if server is not None:
             server.shutdown()
+            server.server_close()
         mon.close()
     log.info("monitor done: %d frames, %d rows, rejected %s", res.frames, res.rows, res.rejected)
     return 0
@@ -127,6 +134,8 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
         return 0
     mon = st["monitor"]
     print(f"monitor: {'alive' if mon['alive'] else 'not running'}" + (f"; rejected {mon['rejected']}" if mon["rejected"] else ""))
+    if st["alerts"]["firing"] or st["alerts"]["pending"]:
+        print(f"alerts: {st['alerts']['firing']} firing, {st['alerts']['pending']} pending (`interlatent alerts`)")
     if not st["runs"]:
         print("no runs yet: attach an agent with agent_side.attach(...)")
     for r in st["runs"]:
@@ -216,6 +225,8 @@ def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
         str(args.warmup_steps),
         "--auto-train-latents",
         "4",
+        "--metrics-port",
+        "-1",
     ]
     services = Services(
         data_dir=s.data_dir,
@@ -278,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rules", help="YAML alert rules for the monitor")
     sp.add_argument("--panel-port", type=int, default=PANEL_PORT, help="port of the live panel (a free one if taken)")
     sp.add_argument("--no-panel", action="store_true", help="do not start the panel")
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=METRICS_PORT,
+        help="the monitor's Prometheus /metrics on loopback (0: any free, -1: off)",
+    )
     sp.set_defaults(fn=cmd_up)
 
     sp = sub.add_parser("monitor", help="run the monitor's receive loop")
@@ -299,7 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--control-endpoint", help="endpoint of the live-steering channel the monitor binds (default: --endpoint's port + 1)"
     )
-    sp.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics on loopback (0: any free port, -1: off)")
+    sp.add_argument(
+        "--metrics-port", type=int, default=METRICS_PORT, help="Prometheus /metrics on loopback (0: any free port, -1: off)"
+    )
+    sp.add_argument(
+        "--alert-idle-s",
+        type=float,
+        default=60.0,
+        help="a run that sends nothing this long has its pending and firing alerts resolved (0: never)",
+    )
     sp.add_argument("--auto-train", help="SOURCE>TARGET tap pairs (comma separated) to train transcoders for after a warm-up")
     sp.add_argument("--auto-train-steps", type=int, default=2000, help="warm-up steps recorded before auto-training")
     sp.add_argument("--auto-train-latents", default="4", help="latent sizes for auto-training, comma separated")

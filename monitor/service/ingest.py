@@ -12,6 +12,7 @@ them change and every second; agents' ``ctl`` frames come back on the data socke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -46,6 +47,7 @@ from monitor.service.persist import load_run, write_run
 from monitor.service.runstate import RECENT_ROWS, RejectFrame, RunState
 from monitor.service.steering import ControlChannel
 from monitor.stats.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
+from monitor.store import keys
 from monitor.store.recording import Recorder
 from monitor.store.records import ConfigError, Store, service_ident
 
@@ -56,6 +58,15 @@ RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is clos
 ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again
 
 log = logging.getLogger(__name__)
+
+
+def _active_alerts(store: Store) -> list[dict[str, Any]]:
+    """The pending and firing alerts a previous monitor left in Redis (none if it cannot be read)."""
+    try:
+        return [json.loads(v) for v in store.r.hvals(keys.ALERTS_ACTIVE)]
+    except (redis.RedisError, ValueError) as e:
+        log.warning("cannot read the active alerts (%s): a restarted monitor starts them afresh", e)
+        return []
 
 
 @dataclass
@@ -90,8 +101,11 @@ class Monitor:
         file_jobs: bool = True,
         control_endpoint: str | None = None,
         evict_idle_s: float | None = 900.0,
+        alert_idle_s: float | None = 60.0,
     ) -> None:
         self.store = store
+        self._alert_idle_s = alert_idle_s  # a run quiet this long has its pending and firing alerts resolved
+        self._alerts_ended: set[str] = set()
         self._evict_idle_s = evict_idle_s  # a run quiet this long leaves memory (Redis has nearly all of it)
         self._kept_profiles: dict[str, dict[str, Any]] = {}  # failure profiles of evicted runs
         self.endpoint = endpoint
@@ -109,7 +123,7 @@ class Monitor:
         self.filer = JobFiler(store.r) if file_jobs else None
         self._encoders_version = -1
         self._encoders_retry_at = 0.0
-        self.alerts = AlertEngine(rules) if rules is not None else None
+        self.alerts = AlertEngine(rules, restore=_active_alerts(store)) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
         self._health_ttl_s = health_ttl_s
@@ -179,6 +193,9 @@ class Monitor:
                 self._ctl_events.append(frame)
                 return True
             st.update(frame, now)
+            self._alerts_ended.discard(frame.run)
+            if isinstance(frame, MetFrame) and st.analytics:
+                self._paired(st)
         except (WireError, RejectFrame) as e:
             self._reject(e.reason, str(e))
             return False
@@ -218,10 +235,20 @@ class Monitor:
             self.filer.on_analytics(run, tap, an.paired, an.rolling.get())
 
     def _alert(self, st: RunState, tap: str, data: Any, pos: Any) -> None:
-        if self.alerts is None:
-            return
+        if self.alerts is not None:
+            self._emit(st, self.alerts.on_rows, st.run, tap, data, pos, st.analytics.get(tap))
+
+    def _paired(self, st: RunState) -> None:
+        """Rows were paired with their metrics: corr_flip rules look at the new correlations."""
+        if self.alerts is not None:
+            for tap, an in st.analytics.items():
+                self._emit(st, self.alerts.on_paired, st.run, tap, an, an.rolling.newest)
+
+    def _emit(self, st: RunState, evaluate: Any, *args: Any) -> None:
+        """Store and send the events ``evaluate(*args)`` gives; a rule's failure costs only itself."""
         try:
-            for event in self.alerts.on_rows(st.run, tap, data, pos, st.analytics.get(tap)):
+            for event in evaluate(*args):
+                tap = event["tap"]
                 if event["state"] == "firing":
                     known = self.store.explanation(st.run, tap, event["latent"])
                     if known and known.get("label"):
@@ -231,7 +258,19 @@ class Monitor:
                         self.filer.on_alert(st.run, tap, event["latent"])
                 self.sink.emit(event)
         except Exception:  # a rule must never stop the monitor
-            log.exception("alert evaluation failed for %s/%s", st.run, tap)
+            log.exception("alert evaluation failed for run %s", st.run)
+
+    def _end_quiet_runs(self) -> None:
+        """Resolve the pending and firing alerts of runs that sent nothing for ``alert_idle_s``."""
+        if self.alerts is None or self._alert_idle_s is None:
+            return
+        now = time.time()
+        for run, st in self.runs.items():
+            quiet = now - st.last_seen
+            if run not in self._alerts_ended and st.last_seen and quiet > self._alert_idle_s:
+                self._alerts_ended.add(run)
+                reason = f"the run sent nothing for {quiet:.0f} s"
+                self._emit(st, self.alerts.end_run, st.run, max(0, st.steps - 1), reason, st.analytics)
 
     def _reject(self, reason: str, message: str) -> None:
         self.rejected[reason] += 1
@@ -267,6 +306,7 @@ class Monitor:
             if self.auto is not None:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
+            self._end_quiet_runs()
             self._evict_idle()
             while self._ctl_events:  # one at a time: an event whose write failed stays for the next flush
                 self.control.on_event(self._ctl_events[0])

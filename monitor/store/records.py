@@ -340,7 +340,21 @@ class Store:
             "monitor": {"alive": bool(monitors), "rejected": rejected, "instances": monitors},
             "services": health,
             "runs": runs,
+            "alerts": self.alert_counts(),
         }
+
+    def alert_counts(self) -> dict[str, Any]:
+        """Alerts pending and firing now (what the monitors hold), and every event so far by rule and state."""
+        now: dict[str, int] = {"pending": 0, "firing": 0}
+        for v in self.r.hvals(keys.ALERTS_ACTIVE):
+            try:
+                state = json.loads(v).get("state")
+            except (ValueError, AttributeError):
+                continue
+            if state in now:
+                now[state] += 1
+        events = {k.decode(): int(v) for k, v in self.r.hgetall(keys.ALERTS_COUNT).items()}
+        return {**now, "events": events}
 
 
 def service_ident() -> str:

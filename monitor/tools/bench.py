@@ -94,7 +94,14 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict
             tempfile.TemporaryDirectory(prefix="il-bench-") as tmp,
             EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url,
         ):
-            with Services(data_dir=Path(tmp), redis_url=url, endpoint=live_ep, log_dir=Path(tmp), explainer=False):
+            with Services(
+                data_dir=Path(tmp),
+                redis_url=url,
+                endpoint=live_ep,
+                log_dir=Path(tmp),
+                explainer=False,
+                extra_monitor_args=["--metrics-port", "-1"],
+            ):
                 env = gym.make("CartPole-v1")
                 _loop(model, env, warmup)
                 for _ in range(rounds):

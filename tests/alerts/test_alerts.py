@@ -115,7 +115,15 @@ def test_state_machine_for_keep_firing_cooldown_and_dedup() -> None:
     #    0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15 16 17 18 19 20 21 22
     # pending at 1-2 (reset at 3); fires at 6 (3rd true step); stays firing while true and for 2 steps
     # after (9, 10); resolves at 11; cooldown until 16 stops 12-14 firing; 19-21 holds 3 steps: fires at 21
-    assert _run(engine, v) == [(6, "firing"), (11, "resolved"), (21, "firing")]
+    assert _run(engine, v) == [
+        (1, "pending"),
+        (3, "inactive"),  # cleared before `for`: back to inactive, never fired
+        (4, "pending"),
+        (6, "firing"),
+        (11, "resolved"),
+        (19, "pending"),  # 12-14 are in the cooldown: not even pending
+        (21, "firing"),
+    ]
     assert engine.active() == [{"rule": "hot", "run": "r", "tap": "t", "latent": 0, "state": "firing"}]
 
 
@@ -153,7 +161,7 @@ def test_corr_flip_uses_the_live_correlation() -> None:
             x = (sign * m).astype(np.float32)
             steps = range(chunk * 25 + (0 if sign > 0 else 100), chunk * 25 + 25 + (0 if sign > 0 else 100))
             an._update(x.astype(np.float64), m, key_of(_pos(steps)))  # the rows' own steps: the window is in steps
-            events += engine.on_rows("r", "t", x, _pos(steps), an)
+            events += engine.on_paired("r", "t", an, steps[-1])  # after the rows are paired with their metrics
     assert [e["state"] for e in events] == ["firing", "resolved"]  # a flip is an event: it resolves at the next frame
     assert events[0]["value"] < -0.8 and events[0]["correlations"]["m"] < -0.8
 
@@ -173,7 +181,7 @@ def test_alerts_reach_stream_webhook_and_metrics(store: Store) -> None:
         wait_until(lambda: len(hook.bodies) == 2, what="firing and resolved at the webhook")
         assert [b["alert"]["state"] for b in hook.bodies] == ["firing", "resolved"]
         body = hook.bodies[0]
-        assert body["text"].startswith("[warning] hot firing: r t #1 at step 4")
+        assert body["text"].startswith("[warning] hot firing: r t channel 1 at step 4")
         assert body["alert"]["labels"] == {"team": "rl"} and body["alert"]["value"] == 9.0
         stream = [json.loads(f[b"json"]) for _, f in store.r.xrange(keys.ALERTS)]
         assert [(a["latent"], a["state"]) for a in stream] == [(1, "firing"), (1, "resolved")]
