@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from monitor.cli.common import Settings, sigterm_as_interrupt
 
-__all__ = ["cmd_alerts", "cmd_evaluate_alerts", "cmd_explainer", "cmd_explain", "cmd_explanations"]
+__all__ = [
+    "cmd_alerts",
+    "cmd_evaluate_alerts",
+    "cmd_rules_check",
+    "cmd_rules_test",
+    "cmd_explainer",
+    "cmd_explain",
+    "cmd_explanations",
+]
 
 
 def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
@@ -51,6 +60,59 @@ def cmd_alerts(args: argparse.Namespace, s: Settings) -> int:
                     show(a)
                     shown += 1
     return 0
+
+
+def _rules(path: str) -> Any:
+    from monitor.alerts.rules import RulesError, load_rules
+    from monitor.store.records import ConfigError
+
+    try:
+        return load_rules(path)
+    except RulesError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def cmd_rules_check(args: argparse.Namespace, s: Settings) -> int:
+    """Validate a rules file, every field and webhook, as the monitor would (``promtool check rules``)."""
+    rules = _rules(args.file)
+    kinds = ", ".join(sorted({r.kind for r in rules.rules}))
+    hooks = ", ".join(w.name for w in rules.webhooks) or "none"
+    print(f"{args.file}: {len(rules.rules)} rules ({kinds}), webhooks: {hooks}: ok")
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace, s: Settings) -> int:
+    """Replay a recording through a rules file and print what would have fired (``promtool test rules``)."""
+    from monitor.stats.analytics import AnalyticsConfig
+    from monitor.store.recording import Recording, RecordingError
+    from monitor.store.records import ConfigError
+    from monitor.tools.replay import replay_rules
+
+    rules = _rules(args.file)
+    try:
+        rec = Recording(args.recording)
+        run = args.run or rec.manifest.get("run") or "recording"
+        events = replay_rules(rules, rec, run=run, analytics=AnalyticsConfig(window_steps=args.window_steps), chunk=args.chunk)
+    except RecordingError as e:
+        raise ConfigError(str(e)) from e
+    shown = [e for e in events if args.all_states or e["state"] in ("firing", "resolved")]
+    if args.json:
+        print(json.dumps({"run": run, "recording": str(rec.dir), "events": shown, "counts": _counts(events)}))
+        return 0
+    for e in shown:
+        print(e["text"])
+    fired = _counts(events)
+    summary = ", ".join(f"{rule}: {c.get('firing', 0)} fired" for rule, c in fired.items()) or "nothing"
+    print(f"{len(shown)} events over {rec.dir} as run {run!r}; {summary}")
+    return 0
+
+
+def _counts(events: list[dict]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for e in events:
+        c = out.setdefault(e["rule"], {})
+        c[e["state"]] = c.get(e["state"], 0) + 1
+    return out
 
 
 def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from agent_side.wire import DEFAULT_ENDPOINT
 from monitor.alerts.prom import DEFAULT_PORT as METRICS_PORT
-from monitor.cli.alerts import cmd_alerts, cmd_evaluate_alerts, cmd_explain, cmd_explainer, cmd_explanations
+from monitor.cli.alerts import (
+    cmd_alerts,
+    cmd_evaluate_alerts,
+    cmd_explain,
+    cmd_explainer,
+    cmd_explanations,
+    cmd_rules_check,
+    cmd_rules_test,
+)
 from monitor.cli.bench import add_parsers as add_bench_parsers
 from monitor.cli.common import Settings, pin_threads, sigterm_as_interrupt
 from monitor.cli.experiments import add_parsers as add_experiment_parsers
@@ -339,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--last", type=int, default=50, help="how many past alerts to show")
     sp.add_argument("--max", type=int, help="with --follow: exit after this many alerts")
     sp.set_defaults(fn=cmd_alerts)
+
+    sp = sub.add_parser("rules", help="check a rules file, or test it on a recording")
+    rules_sub = sp.add_subparsers(dest="rules_cmd", required=True)
+    rp = rules_sub.add_parser("check", help="validate every field of a rules file, webhooks included")
+    common(rp)
+    rp.add_argument("file")
+    rp.set_defaults(fn=cmd_rules_check)
+    rp = rules_sub.add_parser("test", help="replay a recording through the rules and print what would have fired")
+    common(rp)
+    rp.add_argument("file")
+    rp.add_argument("--recording", required=True, help="a directory `interlatent record` wrote")
+    rp.add_argument("--run", help="the run name the rules' run globs see (default: the recording's)")
+    rp.add_argument("--window-steps", type=int, default=1000, help="the correlation window corr_flip rules see")
+    rp.add_argument("--chunk", type=int, default=256, help="steps evaluated at a time (the agent's frames)")
+    rp.add_argument("--all-states", action="store_true", help="print pending and inactive events too")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_rules_test)
 
     sp = sub.add_parser("status", help="what is streaming: runs, taps, rows, drops, gaps, rejects")
     common(sp)
