@@ -1,20 +1,26 @@
 """Interrogating a policy's tap, rl_interrogate's protocol on an agent ``(module, make_env, act)``
-(see :mod:`monitor.transcoders.splice`):
+(see :mod:`monitor.experiments.agents`):
 
-1. :func:`fit_probe`: does the tap encode a metric? Ridge, lasso or a small MLP, by held-out R².
-The protocol's steps 2-4 are in :mod:`monitor.experiments.interrogate`.
+1. :func:`cross_validate` (and :func:`fit_probe`): does the tap encode a metric? Ridge, lasso or
+   a small MLP, by held-out R², mean ± sd over folds of contiguous blocks of steps.
 
-2. :func:`~monitor.experiments.interrogate.polarity_inversion`: let the policy see the probed sensor negated; a probe of what the
-   policy *sees* then loses its R² against the true value.
-3. :func:`~monitor.experiments.interrogate.ablation_effect`: project the probe direction out of the tap; does the return drop more
-   than for a random direction?
-4. :func:`~monitor.experiments.interrogate.greedy_subspace`: the fewest top PCA components of the tap that keep the return.
+The protocol's steps 2-4 are in :mod:`monitor.experiments.interrogate` and
+:mod:`monitor.experiments.subspace`:
+
+2. :func:`~monitor.experiments.interrogate.polarity_inversion`: let the policy see the probed
+   sensor negated; a probe of what the policy *sees* then loses its R² against the true value.
+3. :func:`~monitor.experiments.interrogate.ablation_effect`: zero- or mean-ablate the probe
+   direction in the tap; does the return drop more than for random directions?
+4. :func:`~monitor.experiments.subspace.greedy_subspace`: the fewest PCA components of the tap,
+   chosen greedily by the return they keep, that keep the return.
 
 Example::
 
-    ro = collect(agent, "mlp_extractor.policy_net.0:out", episodes=5)
-    probe = fit_probe(ro.X, ro.obs[:, 2], kind="ridge")   # CartPole's pole angle
-    ablation_effect(agent, "mlp_extractor.policy_net.0:out", probe.direction, episodes=5)
+    ro = collect(agent, "mlp_extractor.policy_net.0:out", episodes=20)
+    cv = cross_validate(ro.X, ro.obs[:, 2], kind="ridge")   # CartPole's pole angle
+    cv.r2_mean, cv.r2_sd                                     # over 5 folds
+    probe = fit_probe(ro.X, ro.obs[:, 2], kind="ridge")
+    ablation_effect(agent, "mlp_extractor.policy_net.0:out", probe.direction, X=ro.X, episodes=20)
 """
 
 from __future__ import annotations
@@ -22,16 +28,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from agent_side.taps import TapError, as_rows, parse_tap, resolve, tensor_hook
+from monitor.experiments.agents import as_agent
+from monitor.experiments.plots import plot_probe_heatmap
 from monitor.transcoders.splice import Agent
 
-__all__ = ["Rollouts", "collect", "Probe", "fit_probe", "r2_score", "probe_table", "plot_probe_heatmap"]
+__all__ = [
+    "Rollouts",
+    "collect",
+    "first_step",
+    "Probe",
+    "fit_probe",
+    "CrossValidated",
+    "cross_validate",
+    "r2_score",
+    "probe_table",
+    "plot_probe_heatmap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +58,7 @@ RIDGE_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 LASSO_FRACTIONS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)  # of the alpha that zeroes every weight
 LASSO_R2_SLACK = 0.01  # lasso takes the sparsest alpha whose validation R² is within this of the best
 SPLIT_BLOCKS = 10
+FOLDS = 5  # cross_validate's default: each fifth of the steps, in time order, held out once
 
 
 @dataclass
@@ -62,10 +81,12 @@ def collect(
 ) -> Rollouts:
     """Run the policy for ``episodes`` episodes (``env.reset(seed=seed + ep)``), recording the tap.
 
-    The policy acts on ``obs_transform(obs)`` when given, while ``Rollouts.obs`` keeps the true
-    observation. If ``act`` runs the tapped module more than once per step, the last call counts.
+    As in :func:`~monitor.experiments.episodes.run_episodes` torch's RNG is seeded per episode and
+    an agent's ``reset()`` runs before each, so the same seeds give the same episodes there and
+    here. The policy acts on ``obs_transform(obs)`` when given, while ``Rollouts.obs`` keeps the
+    true observation. If ``act`` runs the tapped module more than once per step, the last call counts.
     """
-    root, make_env, act = agent
+    root, make_env, act = as_agent(agent)
     spec = parse_tap(tap)
     seen: list[torch.Tensor] = []
 
@@ -76,26 +97,23 @@ def collect(
     env = make_env()
     X, obs_rows, actions, rewards, ep_of, returns = [], [], [], [], [], []
     try:
-        for ep in range(episodes):
-            obs, _ = env.reset(seed=seed + ep)
-            done, ret = False, 0.0
-            while not done:
-                seen.clear()
-                action = act(obs_transform(obs) if obs_transform is not None else obs)
-                if not seen:
-                    raise TapError(f"tap {tap} did not fire while the policy chose an action")
-                rows, _ = as_rows(seen[-1])
-                if rows.shape[0] != 1:
-                    raise TapError(f"tap {tap} gave {rows.shape[0]} rows for one observation; collect needs one per step")
-                X.append(rows[0].float().cpu().numpy())
-                obs_rows.append(np.asarray(obs, dtype=np.float32).reshape(-1))
-                actions.append(np.asarray(action))
-                obs, r, term, trunc, _ = env.step(action)
-                rewards.append(float(r))
-                ep_of.append(ep)
-                ret += float(r)
-                done = term or trunc
-            returns.append(ret)
+        with torch.random.fork_rng(devices=[]):
+            for ep in range(episodes):
+                torch.manual_seed(seed + ep)
+                obs, _ = env.reset(seed=seed + ep)
+                done, ret = False, 0.0
+                while not done:
+                    seen.clear()
+                    action = act(obs_transform(obs) if obs_transform is not None else obs)
+                    X.append(_one_row(tap, seen))
+                    obs_rows.append(np.asarray(obs, dtype=np.float32).reshape(-1))
+                    actions.append(np.asarray(action))
+                    obs, r, term, trunc, _ = env.step(action)
+                    rewards.append(float(r))
+                    ep_of.append(ep)
+                    ret += float(r)
+                    done = term or trunc
+                returns.append(ret)
     finally:
         handle.remove()
         env.close()
@@ -107,6 +125,46 @@ def collect(
         np.asarray(ep_of, dtype=np.int64),
         np.asarray(returns, dtype=np.float64),
     )
+
+
+def _one_row(tap: str, seen: list[torch.Tensor]) -> np.ndarray:
+    """The tap's row for this step: the last value it saw, which must be one row."""
+    if not seen:
+        raise TapError(f"tap {tap} did not fire while the policy chose an action")
+    rows, _ = as_rows(seen[-1])
+    if rows.shape[0] != 1:
+        raise TapError(f"tap {tap} gave {rows.shape[0]} rows for one observation; probes need one per step")
+    return rows[0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def first_step(agent: Agent, tap: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The observation of ``env.reset(seed=seed)`` and the tap's rows [r, width] as the policy
+    acts on it once (:func:`collect` and the probes need r = 1).
+
+    Checks a tap before any episode: a :class:`~agent_side.taps.TapError` for a module that does
+    not exist (with close matches) or a tap that does not fire. Steers active around the call
+    apply, so their width checks run here too. The next episode starts afresh only for an agent
+    with a ``reset()``; a recurrent one without it is one step further on.
+    """
+    root, make_env, act = as_agent(agent)
+    if root is None:
+        raise TapError(f"the agent has no module to tap {tap} in")
+    spec = parse_tap(tap)
+    seen: list[torch.Tensor] = []
+    handle = tensor_hook(resolve(root, spec), spec.site, lambda t: seen.append(t.detach()))
+    env = make_env()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            obs, _ = env.reset(seed=seed)
+            act(obs)
+        if not seen:
+            raise TapError(f"tap {tap} did not fire while the policy chose an action")
+        return np.asarray(obs, dtype=np.float32).reshape(-1), as_rows(seen[-1])[0].float().cpu().numpy()
+    finally:
+        handle.remove()
+        env.close()
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -257,23 +315,26 @@ def _mlp_probe(
     return predict
 
 
-def fit_probe(
-    X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", test_frac: float = 0.2, seed: int = 0, alpha: float | None = None
-) -> Probe:
-    """Fit a probe from activation rows ``X`` [n, d] to a metric ``y`` [n]; judged on held-out rows.
-
-    The test rows are whole contiguous blocks of steps (see ``_block_split``), so rows in time
-    order (as :func:`collect` gives them) are split honestly. ``alpha`` None picks it on a
-    validation split of the training rows: ridge by best R², lasso by the largest alpha within
-    0.01 R² of the best (the sparsest nearly-as-good probe). Deterministic for a ``seed``.
-    """
+def _checked(kind: str, X: np.ndarray, y: np.ndarray, n_min: int) -> tuple[np.ndarray, np.ndarray]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64).reshape(-1)
-    if X.ndim != 2 or len(X) != len(y) or len(X) < 2 * SPLIT_BLOCKS:
-        raise ValueError(f"need X [n, d] and y [n] with n >= {2 * SPLIT_BLOCKS}, got X {X.shape} and y {y.shape}")
-    rng = np.random.default_rng(seed)
-    tr, te = _block_split(len(X), test_frac, rng)
+    if X.ndim != 2 or len(X) != len(y) or len(X) < n_min:
+        raise ValueError(f"need X [n, d] and y [n] with n >= {n_min}, got X {X.shape} and y {y.shape}")
+    return X, y
+
+
+def _fit(
+    kind: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    rng: np.random.Generator,
+    seed: int,
+    alpha: float | None,
+) -> Probe:
+    """A probe fitted on rows ``tr`` (hyperparameters on a validation split of them), judged on ``te``."""
     if kind == "mlp":
         fn, direction, n_nonzero = _mlp_probe(X, y, tr, rng, seed), None, X.shape[1]
     else:
@@ -286,58 +347,104 @@ def fit_probe(
     )
 
 
+def fit_probe(
+    X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", test_frac: float = 0.2, seed: int = 0, alpha: float | None = None
+) -> Probe:
+    """Fit a probe from activation rows ``X`` [n, d] to a metric ``y`` [n]; judged on held-out rows.
+
+    The test rows are whole contiguous blocks of steps (see ``_block_split``), so rows in time
+    order (as :func:`collect` gives them) are split honestly. ``alpha`` None picks it on a
+    validation split of the training rows: ridge by best R², lasso by the largest alpha within
+    0.01 R² of the best (the sparsest nearly-as-good probe). Deterministic for a ``seed``. One
+    split's R² can swing widely for a weakly carried metric: :func:`cross_validate` says how much.
+    """
+    X, y = _checked(kind, X, y, 2 * SPLIT_BLOCKS)
+    rng = np.random.default_rng(seed)
+    tr, te = _block_split(len(X), test_frac, rng)
+    return _fit(kind, X, y, tr, te, rng, seed, alpha)
+
+
+@dataclass
+class CrossValidated:
+    """A probe kind judged by ``folds``-fold cross-validation over contiguous blocks of steps: the
+    rows cut into ``folds`` blocks in time order, each held out once from a probe fitted on the
+    rest. ``probes`` are the fold probes, fold ``i`` held out block ``i``."""
+
+    kind: str
+    folds: int
+    probes: list[Probe]
+
+    @property
+    def r2_test(self) -> np.ndarray:
+        return np.array([p.r2_test for p in self.probes])
+
+    @property
+    def r2_mean(self) -> float:
+        r = self.r2_test[np.isfinite(self.r2_test)]
+        return float(r.mean()) if r.size else float("nan")
+
+    @property
+    def r2_sd(self) -> float:
+        """The sample sd of the folds' held-out R² (ddof 1): how much one split could have said otherwise."""
+        r = self.r2_test[np.isfinite(self.r2_test)]
+        return float(r.std(ddof=1)) if r.size > 1 else float("nan")
+
+    def r2_on(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each fold probe's R² on other rows (another condition's rollouts)."""
+        return np.array([r2_score(y, p.predict(X)) for p in self.probes])
+
+
+def cross_validate(
+    X: np.ndarray, y: np.ndarray, *, kind: str = "ridge", folds: int = FOLDS, seed: int = 0, alpha: float | None = None
+) -> CrossValidated:
+    """:func:`fit_probe`'s probe, ``folds`` times: fold ``i`` holds out the ``i``-th contiguous
+    block of rows (rows in time order, as :func:`collect` gives them) and fits on the others.
+
+    The spread of the folds' held-out R² is the probe's uncertainty: a weakly carried metric that
+    one seeded split scores 0.57 may score -6 on another block. Deterministic for a ``seed``.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    X, y = _checked(kind, X, y, max(2 * SPLIT_BLOCKS, folds * 4))
+    edges = np.linspace(0, len(X), folds + 1).astype(int)
+    rows = np.arange(len(X))
+    probes = []
+    for i in range(folds):
+        held = (rows >= edges[i]) & (rows < edges[i + 1])
+        rng = np.random.default_rng([seed, i])
+        probes.append(_fit(kind, X, y, rows[~held], rows[held], rng, seed, alpha))
+    return CrossValidated(kind, folds, probes)
+
+
 def probe_table(
-    X: np.ndarray, metrics: dict[str, np.ndarray], *, kinds: Sequence[str] = KINDS, test_frac: float = 0.2, seed: int = 0
+    X: np.ndarray,
+    metrics: dict[str, np.ndarray],
+    *,
+    kinds: Sequence[str] = KINDS,
+    folds: int = FOLDS,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per (metric, probe kind): ``metric, kind, r2_train, r2_test, n_nonzero, alpha``."""
+    """One row per (metric, probe kind), by :func:`cross_validate`: ``metric, kind, folds``,
+    ``r2_test`` (the mean held-out R² over the folds) with ``r2_test_sd`` and ``r2_test_folds``,
+    ``r2_train`` (the mean over the folds), ``n_nonzero`` and ``alpha`` (medians over the folds;
+    alpha None for mlp)."""
     rows = []
     for name, y in metrics.items():
         for kind in kinds:
-            p = fit_probe(X, y, kind=kind, test_frac=test_frac, seed=seed)
+            cv = cross_validate(X, y, kind=kind, folds=folds, seed=seed)
+            alphas = [p.alpha for p in cv.probes if p.alpha is not None]
             rows.append(
                 {
                     "metric": name,
                     "kind": kind,
-                    "r2_train": p.r2_train,
-                    "r2_test": p.r2_test,
-                    "n_nonzero": p.n_nonzero,
-                    "alpha": p.alpha,
+                    "folds": folds,
+                    "r2_train": float(np.nanmean([p.r2_train for p in cv.probes])),
+                    "r2_test": cv.r2_mean,
+                    "r2_test_sd": cv.r2_sd,
+                    "r2_test_folds": [float(r) for r in cv.r2_test],
+                    "n_nonzero": int(np.median([p.n_nonzero for p in cv.probes])),
+                    "alpha": float(np.median(alphas)) if alphas else None,
                 }
             )
-            log.info("probe %s/%s: held-out R² %.3f", name, kind, p.r2_test)
+            log.info("probe %s/%s: held-out R² %.3f ± %.3f over %d folds", name, kind, cv.r2_mean, cv.r2_sd, folds)
     return rows
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt: Any, fig: Any, path: Path | str) -> Path:
-    fig.tight_layout()
-    fig.savefig(Path(path), dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_probe_heatmap(rows: list[dict[str, Any]], path: Path | str, *, title: str = "held-out R²") -> Path:
-    """Metrics × probe kinds, coloured by held-out R² with the value written in each cell."""
-    plt = _pyplot()
-    metrics = list(dict.fromkeys(r["metric"] for r in rows))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    grid = np.full((len(metrics), len(kinds)), np.nan)
-    for r in rows:
-        grid[metrics.index(r["metric"]), kinds.index(r["kind"])] = r["r2_test"]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(kinds), 1.0 + 0.5 * len(metrics)))
-    im = ax.imshow(np.clip(grid, -1, 1), cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
-    for i, j in np.ndindex(grid.shape):
-        ax.text(j, i, "—" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(kinds)), kinds)
-    ax.set_yticks(range(len(metrics)), metrics)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    return _save(plt, fig, path)

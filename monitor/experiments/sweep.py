@@ -17,104 +17,33 @@ Results are plain JSON-able dicts (undefined numbers are None)::
     Path("sweep.md").write_text(sweep_table_md(res))
 
 The baseline and every condition share episode seeds, so they are paired; Welch's test ignores
-the pairing and is the conservative choice.
+the pairing and is the conservative choice. An agent with a ``reset()`` (see
+:func:`~monitor.experiments.agents.as_agent`) starts every episode afresh.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from agent_side.steer import steer_latent
 from monitor.experiments import failure_modes
-from monitor.stats.intervals import diff_ci, mean_ci
+from monitor.experiments.agents import as_agent
+from monitor.experiments.episodes import EpisodeResult, env_id_of, run_episodes, summarize
+from monitor.stats.intervals import diff_ci
 from monitor.transcoders.model import Transcoder
 from monitor.transcoders.splice import Agent
 
-__all__ = ["EpisodeResult", "run_episodes", "sweep", "scan", "sweep_table_md", "plot_sweep"]
+__all__ = ["EpisodeResult", "run_episodes", "check_latents", "sweep", "scan", "sweep_table_md", "plot_sweep"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EpisodeResult:
-    seed: int
-    episode_return: float
-    length: int
-    mode: str  # how it ended, by the env's classifier in monitor.experiments.failure_modes
-
-
-def _env_id(env: Any) -> str | None:
-    spec = getattr(env, "spec", None)
-    return getattr(spec, "id", None)
-
-
-@torch.no_grad()
-def run_episodes(
-    agent: Agent, *, episodes: int, seed: int = 0, env_id: str | None = None, progress: bool = False, max_steps: int | None = None
-) -> list[EpisodeResult]:
-    """Run ``episodes`` episodes, episode ``i`` reset with seed ``seed + i``.
-
-    Torch's RNG is also seeded per episode (and restored afterwards), so a sampling ``act`` repeats
-    too. ``env_id`` picks the failure-mode classifier (default: the env's ``spec.id``);
-    ``max_steps`` cuts an episode (counted as truncated) for envs without a time limit.
-    """
-    from tqdm import tqdm
-
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    _, make_env, act = agent
-    env = make_env()
-    env_id = env_id or _env_id(env)
-    classify = failure_modes.classifier_for(env_id) or failure_modes.fallback
-    out: list[EpisodeResult] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for ep in tqdm(range(episodes), desc=f"episodes {env_id}", disable=not progress, leave=False):
-                torch.manual_seed(seed + ep)
-                obs, info = env.reset(seed=seed + ep)
-                ret, steps, term, trunc = 0.0, 0, False, False
-                while not (term or trunc):
-                    obs, reward, term, trunc, info = env.step(act(obs))
-                    ret += float(reward)
-                    steps += 1
-                    if max_steps is not None and steps >= max_steps:
-                        trunc = True
-                out.append(EpisodeResult(seed + ep, ret, steps, classify(obs, bool(term), bool(trunc), info, env)))
-    finally:
-        env.close()
-    return out
-
-
-def _num(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-def _summary(runs: list[EpisodeResult], *, level: float) -> dict[str, Any]:
-    rets = [r.episode_return for r in runs]
-    m, lo, hi = mean_ci(rets, level=level)
-    return {
-        "n": len(runs),
-        "mean": m,
-        "ci": [_num(lo), _num(hi)],
-        "std": float(np.std(rets, ddof=1)) if len(rets) > 1 else None,
-        "failures": dict(Counter(r.mode for r in runs)),
-        "returns": rets,
-        "lengths": [r.length for r in runs],
-        "modes": [r.mode for r in runs],
-    }
-
-
-def _check_latents(model: Transcoder, latents: Sequence[int] | None) -> list[int]:
+def check_latents(model: Transcoder, latents: Sequence[int] | None) -> list[int]:
+    """The latents to test (default: all), or a ValueError naming those out of range."""
     if latents is None:
         return list(range(model.d_sae))
     bad = [i for i in latents if not 0 <= int(i) < model.d_sae]
@@ -148,20 +77,21 @@ def sweep(
     """
     from tqdm import tqdm
 
-    latents = _check_latents(model, latents)
+    latents = check_latents(model, latents)
     alphas = [float(a) for a in alphas]
+    agent = as_agent(agent)
     root, make_env, _ = agent
     if env_id is None:
         env = make_env()
-        env_id = _env_id(env)
+        env_id = env_id_of(env)
         env.close()
     log.info("sweep: %d latents x %d alphas x %d episodes at %s (%s)", len(latents), len(alphas), episodes, tap, env_id)
-    baseline = _summary(run_episodes(agent, episodes=episodes, seed=seed, env_id=env_id), level=level)
+    baseline = summarize(run_episodes(agent, episodes=episodes, seed=seed, env_id=env_id), level=level)
     cells = []
     for latent, alpha in tqdm(list(product(latents, alphas)), desc="sweep", disable=not progress):
         with steer_latent(root, tap, model, latent, op="add", alpha=alpha):
             runs = run_episodes(agent, episodes=episodes, seed=seed, env_id=env_id)
-        cell = {"latent": latent, "alpha": alpha, **_summary(runs, level=level)}
+        cell = {"latent": latent, "alpha": alpha, **summarize(runs, level=level)}
         cell["diff"] = diff_ci(baseline["returns"], cell["returns"], level=level)
         log.debug("latent %d alpha %g: mean %.2f (baseline %.2f)", latent, alpha, cell["mean"], baseline["mean"])
         cells.append(cell)

@@ -116,6 +116,8 @@ def test_probe_finds_the_observation_at_the_input_tap(tmp_path: Path, redis_url:
         "ridge,lasso",
         "--metric",
         "pole_angle",
+        "--random-directions",
+        "3",
         "--out",
         str(tmp_path / "p"),
         "--json",
@@ -127,9 +129,163 @@ def test_probe_finds_the_observation_at_the_input_tap(tmp_path: Path, redis_url:
     r2 = {(p["metric"], p["kind"]): p["r2_test"] for p in res["probes"]}
     assert set(r2) == {(m, k) for m in ("cart_pos", "cart_vel", "pole_angle", "angle_vel") for k in ("ridge", "lasso")}
     assert min(r2.values()) > 0.99  # the input tap is the observation itself
-    assert res["polarity_inversion"]["dropped"] and res["polarity_inversion"]["r2_inverted"] < 0
-    assert {"return_clean", "return_ablated", "return_random"} <= set(res["ablation"])
+    assert res["folds"] == 5 and all(len(p["r2_test_folds"]) == 5 and p["r2_test_sd"] < 0.01 for p in res["probes"])
+    assert len(res["returns"]) == 6 and res["return_mean"] == pytest.approx(sum(res["returns"]) / 6)
+    inv = res["polarity_inversion"]
+    assert inv["dropped"] and inv["r2_inverted"] < 0 and len(inv["normal"]["returns"]) == len(inv["inverted"]["returns"]) == 6
+    assert {"mean", "ci", "p_value"} <= set(inv["diff"])
+    abl = res["ablation"]
+    assert {"return_clean", "return_ablated", "return_random"} <= set(abl)
+    assert abl["modes"] == ["zero", "mean"] and abl["direction"] == "ridge probe of pole_angle"
+    for cell in abl["ablations"].values():
+        assert len(cell["returns"]) == 6 and cell["random"]["n"] == 3 and len(cell["diff"]["ci"]) == 2
     assert (tmp_path / "p" / "probes.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "p" / "probes.json").read_text())["probes"] == res["probes"]
+
+
+def _main(capsys: pytest.CaptureFixture, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """The command in this process (the factories in tests/agents are importable here)."""
+    from monitor.cli.main import main
+
+    rc = main([*args, "--data-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.timeout(120)
+def test_probe_and_sweep_start_an_lstm_policy_afresh_with_its_reset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    flags = ["--tap", "lstm:out", "--episodes", "3", "--kinds", "ridge", "--folds", "3", "--json"]
+    more = ["--metric", "pole_angle", "--ablation", "zero", "--random-directions", "2"]
+    rc, out, err = _main(capsys, tmp_path, "probe", "--policy", "agents.lstm_cartpole:make", *flags, *more)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["returns"] == [110.0, 110.0, 110.0]  # each episode from a zero state (tests/agents/lstm_cartpole.py)
+    assert res["steps"] == 330 and res["folds"] == 3
+    assert res["polarity_inversion"]["normal"]["returns"] == res["returns"]
+    assert res["ablation"]["clean"]["returns"] == res["returns"] and res["ablation"]["modes"] == ["zero"]
+    rc, out, err = _main(capsys, tmp_path, "probe", "--policy", "agents.lstm_cartpole:make_no_reset", *flags)
+    assert rc == 0, err
+    carried = json.loads(out)["returns"]
+    assert carried[0] < 110.0 and max(carried[1:]) < 20.0  # the tap's check step, then each episode, spend the counter
+    # sweep: a zero decoder row changes nothing, so every cell is the baseline, each episode from a zero state
+    tc = Transcoder(3, 2, 3).eval()
+    with torch.no_grad():
+        tc.W_dec.zero_()
+    art = str(save_artifact(tmp_path / "lstm-tc", tc, source="lstm:out", target="lstm:out", run="pol"))
+    sweep = ["sweep", "--artifact", art, "--alphas", "1", "--episodes", "3", "--json"]
+    rc, out, err = _main(capsys, tmp_path, *sweep, "--policy", "agents.lstm_cartpole:make")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["tap"] == "lstm:out" and res["baseline"]["returns"] == [110.0, 110.0, 110.0]
+    assert all(c["returns"] == [110.0, 110.0, 110.0] for c in res["cells"])
+    rc, out, err = _main(capsys, tmp_path, *sweep, "--policy", "agents.lstm_cartpole:make_no_reset")
+    assert rc == 0, err
+    assert max(json.loads(out)["baseline"]["returns"][1:]) < 20.0
+
+
+@pytest.mark.timeout(120)
+def test_probe_subspace_greedy_finds_the_quiet_direction(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    common = ["probe", "--policy", "agents.quiet_cartpole:make", "--tap", "2:in", "--episodes", "2", "--kinds", "ridge"]
+    rc, out, err = _main(capsys, tmp_path, *common, "--subspace", "--json")
+    assert rc == 0, err
+    sub = json.loads(out)["subspace"]
+    assert sub["k"] == 1 and sub["k_ci"] == [1, 1] and sub["components"] == [4] and sub["candidates"] == 5
+    assert sub["variance_order"]["k"] == 5 and [k for k, _ in sub["variance_order"]["curve"]] == [1, 2, 3, 4, 5]
+    rc, out, err = _main(
+        capsys,
+        tmp_path,
+        *common,
+        "--subspace",
+        "--metric",
+        "pole_angle",
+        "--random-directions",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("2:in: 1000 steps over 2 episodes, mean return 500.0 [500.0, 500.0]")
+    assert lines[1] == "held-out R², mean ± sd over 5 folds of contiguous blocks of steps:"
+    assert any(line.startswith("polarity inversion of pole_angle: R² ") for line in lines)
+    assert any(line.startswith("  zero-ablation: return 500.0 -> ") and "random directions" in line for line in lines)
+    assert any(line.startswith("  mean-ablation (held at its mean ") for line in lines)
+    assert any(line.startswith("  greedy by return: k = 1 [1, 1], components [4]") for line in lines)
+    assert any(line.startswith("  variance order:   k = 5 [5, 5]") for line in lines)
+    assert (tmp_path / "o" / "subspace.png").stat().st_size > 1000
+
+
+def _artifact(tmp_path: Path, d_in: int, d_out: int, tap: str) -> str:
+    torch.manual_seed(0)
+    return str(
+        save_artifact(tmp_path / f"tc{d_in}x{d_out}", Transcoder(d_in, 3, d_out).eval(), source=tap, target=tap, run="pol")
+    )
+
+
+NEVER = "agents.bad_factories:acts_never"  # act raises: an error below that is not its own came before any step
+EXPECTED_SHAPE = "must be a tuple (module, make_env, act) or (module, make_env, act, reset)"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--policy", "agents.bad_factories:raises"],
+            "the factory agents.bad_factories:raises raised RuntimeError: no checkpoint",
+        ),
+        (["--policy", "agents.bad_factories:bare_module"], f"{EXPECTED_SHAPE}, got Linear"),
+        (["--policy", "agents.bad_factories:pair"], f"{EXPECTED_SHAPE}, got a tuple of 2"),
+        (["--policy", "agents.raises_on_import:make"], "KeyError: \"config key 'checkpoint' is missing\""),
+        (["--policy", "agents.nope:make"], "No module named 'agents.nope'"),
+        (["--policy", NEVER, "--tap", "2:in"], "--tap 2:in: no module named '2' in Sequential; close matches: 0, 1"),
+        (["--policy", NEVER, "--tap", "0:inn"], "--tap 0:inn:"),
+        (
+            ["--policy", NEVER, "--metric", "pole_angel"],
+            "--metric 'pole_angel' is not an observation component; did you mean pole_angle?",
+        ),
+        (["--policy", NEVER, "--kinds", "ridge,svm"], "--kinds: unknown ['svm']"),
+        (["--policy", NEVER, "--ablation", "median"], "--ablation must be some of zero, mean"),
+        (["--policy", NEVER, "--folds", "1"], "--folds must be at least 2, got 1"),
+        (["--policy", NEVER, "--episodes", "0"], "--episodes must be at least 1, got 0"),
+        (["--policy", NEVER, "--keep", "1.5"], "--keep must be in (0, 1]"),
+        (["--policy", "agents.bad_factories:two_rows", "--tap", "0:out"], "gives 2 rows for one observation"),
+    ],
+)
+def test_probe_bad_input_is_one_line_and_exit_2_before_any_step(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = {"--tap": "0:in"}
+    flags = [*args, *(x for k, v in base.items() if k not in args for x in (k, v))]
+    rc, out, err = _main(capsys, tmp_path, "probe", *flags)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("interlatent: ") and message in err, err
+
+
+def test_sweep_bad_input_is_one_line_and_exit_2_before_any_episode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    four = _artifact(tmp_path, 4, 4, "0:in")
+    cases = [
+        (["--policy", "agents.bad_factories:raises", "--artifact", four], "raised RuntimeError: no checkpoint"),
+        (["--policy", NEVER, "--artifact", four, "--tap", "3:out"], "--tap 3:out: no module named '3'"),
+        (["--policy", NEVER, "--artifact", four, "--latents", "0,x"], "--latents must be integers"),
+        (["--policy", NEVER, "--artifact", four, "--latents", ","], "--latents must be integers"),
+        (["--policy", NEVER, "--artifact", four, "--latents", "7"], "latents [7] out of range"),
+        (["--policy", NEVER, "--artifact", four, "--episodes", "0"], "--episodes must be at least 1"),
+        # a 64-wide decoder row on the 5-wide tap: found in one forward, before the baseline runs
+        (["--policy", "agents.quiet_cartpole:make", "--artifact", _artifact(tmp_path, 5, 64, "2:in")], "64 entries"),
+    ]
+    for args, message in cases:
+        rc, out, err = _main(capsys, tmp_path, "sweep", *args, "--json")
+        assert rc == 2 and out == "", (args, out)
+        assert err.count("\n") == 1 and err.startswith("interlatent: ") and message in err, (args, err)
+
+
+def test_a_factory_that_raises_is_one_line_from_the_real_command(tmp_path: Path, redis_url: str) -> None:
+    r = _cli("probe", "--policy", "agents.bad_factories:raises", "--tap", "0:in", redis_url=redis_url, data_dir=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "interlatent: cannot load --policy 'agents.bad_factories:raises': the factory agents.bad_factories:raises raised"
+        " RuntimeError: no checkpoint at /nowhere/policy.pt (train one first)"
+    ]
 
 
 def test_compare_finds_a_transcoder_shares_its_latents_with_itself(tmp_path: Path, redis_url: str, store: Store) -> None:

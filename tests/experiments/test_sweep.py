@@ -328,3 +328,36 @@ def test_sweep_on_the_demo_agent(tmp_path, monkeypatch) -> None:
         assert c["mean"] < res["baseline"]["mean"]
         sides[c["latent"], c["alpha"]] = mode
     assert sides[0, 100.0] != sides[0, -100.0]
+
+
+@pytest.mark.timeout(60)
+def test_sweep_starts_an_lstm_policy_afresh_each_episode_with_its_reset(tmp_path) -> None:
+    """The recurrent agent of tests/agents/lstm_cartpole.py: with its factory's reset() every
+    episode of the baseline and of every cell starts from a zero state; without it the baseline's
+    later episodes inherit a spent counter and end at once."""
+    from agents import lstm_cartpole
+
+    from monitor.experiments.agents import load_agent
+
+    tc = Transcoder(3, 2, 3)
+    with torch.no_grad():
+        tc.W_dec.zero_()
+        tc.W_dec[0, 1] = 10.0  # latent 0 pushes the balance unit positive: push right every step
+    agent = load_agent("agents.lstm_cartpole:make", data_dir=tmp_path)
+    res = sweep(agent, tap=lstm_cartpole.TAP, model=tc, latents=[0, 1], alphas=(1.0,), episodes=3, progress=False)
+    _check_shape(res, latents=[0, 1], alphas=[1.0], n=3)
+    alone = [run_episodes(agent, episodes=1, seed=i)[0].episode_return for i in range(3)]
+    assert res["baseline"]["returns"] == alone and min(alone) > 100.0
+    pushed, silent = res["cells"]
+    assert pushed["failures"]["pole_left"] == 3 and max(pushed["returns"]) < 30.0
+    assert silent["returns"] == res["baseline"]["returns"]  # a zero decoder row changes nothing, episode by episode
+    spent = sweep(
+        load_agent("agents.lstm_cartpole:make_no_reset", data_dir=tmp_path),
+        tap=lstm_cartpole.TAP,
+        model=tc,
+        latents=[1],
+        alphas=(1.0,),
+        episodes=3,
+        progress=False,
+    )
+    assert spent["baseline"]["returns"][0] == alone[0] and max(spent["baseline"]["returns"][1:]) < 20.0
