@@ -20,6 +20,10 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
         res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
         if not args.json:
             _print_hook_table(res)
+    elif args.what == "alerts":
+        res = {"alerts": bench.bench_alerts(alerts=args.alerts)}
+        if not args.json:
+            _print_alerts_table(res["alerts"])
     elif args.what == "encode":
         res = {"encode": bench.bench_encode()}
         if not args.json:
@@ -30,6 +34,22 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
             _print_stats_table(res["stats"])
     print(json.dumps(res))
     return 0
+
+
+def _print_alerts_table(al: dict[str, Any]) -> None:
+    print(
+        f"alert latency, agent step -> alert, live monitor: {al['alerts']} planted spikes, one every {al['every']} steps "
+        f"at {al['rate_steps_per_s']:.0f} steps/s"
+    )
+    print(
+        f"  {'agent flush':>12}{'steps/s held':>14}{'stored':>8}{'posted':>8}{'Redis p50 / p99 ms':>22}{'webhook p50 / p99 ms':>24}"
+    )
+    for v in al["variants"]:
+        r, h = v["redis_ms"], v["webhook_ms"]
+        print(
+            f"  {v['agent_flush_ms']:>9.0f} ms{v['steps_per_s_held']:>14,.0f}{v['alerts_stored']:>8}{v['alerts_posted']:>8}"
+            f"{r['p50']:>12} / {r['p99']:<8}{h['p50']:>14} / {h['p99']}"
+        )
 
 
 def _print_encode_table(enc: dict[str, Any]) -> None:
@@ -88,11 +108,13 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     common(sp)
     sp.add_argument(
         "what",
-        choices=["hook", "stats", "encode"],
-        help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul",
+        choices=["hook", "stats", "encode", "alerts"],
+        help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul; "
+        "alerts: alert latency to Redis and to a webhook",
     )
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
+    sp.add_argument("--alerts", type=int, default=3000, help="alerts: spikes planted per variant")
     sp.add_argument("--steps", type=int, default=3000)
     sp.add_argument("--threads", type=int, default=1, help="torch threads for the agent loop (stated in the output)")
     sp.set_defaults(fn=cmd_bench)

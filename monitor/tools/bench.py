@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bench_hook", "bench_ingest"]
+__all__ = ["bench_hook", "bench_ingest", "bench_alerts"]
 
 INGEST_WIDTH = 64
 INGEST_ROWS = 64  # rows per frame (the agent sends up to 256; smaller frames are the harder case)
@@ -311,3 +311,136 @@ def _rows_per_s(fn: Any, rows: int, budget_s: float) -> float:
         n += 1
         if time.perf_counter() - t0 >= budget_s:
             return n * rows / (time.perf_counter() - t0)
+
+
+def bench_alerts(
+    *, alerts: int = 3000, every: int = 10, rate: float = 2000.0, flush_ms: tuple[float, ...] = (10.0, 100.0)
+) -> dict[str, Any]:
+    """Alert latency, agent step -> alert in Redis and -> at a webhook, with a live monitor.
+
+    A small torch module is attached and stepped at ``rate`` forwards a second; every ``every``th
+    forward carries a spike that a threshold rule fires on (and the next forward resolves), on
+    channel k mod 64 for the k-th spike, so consecutive spikes are distinct alerts. The
+    step's wall time is taken just before its forward; Redis's stream ID gives the time the alert was
+    stored, a local HTTP server the time its POST arrived (one receiver grouping by rule and run, as
+    by default, with ``group_wait: 0`` and ``group_interval: 0``: what arrived is sent at once). Run once per agent ``flush_ms`` (the agent batches rows for that long at
+    most: the floor under the latency).
+    """
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from torch import nn
+
+    import agent_side
+    from monitor.store import keys
+    from monitor.store.embedded import EmbeddedRedis, free_port
+    from monitor.store.records import Store, connect
+    from monitor.tools.services import Services
+
+    arrived: dict[int, float] = {}
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            now = time.time()
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            self.send_response(200)
+            self.end_headers()
+            for a in body.get("alerts") or ():  # Alertmanager's shape: every alert of the group in this POST
+                if a.get("status") == "firing":
+                    arrived.setdefault(int(a["annotations"]["step"]), now)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    width = 64
+    model = nn.Sequential(nn.Linear(width, width))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(width))
+        model[0].bias.zero_()
+    calm = torch.zeros(1, width)
+    spikes = torch.eye(width)[:, None, :] * 10.0
+    out: dict[str, Any] = {"alerts": alerts, "every": every, "rate_steps_per_s": rate, "variants": []}
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="il-bench-") as tmp,
+            EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url,
+        ):
+            rules = Path(tmp) / "rules.yaml"
+            hook_url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
+            rules.write_text(
+                json.dumps(
+                    {
+                        "rules": [{"name": "spike", "kind": "threshold", "above": 5.0}],
+                        "webhooks": [{"url": hook_url, "group_wait": 0, "group_interval": 0}],
+                    }
+                )
+            )
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            store = Store(connect(url))
+            with Services(
+                data_dir=Path(tmp),
+                redis_url=url,
+                endpoint=endpoint,
+                log_dir=Path(tmp),
+                explainer=False,
+                extra_monitor_args=["--rules", str(rules), "--metrics-port", "-1", "--flush-ms", "50"],
+            ):
+                for fm in flush_ms:
+                    run = f"bench-alerts-{fm:g}ms"
+                    arrived.clear()
+                    t_step: dict[int, float] = {}
+                    n = alerts * every
+                    with agent_side.attach(model, ["0:out"], run=run, endpoint=endpoint, flush_ms=fm) as tap:
+                        if not tap.wait_for_monitor(10):
+                            raise RuntimeError(f"the benchmark monitor at {endpoint} did not connect")
+                        t0 = time.perf_counter()
+                        with torch.no_grad():
+                            for i in range(n):
+                                due = t0 + i / rate
+                                while (wait := due - time.perf_counter()) > 0:
+                                    time.sleep(min(wait, 0.0005))
+                                if i % every == 0:
+                                    t_step[i] = time.time()
+                                model(spikes[(i // every) % width] if i % every == 0 else calm)
+                        held = n / (time.perf_counter() - t0)
+                        tap.flush()
+                    deadline = time.monotonic() + 30
+                    stored: dict[int, float] = {}
+                    while time.monotonic() < deadline and (len(stored) < alerts or len(arrived) < alerts):
+                        stored = {}
+                        for eid, f in store.r.xrange(keys.ALERTS):
+                            a = json.loads(f[b"json"])
+                            if a["run"] == run and a["state"] == "firing":
+                                stored[int(a["step"])] = int(eid.split(b"-")[0]) / 1000.0
+                        time.sleep(0.2)
+                    to_redis = [1000 * (stored[s] - t) for s, t in t_step.items() if s in stored]
+                    to_hook = [1000 * (arrived[s] - t) for s, t in t_step.items() if s in arrived]
+                    out["variants"].append(
+                        {
+                            "agent_flush_ms": fm,
+                            "steps_per_s_held": round(held, 1),
+                            "alerts_planted": len(t_step),
+                            "alerts_stored": len(to_redis),
+                            "alerts_posted": len(to_hook),
+                            "redis_ms": _percentiles(to_redis),
+                            "webhook_ms": _percentiles(to_hook),
+                        }
+                    )
+    finally:
+        hook.shutdown()
+        hook.server_close()
+    return out
+
+
+def _percentiles(ms: list[float]) -> dict[str, float | None]:
+    if not ms:
+        return {"p50": None, "p99": None, "max": None}
+    a = np.asarray(ms)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+        "max": round(float(a.max()), 2),
+    }
