@@ -143,9 +143,9 @@ def cmd_evaluate_alerts(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_explainer(args: argparse.Namespace, s: Settings) -> int:
-    from explainer import Worker
+    from explainer import Worker, WorkerSettings
 
-    w = Worker(s.store(), backend=args.backend)
+    w = Worker(s.store(), settings=WorkerSettings.from_args(args))
     if args.burst:
         n = w.run(burst=True)
         print(f"explained {n} latents ({w.failed} failed)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from agent_side.wire import DEFAULT_ENDPOINT
+from explainer.backends import BackendError
 from monitor.alerts.prom import DEFAULT_PORT as METRICS_PORT
 from monitor.cli.alerts import (
     cmd_alerts,
@@ -171,9 +172,10 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
         if d is None:
             print(f"{tap}: no such tap in run {args.run!r}")
             continue
+        unit = "latent" if tap.startswith("latents:") else "channel"
         print(
-            f"{tap}: {d['width']} channels, {d['rows']} rows; rolling window {d.get('window_steps', '-')} steps, "
-            f"{d.get('paired', 0)} rows paired with metrics"
+            f"{tap}: {d['width']} {unit}s, {d['rows']} rows; rolling window {d.get('window_steps', '-')} steps "
+            f"({d.get('window_n', 0)} rows), {d.get('paired', 0)} rows paired with metrics"
         )
         if not d.get("metrics"):
             print("  no step metrics yet: wrap the env with tap.wrap(env) to correlate channels with metrics")
@@ -181,7 +183,7 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
             best = max(((m, r) for m, r in c["corr"].items() if r is not None), key=lambda mr: abs(mr[1]), default=None)
             w = c.get("window", {})
             print(
-                f"  ch {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
+                f"  {unit} {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
                 + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else "")
             )
     return 0
@@ -458,7 +460,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("explainer", help="run an explainer worker (jobs from Redis, explanations back)")
     common(sp)
-    sp.add_argument("--backend", default="rules", help="rules, hf:PATH (a local causal LM) or openai:BASE_URL")
+    sp.add_argument(
+        "--backend",
+        help="rules, hf:PATH (a local causal LM) or openai:BASE_URL (default $INTERLATENT_EXPLAINER_BACKEND, else rules)",
+    )
+    sp.add_argument(
+        "--scorer",
+        help="the judge that scores explanations: rules, hf:PATH or openai:BASE_URL (default $INTERLATENT_EXPLAINER_SCORER, "
+        "else the backend itself)",
+    )
+    sp.add_argument(
+        "--reclaim-s",
+        type=float,
+        help="a job whose worker has not renewed its claim for this long is taken over by another "
+        "(default $INTERLATENT_EXPLAINER_RECLAIM_S, else 30); a live worker renews every quarter of it",
+    )
+    sp.add_argument("--llm-timeout-s", type=float, help="per LLM HTTP call (default $INTERLATENT_LLM_TIMEOUT_S, else 30)")
+    sp.add_argument(
+        "--llm-retries", type=int, help="retries of a failed LLM HTTP call (default $INTERLATENT_LLM_RETRIES, else 2)"
+    )
+    sp.add_argument("--history", type=int, help="explanations kept per latent (default $INTERLATENT_EXPLAINER_HISTORY, else 10)")
+    sp.add_argument(
+        "--max-deliveries",
+        type=int,
+        help="a job handed out this often, its workers dying each time, is given up "
+        "(default $INTERLATENT_EXPLAINER_MAX_DELIVERIES, else 3)",
+    )
     sp.add_argument("--burst", action="store_true", help="explain what is waiting, then exit")
     sp.set_defaults(fn=cmd_explainer)
 
@@ -503,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.fn(args, Settings.from_args(args))
-    except ConfigError as e:
+    except (ConfigError, BackendError) as e:
         print(f"interlatent: {e}", file=sys.stderr)
         return 2
 
