@@ -69,20 +69,23 @@ class RollingCorr:
         self._zero_sums(n_x, n_y)
 
     def _zero_sums(self, n_x: int, n_y: int) -> None:
-        self.sx, self.sxx = np.zeros((n_x, n_y)), np.zeros((n_x, n_y))
-        self.sy, self.syy, self.ny = np.zeros(n_y), np.zeros(n_y), np.zeros(n_y)
+        # channel sums over every row, and over the rows where each metric is missing: a metric's
+        # own channel sums are the difference (the common case, every metric present, costs [n_x])
+        self.sx, self.sxx, self.n_all = np.zeros(n_x), np.zeros(n_x), 0.0
+        self.sx_miss, self.sxx_miss, self.n_miss = np.zeros((n_x, n_y)), np.zeros((n_x, n_y)), np.zeros(n_y)
+        self.sy, self.syy = np.zeros(n_y), np.zeros(n_y)
         self.sxy = np.zeros((n_x, n_y))
 
     def _add(self, x: np.ndarray, y: np.ndarray, sign: float) -> None:
         y0, present, full = _masked(y)
-        if full:  # the common case: every metric present, channel sums shared by all metrics
-            self.sx += sign * x.sum(0)[:, None]
-            self.sxx += sign * np.einsum("ij,ij->j", x, x)[:, None]
-            self.ny += sign * len(x)
-        else:
-            self.sx += sign * (x.T @ present)
-            self.sxx += sign * ((x * x).T @ present)
-            self.ny += sign * present.sum(0)
+        self.sx += sign * x.sum(0)
+        self.sxx += sign * np.einsum("ij,ij->j", x, x)
+        self.n_all += sign * len(x)
+        if not full:
+            missing = 1.0 - present
+            self.sx_miss += sign * (x.T @ missing)
+            self.sxx_miss += sign * ((x * x).T @ missing)
+            self.n_miss += sign * missing.sum(0)
         self.sy += sign * y0.sum(0)
         self.syy += sign * np.einsum("ij,ij->j", y0, y0)
         self.sxy += sign * (x.T @ y0)
@@ -91,8 +94,11 @@ class RollingCorr:
         """``k`` more metric columns (a metric first logged now): NaN in the rows held."""
         self.y = np.concatenate([self.y, np.full((len(self.y), k), np.nan)], axis=1)
         pad = lambda a: np.concatenate([a, np.zeros(a.shape[:-1] + (k,))], axis=-1)  # noqa: E731
-        self.sx, self.sxx, self.sxy = pad(self.sx), pad(self.sxx), pad(self.sxy)
-        self.sy, self.syy, self.ny = pad(self.sy), pad(self.syy), pad(self.ny)
+        x, _, _, _ = self.rows()  # the rows held have no value of the new metrics: missing there
+        self.sx_miss = np.concatenate([self.sx_miss, np.repeat(x.sum(0)[:, None], k, axis=1)], axis=1)
+        self.sxx_miss = np.concatenate([self.sxx_miss, np.repeat(np.einsum("ij,ij->j", x, x)[:, None], k, axis=1)], axis=1)
+        self.n_miss = np.concatenate([self.n_miss, np.full(k, float(self.n))])
+        self.sxy, self.sy, self.syy = pad(self.sxy), pad(self.sy), pad(self.syy)
 
     def _slots(self, i: np.ndarray) -> np.ndarray:
         return (self.start + i) % len(self.x)
@@ -135,9 +141,14 @@ class RollingCorr:
         if not inside.all():  # rows of steps already out of the window count for nothing
             x, y, steps, keys = x[inside], y[inside], steps[inside], keys[inside]
         # the rows whose steps leave the window now
-        if self.n and self.steps[self.start] <= self.newest - self.window:
-            keep = self.steps[self._slots(np.arange(self.n))] > self.newest - self.window
-            self._drop_oldest(int(np.argmax(keep)) if keep.any() else self.n)
+        old, cap = self.newest - self.window, len(self.x)
+        k = 0
+        while k < self.n and k < 64 and self.steps[(self.start + k) % cap] <= old:  # usually a row or two leave
+            k += 1
+        if k == 64:
+            keep = self.steps[self._slots(np.arange(self.n))] > old
+            k = int(np.argmax(keep)) if keep.any() else self.n
+        self._drop_oldest(k)
         if self.n + len(x) > len(self.x) and len(self.x) < self.max_rows:
             self._grow(self.n + len(x))
         cap = len(self.x)
@@ -175,7 +186,10 @@ class RollingCorr:
     def get(self) -> np.ndarray:
         """[n_x, n_y] correlations over the window; NaN where either side is constant or a
         metric has fewer than 2 rows."""
-        return _pearson(self.ny, self.sx, self.sy, self.sxx, self.syy, self.sxy)
+        n = self.n_all - self.n_miss
+        if not self.n_miss.any():
+            return _pearson(n, self.sx[:, None], self.sy, self.sxx[:, None], self.syy, self.sxy)
+        return _pearson(n, self.sx[:, None] - self.sx_miss, self.sy, self.sxx[:, None] - self.sxx_miss, self.syy, self.sxy)
 
 
 class EWCorr:
