@@ -168,17 +168,23 @@ class AlertEngine:
             if tr is None:
                 continue
             x_all = data[:, tr.cols].astype(np.float64)
-            for i in range(len(data)):
-                x = x_all[i]
-                cond, z = tr.condition(x)
-                moved = tr.step(cond, int(pos[i, 0]))
+            steps = pos[:, 0]
+            i = 0
+            while i < len(data):  # one state-machine step per agent step: a vector env's rows are one step
+                j = i + 1
+                while j < len(data) and steps[j] == steps[i]:
+                    j += 1
+                conds, zs = zip(*(tr.condition(x_all[r]) for r in range(i, j)), strict=True)
+                cond = np.logical_or.reduce(conds)
+                # the row each channel is reported from: the first that meets the condition, else the last
+                at = i + np.where(cond, np.argmax(np.stack(conds), axis=0), j - 1 - i)
+                moved = tr.step(cond, int(steps[i]))
                 for state in STATES:
-                    for j in np.nonzero(moved[state])[0]:
-                        events.append(
-                            self._event(
-                                tr, j, state, run, tap, int(pos[i, 0]), int(pos[i, 1]), float(x[j]), float(z[j]), analytics
-                            )
-                        )
+                    for c in np.nonzero(moved[state])[0]:
+                        r = int(at[c])
+                        x, z = float(x_all[r, c]), float(zs[r - i][c])
+                        events.append(self._event(tr, c, state, run, tap, int(steps[i]), int(pos[r, 1]), x, z, analytics))
+                i = j
         return events
 
     def on_paired(self, run: str, tap: str, an: TapAnalytics, step: int, index: int = 0) -> list[dict[str, Any]]:

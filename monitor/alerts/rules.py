@@ -42,7 +42,16 @@ __all__ = ["Rule", "Webhook", "RulesFile", "RulesError", "load_rules", "parse_ru
 
 KINDS = ("zscore", "threshold", "wake", "corr_flip")
 SEVERITIES = ("info", "warning", "critical")
-GROUP_FIELDS = ("rule", "kind", "severity", "run", "tap", "latent")  # alert fields a webhook may group by, besides labels
+GROUP_FIELDS = (
+    "rule",
+    "kind",
+    "severity",
+    "run",
+    "tap",
+    "unit",
+    "channel",
+    "latent",
+)  # alert fields a webhook may group by, besides labels
 
 
 class RulesError(ValueError):
@@ -97,6 +106,17 @@ class RulesFile:
     webhooks: tuple[Webhook, ...] = ()
 
 
+# fields that only some kinds read: anywhere else they would be silently ignored
+_KIND_FIELDS = {
+    "z": ("zscore",),
+    "baseline_alpha": ("zscore", "wake"),
+    "above": ("threshold", "wake"),
+    "below": ("threshold",),
+    "rare_below": ("wake",),
+    "metric": ("corr_flip",),
+    "min_abs": ("corr_flip",),
+}
+
 _FIELDS = {
     "name",
     "kind",
@@ -134,12 +154,21 @@ def _rule(i: int, d: Any) -> Rule:
     if not isinstance(name, str) or not name:
         raise RulesError(f"{where}: field 'name' is required (a non-empty string)")
     where = f"rule {name!r}"
+    if "|" in name or not name.isprintable() or len(name) > 200:
+        raise RulesError(
+            f"{where}: field 'name' must be printable, at most 200 characters, without '|' (it separates an alert id's parts)"
+        )
     unknown = sorted(set(d) - _FIELDS)
     if unknown:
         raise RulesError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(_FIELDS))})")
     kind = d.get("kind")
     if kind not in KINDS:
         raise RulesError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    foreign = sorted(k for k in set(d) & _KIND_FIELDS.keys() if kind not in _KIND_FIELDS[k])
+    if foreign:
+        raise RulesError(
+            f"{where}: field '{foreign[0]}' does not apply to a {kind} rule (only to {', '.join(_KIND_FIELDS[foreign[0]])})"
+        )
     kw: dict[str, Any] = {"name": name, "kind": kind}
     for key in ("run", "tap", "metric"):
         if key in d:
@@ -154,6 +183,15 @@ def _rule(i: int, d: Any) -> Rule:
     for key in ("z", "above", "below", "rare_below", "min_abs", "baseline_alpha"):
         if key in d:
             kw[key] = float(_num(where, key, d[key]))
+            if not math.isfinite(kw[key]):
+                raise RulesError(f"{where}: field '{key}' must be a finite number, got {d[key]!r}")
+    for key, lo, hi, what in (
+        ("z", 0.0, math.inf, "above 0 (standard deviations over the baseline)"),
+        ("rare_below", 0.0, 1.0, "in (0, 1] (a fraction of steps)"),
+        ("min_abs", 0.0, 1.0, "in (0, 1] (a correlation's size)"),
+    ):
+        if key in kw and not lo < kw[key] <= hi:
+            raise RulesError(f"{where}: field '{key}' must be {what}, got {kw[key]!r}")
     for key, attr in (("for", "for_steps"), ("keep_firing_for", "keep_firing_for"), ("cooldown", "cooldown")):
         if key in d:
             kw[attr] = _num(where, key, d[key], lo=0, integer=True)
@@ -162,8 +200,10 @@ def _rule(i: int, d: Any) -> Rule:
         raise RulesError(f"{where}: field 'severity' must be one of {', '.join(SEVERITIES)}, got {sev!r}")
     kw["severity"] = sev
     labels = d.get("labels", {})
-    if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
-        raise RulesError(f"{where}: field 'labels' must be a mapping of strings")
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()
+    ):
+        raise RulesError(f"{where}: field 'labels' must be a mapping of names to strings or numbers")
     kw["labels"] = {k: str(v) for k, v in labels.items()}
     if kind == "threshold" and "above" not in d and "below" not in d:
         raise RulesError(f"{where}: a threshold rule needs field 'above' or 'below'")

@@ -533,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BackendError) as e:
         print(f"interlatent: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `interlatent status | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":

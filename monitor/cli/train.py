@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import time
 from pathlib import Path
@@ -145,8 +146,14 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
     except ArtifactError as e:
         raise ConfigError(str(e)) from e
     store = s.store()
-    streamed = store.taps(args.run)  # where the run is known, its taps' widths must fit the weights
+    streamed = store.taps(args.run)  # where the run is known, its taps must exist and their widths fit the weights
     for what, tap, width in (("source", args.source, model.d_in), ("target", args.target, model.d_out)):
+        if streamed and tap not in streamed:
+            close = difflib.get_close_matches(tap, list(streamed), n=3, cutoff=0.5)
+            raise ConfigError(
+                f"run {args.run!r} streams no tap {tap!r} (the {what})"
+                + (f"; did you mean {', '.join(close)}?" if close else f"; it streams {', '.join(sorted(streamed))}")
+            )
         have = streamed.get(tap, {}).get("width")
         if have is not None and have != width:
             raise ConfigError(
@@ -164,8 +171,10 @@ def cmd_import(args: argparse.Namespace, s: Settings) -> int:
     info = artifact_info(
         name, Path(args.path), model, run=args.run, source=args.source, target=args.target, q=q, extra={"imported": True}
     )
+    replaced = any(t["name"] == name for t in store.transcoders(include_broken=True))
     store.register_transcoder(info)
-    print(json.dumps(info) if args.json else f"registered {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
+    verb = "replaced" if replaced else "registered"
+    print(json.dumps(info) if args.json else f"{verb} {name} (d_in {model.d_in}, d_sae {model.d_sae}, d_out {model.d_out})")
     return 0
 
 

@@ -39,12 +39,16 @@ class Encoders:
         self.active: dict[str, tuple[dict[str, Any], Transcoder]] = {}  # name -> (registry entry, model)
         self._failed: set[tuple[str, Any, Any]] = set()  # (name, created, files' stamp) that did not load
         self.broken: dict[str, str] = {}  # name -> why it cannot be loaded, or cannot encode its tap
-        self.width_skipped: dict[str, int] = {}  # name -> frames not encoded for a width mismatch
+        self.width_skipped: dict[str, int] = {}
+        self._stamps: dict[
+            str, Any
+        ] = {}  # name -> its files' stamp when loaded  # name -> frames not encoded for a width mismatch
 
     @property
     def failing(self) -> bool:
-        """Whether some registered transcoder could not be loaded (the monitor retries it when its files change)."""
-        return bool(self._failed)
+        """Whether the artifacts' files need a look now and then: one could not be loaded (it is
+        retried when its files change), or some are loaded (one rewritten on disk is reloaded)."""
+        return bool(self._failed or self.active)
 
     def refresh(self, registry: list[dict[str, Any]]) -> None:
         """Load new or changed transcoders, drop the ones no longer registered or active. An entry
@@ -59,9 +63,13 @@ class Encoders:
                 log.info("stopped encoding with %s", name)
         for name, info in wanted.items():
             have = self.active.get(name)
-            if have is not None and have[0].get("created") == info.get("created"):
+            stamp = _stamp(info.get("path"))
+            if have is not None and have[0].get("created") == info.get("created") and self._stamps.get(name) == stamp:
                 continue
-            attempt = (name, info.get("created"), _stamp(info.get("path")))
+            if have is not None:  # its files were rewritten: what it encodes must be what is on disk
+                del self.active[name]
+                log.info("transcoder %s changed on disk: loading it again", name)
+            attempt = (name, info.get("created"), stamp)
             if attempt in self._failed:  # tried again when the entry or its files change
                 continue
             try:
@@ -76,6 +84,7 @@ class Encoders:
                 continue
             self.broken.pop(name, None)
             self.active[name] = (info, model)
+            self._stamps[name] = stamp
             log.info("encoding %s of run %s with %s (%d latents)", info["source"], info["run"], name, model.d_sae)
 
     @torch.no_grad()

@@ -23,9 +23,15 @@ class JobFiler:
         self.prefix = prefix  # only these taps are explained unasked (raw taps: `interlatent explain`)
         self.filed_corr: dict[tuple[str, str], np.ndarray] = {}  # corr matrix when last filed
         self.alerted: set[tuple[str, str, int]] = set()
+        self.written: set[tuple[str, str]] = set()  # taps whose analytics are in Redis (the explainer needs them)
+        self.deferred: dict[tuple[str, str], set[int]] = {}  # alerted before that: filed once they are
 
     def on_analytics(self, run: str, tap: str, paired: int, corr: np.ndarray) -> int:
         """Called when a tap's analytics are written; returns jobs filed."""
+        if paired > 0:
+            self.written.add((run, tap))
+            for latent in sorted(self.deferred.pop((run, tap), ())):
+                file_job(self.r, run, tap, latent, reason="first alert")
         if not tap.startswith(self.prefix) or paired < self.min_examples:
             return 0
         key = (run, tap)
@@ -49,4 +55,7 @@ class JobFiler:
         if key in self.alerted:
             return False
         self.alerted.add(key)
+        if (run, tap) not in self.written:  # an alert in a run's first moments: its analytics are not written yet
+            self.deferred.setdefault((run, tap), set()).add(latent)
+            return False
         return file_job(self.r, run, tap, latent, reason="first alert")

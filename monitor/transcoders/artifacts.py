@@ -222,8 +222,10 @@ def _from_saelens(path: Path, cfg_path: Path, raw: dict[str, Any], w: dict[str, 
     t = {n: w[n].float() for n in names}
     if "log_threshold" in t:  # what SAELens's process_state_dict_for_loading does with older checkpoints
         t["threshold"] = t.pop("log_threshold").exp()
-    d_in, d_sae = _dims(path, t["W_enc"], "W_enc")
-    d_out = _dims(path, t["W_dec"], "W_dec", rows=d_sae)[1]
+    # the weight matrices against cfg.json first, so a wrong one is named rather than the bias that then disagrees
+    d_in, d_sae = _dims(path, t["W_enc"], "W_enc", want=(("d_in", cfg.get("d_in")), ("d_sae", cfg.get("d_sae"))))
+    out_field = "d_out" if cfg.get("d_out") is not None or transcoder else "d_in"
+    d_out = _dims(path, t["W_dec"], "W_dec", rows=d_sae, want=(("", None), (out_field, cfg.get(out_field))))[1]
     want = {"b_dec": [d_out], "b_enc": [d_sae], "threshold": [d_sae], "b_gate": [d_sae], "r_mag": [d_sae], "b_mag": [d_sae]}
     want["W_skip"] = [d_out, d_in]
     _shapes(path, t, want)
@@ -288,10 +290,16 @@ def _exactly(path: Path, w: dict[str, torch.Tensor], names: list[str], ignored: 
         )
 
 
-def _dims(path: Path, t: torch.Tensor, name: str, rows: int | None = None) -> tuple[int, int]:
+def _dims(
+    path: Path, t: torch.Tensor, name: str, rows: int | None = None, want: tuple[tuple[str, Any], ...] = (("", None), ("", None))
+) -> tuple[int, int]:
+    """The two dimensions of a weight matrix; ``want`` are cfg.json's, where it states them."""
     if t.dim() != 2 or (rows is not None and t.shape[0] != rows):
-        want = "2 dimensions" if rows is None else f"[{rows}, d_out] (from the other tensors)"
-        raise ArtifactError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {want}")
+        expected = "2 dimensions" if rows is None else f"[{rows}, d_out] (from the other tensors)"
+        raise ArtifactError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {expected}")
+    for axis, (field, value) in enumerate(want):
+        if isinstance(value, int) and t.shape[axis] != value:
+            raise ArtifactError(f"{path}: tensor {name} has shape {list(t.shape)}, but cfg.json's field {field} is {value}")
     return int(t.shape[0]), int(t.shape[1])
 
 

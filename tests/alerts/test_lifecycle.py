@@ -133,3 +133,15 @@ def test_alert_state_survives_a_monitor_restart(store: Store, redis_url: str) ->
         assert store.r.hlen(keys.ALERTS_ACTIVE) == 0
     finally:
         second.close()
+
+
+def test_a_vector_envs_rows_are_one_step_for_the_rules() -> None:
+    """Two envs, two rows a step: `for` counts steps, and one env's quiet row does not resolve what
+    the other's row keeps firing (it flapped at every step before)."""
+    engine = AlertEngine(parse_rules({"rules": [{"name": "hot", "kind": "threshold", "above": 3.0, "for": 2}]}))
+    steps = np.repeat(np.arange(10), 2)
+    pos = np.stack([steps, np.tile([0, 1], 10)], axis=1)
+    x = np.zeros((20, 1), np.float32)
+    x[8::2] = 5.0  # env 0 hot from step 4 on; env 1 never
+    out = [(e["step"], e["state"], e["index"]) for e in engine.on_rows("r", "t", x, pos, None)]
+    assert out == [(4, "pending", 0), (5, "firing", 0)]

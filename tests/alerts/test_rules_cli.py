@@ -100,5 +100,37 @@ def test_rules_test_replays_a_recording_as_the_live_monitor_would(tmp_path: Path
     assert replayed[: len(live)] == live  # what the live monitor raised, then the recording's end resolves the rest
     r = _cli("rules", "test", str(rules_file), "--recording", str(tmp_path / "rec"), "--window-steps", "100")
     assert r.returncode == 0 and "hot firing" in r.stdout and "hot: 1 fired" in r.stdout
+    # a reader that stops early (`| head -1`) gets its line and no traceback
+    p = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "rules", "test", str(rules_file), "--recording", str(tmp_path / "rec"), "--all-states"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert p.stdout is not None and p.stdout.readline()
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err
     r = _cli("rules", "test", str(rules_file), "--recording", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "no recording" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rules_check_refuses_values_that_mean_nothing_or_never_fire(tmp_path: Path) -> None:
+    base = {"name": "r", "kind": "zscore"}
+    cases = [
+        ({**base, "z": -3}, "'z'"),
+        ({**base, "z": 0}, "'z'"),
+        ({"name": "r", "kind": "threshold", "above": float("nan")}, "'above'"),
+        ({"name": "r", "kind": "wake", "rare_below": 2}, "'rare_below'"),
+        ({"name": "r", "kind": "corr_flip", "metric": "m", "min_abs": 1.5}, "'min_abs'"),
+        ({**base, "labels": {"team": [1, 2]}}, "'labels'"),
+        ({"name": "a|b", "kind": "zscore"}, "'name'"),
+        ({"name": "r", "kind": "threshold", "above": 1, "metric": "m"}, "'metric' does not apply to a threshold rule"),
+    ]
+    for rule, field in cases:
+        path = tmp_path / "r.yaml"
+        path.write_text(json.dumps({"rules": [rule]}))
+        r = _cli("rules", "check", str(path))
+        assert r.returncode == 2 and field in r.stderr and len(r.stderr.strip().splitlines()) == 1, (rule, r.stderr)
+    path.write_text(json.dumps({"rules": [base], "webhooks": [{"url": "http://127.0.0.1:9/h", "group_by": ["channel", "unit"]}]}))
+    assert _cli("rules", "check", str(path)).returncode == 0  # the fields alerts carry can group

@@ -228,3 +228,17 @@ def test_drift_files_again_only_the_latents_that_moved(store: Store) -> None:
     moved[1, 0] = -0.5
     assert f.on_analytics("r", "latents:x", 60, moved) == 1  # latent 1 flipped its link to metric 0
     assert [int(fields[b"latent"]) for _, fields in store.r.xrange(keys.EXPLAIN_JOBS)][-1] == 1
+
+
+def test_an_alert_before_the_taps_analytics_exist_is_explained_once_they_do(store: Store) -> None:
+    """A job filed at a run's first moments would fail ("no analytics yet") and never be retried:
+    it waits for the tap's analytics to be written, then is filed once."""
+    from monitor.service.filing import JobFiler
+
+    f = JobFiler(store.r, min_examples=10)
+    assert f.on_alert("r", "h:out", 3) is False and store.r.xlen(keys.EXPLAIN_JOBS) == 0
+    assert f.on_alert("r", "h:out", 3) is False  # one alert, one job
+    f.on_analytics("r", "h:out", 7, np.zeros((4, 1)))
+    jobs = [(f[b"tap"].decode(), int(f[b"latent"])) for _, f in store.r.xrange(keys.EXPLAIN_JOBS)]
+    assert jobs == [("h:out", 3)]
+    assert f.on_alert("r", "h:out", 1) is True  # once analytics exist, at once

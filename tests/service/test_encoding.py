@@ -211,3 +211,39 @@ def test_a_fixed_artifact_is_taken_up_and_a_restarted_monitor_serves_past_broken
                 breakage()
             finally:
                 mon.close()
+
+
+def test_an_artifact_rewritten_on_disk_is_reloaded_and_if_broken_reported(tmp_path: Path, store: Store) -> None:
+    """A monitor that loaded an artifact sees its files change: a good rewrite is encoded from then
+    on, a broken one is reported and no longer encodes with the old weights."""
+    from monitor.transcoders.artifacts import WEIGHTS
+
+    torch.manual_seed(3)
+    old, new = Transcoder(6, 3, 6).eval(), Transcoder(6, 3, 6).eval()
+    path = save_artifact(tmp_path / "t", old, source="h:out", target="h:out", run="r")
+    store.register_transcoder(artifact_info("t", path, old, run="r", source="h:out", target="h:out", q=None))
+    x = np.random.default_rng(2).standard_normal((3, 6)).astype(np.float32)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    seq = iter(range(100))
+    try:
+        mon.flush()
+        assert mon.handle(encode_act("r", "p", next(seq), 0, "h:out", x, _pos(range(3))))
+        save_artifact(tmp_path / "t", new, source="h:out", target="h:out", run="r")  # rewritten in place
+        wait_until(
+            lambda: (mon.flush(), mon.encoders.active["t"][1] is not None and _same(mon.encoders.active["t"][1], new))[1], 10
+        )
+        assert mon.handle(encode_act("r", "p", next(seq), 0, "h:out", x, _pos(range(3, 6))))
+        mon.flush(final=True)
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                store.recent("r", LATENT_PREFIX + "t")[0][-3:], new.encode(torch.from_numpy(x)).numpy(), atol=1e-6
+            )
+        (path / WEIGHTS).write_bytes(b"garbage")
+        wait_until(lambda: (mon.flush(), "t" in mon.health()["transcoders_broken"])[1], 10, what="the broken rewrite reported")
+        assert "t" not in mon.encoders.active
+    finally:
+        mon.close()
+
+
+def _same(a: Transcoder, b: Transcoder) -> bool:
+    return bool(torch.equal(a.W_enc, b.W_enc))

@@ -58,6 +58,7 @@ def test_a_good_artifact_loads_exactly(tmp_path: Path) -> None:
     "breakage, field",
     [
         (lambda p: _edit_weights(p, W_dec=torch.zeros(1, 5)), "W_dec"),  # broadcastable: copy_ would have taken it
+        (lambda p: _edit_weights(p, W_dec=torch.zeros(4, 7)), "tensor W_dec has shape"),  # W_dec named, not b_dec
         (lambda p: _edit_weights(p, b_enc=torch.zeros(1)), "b_enc"),
         (lambda p: _edit_weights(p, b_dec=torch.zeros(4)), "b_dec"),
         (lambda p: _edit_weights(p, W_enc=torch.zeros(6, 4, 1)), "W_enc"),
@@ -177,3 +178,32 @@ def test_what_is_not_encoded_exactly_is_refused_by_name(tmp_path: Path, cfg: dic
         _edit_weights(path, **tensors)
     with pytest.raises(ArtifactError, match=field):
         load_artifact(path)
+
+
+def test_import_refuses_a_tap_the_known_run_does_not_stream_and_says_when_it_replaces(
+    tmp_path: Path, redis_url: str, store
+) -> None:
+    import numpy as np
+
+    from agent_side.wire import encode_act
+    from monitor.service.ingest import Monitor
+
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:  # run r streams a:out (6 wide) and b:out (5 wide)
+        pos = np.array([[0, 0]], dtype=np.int64)
+        assert mon.handle(encode_act("r", "p", 0, 0, "a:out", np.ones((1, 6), np.float32), pos))
+        assert mon.handle(encode_act("r", "p", 1, 0, "b:out", np.ones((1, 5), np.float32), pos))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    cmd = [sys.executable, "-m", "monitor", "import", str(_good(tmp_path)), "--run", "r", "--redis", redis_url]
+    r = subprocess.run([*cmd, "--source", "a:uot", "--target", "b:out"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "streams no tap 'a:uot'" in r.stderr and "did you mean a:out" in r.stderr
+    assert store.transcoders(include_broken=True) == []
+    first = subprocess.run(
+        [*cmd, "--source", "a:out", "--target", "b:out", "--name", "t"], cwd=ROOT, capture_output=True, text=True
+    )
+    again = subprocess.run(
+        [*cmd, "--source", "a:out", "--target", "b:out", "--name", "t"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert first.stdout.startswith("registered t") and again.stdout.startswith("replaced t")
