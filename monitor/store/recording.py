@@ -4,7 +4,8 @@ Layout of ``DIR`` (one run)::
 
     manifest.json                       # taps, widths, metric names, shards with rows and sha256
     taps/<n>/data-00000.npy, pos-00000.npy  # tap n (its name is in the manifest)
-    metrics/data-00000.npy, pos-00000.npy   # metric columns named in the manifest
+    metrics/data-00000.npy, pos-00000.npy   # metric columns named in the manifest (the first set of names)
+    metrics-1/...                       # another set (tap.log()'s beside the env wrapper's): joined on read
 
 ``pos`` rows are (step, index), so a tap's rows pair with the metric rows of the same step.
 A shard is written to a temporary name, renamed, then listed in the manifest (also replaced
@@ -26,6 +27,7 @@ import numpy as np
 __all__ = ["Recorder", "Recording", "RecordingError"]
 
 SHARD_ROWS = 16384
+MAX_METRIC_GROUPS = 16  # sets of metric names recorded per run
 
 
 class RecordingError(RuntimeError):
@@ -65,6 +67,8 @@ class Recorder:
         self.taps: dict[str, _Stream] = {}
         self.metrics: _Stream | None = None
         self.metric_names: list[str] = []
+        self.metric_groups: dict[tuple[str, ...], _Stream] = {}
+        self.metric_rows_dropped = 0  # rows of sets of names past MAX_METRIC_GROUPS
         self.first_step: int | None = None
         self.last_step = -1
         self.metrics_last_step = -1  # metric frames trail the tap frames of their steps
@@ -100,17 +104,24 @@ class Recorder:
         self._append(s, data[keep], pos[keep])
 
     def add_metrics(self, names: list[str], data: np.ndarray, pos: np.ndarray) -> None:
+        """Metric rows of one set of names (the env wrapper's, ``tap.log()``'s): each set is a
+        stream of its own, joined by (step, index) when read."""
         if self.done:
             return
-        if self.metrics is None:
-            self.metric_names = list(names)
-            self.metrics = _Stream("metrics", len(names), "float64", [], [], 0, [])
-        if list(names) != self.metric_names:
-            return  # only the run's first set of metric names is recorded
+        key = tuple(names)
+        s = self.metric_groups.get(key)
+        if s is None:
+            if len(self.metric_groups) >= MAX_METRIC_GROUPS:
+                self.metric_rows_dropped += len(data)
+                return
+            folder = "metrics" if not self.metric_groups else f"metrics-{len(self.metric_groups)}"
+            s = self.metric_groups[key] = _Stream(folder, len(names), "float64", [], [], 0, [])
+            if self.metrics is None:  # the first set is also the manifest's "metrics", for older readers
+                self.metric_names, self.metrics = list(names), s
         keep = self._take(pos, may_start=False)
         if keep.any():
             self.metrics_last_step = max(self.metrics_last_step, int(pos[keep, 0].max()))
-        self._append(self.metrics, data[keep], pos[keep])
+        self._append(s, data[keep], pos[keep])
 
     def _append(self, s: _Stream, data: np.ndarray, pos: np.ndarray) -> None:
         if len(data):
@@ -155,6 +166,11 @@ class Recorder:
             "metrics": None
             if self.metrics is None
             else {"names": self.metric_names, "rows": sum(e["rows"] for e in self.metrics.shards), "shards": self.metrics.shards},
+            "metric_groups": [
+                {"names": list(names), "folder": g.folder, "rows": sum(e["rows"] for e in g.shards), "shards": g.shards}
+                for names, g in self.metric_groups.items()
+            ],
+            "metric_rows_dropped": self.metric_rows_dropped,
         }
         tmp = self.dir / "manifest.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
@@ -178,7 +194,7 @@ class Recorder:
     def close(self) -> Path:
         """Write what is buffered and mark the recording complete; returns its directory."""
         if not self.done:
-            for s in [*self.taps.values(), *([self.metrics] if self.metrics else [])]:
+            for s in [*self.taps.values(), *self.metric_groups.values()]:
                 self._write_shard(s)
             self._write_manifest(complete=True)
             self.done = True
@@ -204,6 +220,10 @@ class Recording:
 
     @property
     def metric_names(self) -> list[str]:
+        """Every metric recorded, whichever set of names it came in."""
+        groups = self.manifest.get("metric_groups")
+        if groups:
+            return list(dict.fromkeys(n for g in groups for n in g["names"]))
         return self.manifest["metrics"]["names"] if self.manifest.get("metrics") else []
 
     def _load(self, shards: list[dict[str, Any]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,10 +252,24 @@ class Recording:
         return self._load(t["shards"], t["width"])
 
     def metrics(self) -> tuple[np.ndarray, np.ndarray]:
-        m = self.manifest.get("metrics")
-        if not m:
+        """(data [rows, metric_names], pos). Several sets of names are joined by (step, index),
+        NaN where a set has no row."""
+        from monitor.stats.analytics import key_of, pos_of_keys
+
+        groups = self.manifest.get("metric_groups") or ([self.manifest["metrics"]] if self.manifest.get("metrics") else [])
+        if not groups:
             return np.zeros((0, 0)), np.zeros((0, 2), dtype=np.int64)
-        return self._load(m["shards"], len(m["names"]))
+        if len(groups) == 1:
+            return self._load(groups[0]["shards"], len(groups[0]["names"]))
+        names = self.metric_names
+        loaded = [(g["names"], *self._load(g["shards"], len(g["names"]))) for g in groups]
+        keys = np.unique(np.concatenate([key_of(p) for _, _, p in loaded]))
+        out = np.full((len(keys), len(names)), np.nan)
+        for group_names, data, pos in loaded:
+            rows = np.searchsorted(keys, key_of(pos))
+            cols = np.array([names.index(n) for n in group_names], dtype=np.int64)
+            out[np.ix_(rows, cols)] = data
+        return out, pos_of_keys(keys)
 
     def paired(self, *taps: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Rows of every tap in ``taps`` and the metric rows, at the (step, index) all of them have;

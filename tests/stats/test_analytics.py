@@ -306,3 +306,29 @@ def test_a_vector_agent_logging_its_own_metric_has_every_metric_correlated_over_
     finally:
         mon.terminate()
         mon.wait(timeout=20)
+
+
+def test_a_recording_keeps_every_metric_whichever_frame_it_came_in(redis_url: str, store: Store, tmp_path) -> None:
+    """`interlatent record` of an agent logging tap.log() beside the env wrapper keeps both sets,
+    joined by (step, env) on read: all of the wrapper's columns, and the user's where logged."""
+    from monitor.store.recording import Recording
+
+    ep = free_endpoint()
+    mon = spawn_monitor(redis_url, ep, "--data-dir", str(tmp_path))
+    try:
+        store.set_record("logged", {"steps": 300, "state": "requested"})
+        agent = spawn([str(AGENT_DIR / "logged_vector.py"), "--endpoint", ep, "--steps", "400"], stdout=subprocess.PIPE, text=True)
+        out, _ = agent.communicate(timeout=120)
+        assert agent.returncode == 0, out
+        req = wait_until(lambda: (r := store.record_requests()["logged"]).get("state") == "done" and r, 60, what="the recording")
+    finally:
+        mon.terminate()
+        mon.wait(timeout=20)
+    rec = Recording(req["path"])
+    assert {"pole_angle", "reward", "angle_x3"} <= set(rec.metric_names)
+    data, pos = rec.metrics()
+    pole, mine = data[:, rec.metric_names.index("pole_angle")], data[:, rec.metric_names.index("angle_x3")]
+    assert len(data) == 600 and not np.isnan(pole).any()  # 300 steps x 2 envs
+    assert np.isnan(mine[pos[:, 1] == 1]).all()  # the user's metric is env 0's only
+    env0 = pos[:, 1] == 0
+    np.testing.assert_allclose(mine[env0], 3 * pole[env0] + 1, atol=1e-6)
