@@ -4,7 +4,15 @@ Each tap gets a forward hook (``:out``) or a forward pre-hook (``:in``) that cop
 rows into a per-tap buffer and returns; a buffer goes out as one frame when it holds
 ``flush_rows`` rows or its oldest row is ``flush_ms`` old. The hooks are on the model only while
 a monitor is connected: with nobody listening, torch runs its hook-free fast path and the agent
-pays nothing but a counter. Nothing here blocks the agent.
+pays nothing but a counter. Nothing here blocks the agent, but ``attach()`` itself, which waits
+up to ``connect_wait_s`` (default 1 s, ``$INTERLATENT_CONNECT_WAIT_S``) for a monitor that
+already listens, so a run started against a live monitor streams from its first step; a refused
+connection (nobody listens) ends the wait at once.
+
+Steps the agent runs with no monitor connected are counted as ``unwatched`` (once a step, in
+every frame's header), not as drops: nothing of them was built. A connection that comes in the
+middle of an env step puts the hooks on at the next step boundary, so each step is either
+streamed whole or counted unwatched, and a run's rows + unwatched + drops are its steps.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import numpy as np
 import torch
 
 from agent_side import wire
-from agent_side.control import Controller, greeting
+from agent_side.control import Controller, greeting, load_agent_key, load_monitor_key, read_key
 from agent_side.lm import TokenTracker, token_rows
 from agent_side.sender import Sender
 from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve_tap
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _SENDABLE = (torch.float16, torch.float32, torch.float64)
 _FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big language-model forwards)
+CONNECT_WAIT_S = 1.0  # how long attach() waits for a monitor that already listens
 
 
 class _TapRows:
@@ -99,6 +108,9 @@ class Attachment:
         sndhwm: int = 128,
         allow_control: bool = False,
         control_endpoint: str | None = None,
+        monitor_key: str | bytes | None = None,
+        agent_key: str | None = None,
+        connect_wait_s: float | None = None,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
@@ -130,7 +142,16 @@ class Attachment:
         self._handles: list[Any] = []
         self._arm_lock = threading.Lock()
         self._detached = False
+        self._watching = False  # the hooks were on when the current step began
+        self._arm_due = False  # a monitor connected mid-step: hooks go on at the next step boundary
         self._warned: set[str] = set()
+        keypair = load_agent_key(agent_key or os.environ.get("INTERLATENT_AGENT_KEY"))
+        server_key = None
+        if keypair is not None:  # a remote agent: the data channel is CURVE too, so the key must be there now
+            found = load_monitor_key(monitor_key)
+            server_key = found if isinstance(found, bytes) else read_key(found)
+            if server_key is None:
+                raise ValueError(f"agent_key is set, so the monitor's public key is needed now; none at {found}")
         self._control = (
             Controller(
                 module,
@@ -138,15 +159,29 @@ class Attachment:
                 endpoint=control_endpoint
                 or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
                 or wire.control_endpoint(self.endpoint),
+                monitor_key=server_key or load_monitor_key(monitor_key),
+                keypair=keypair,
                 width_of=lambda t: self._taps[t].width if t in self._taps else None,
                 step_of=lambda: self.step,
             )
             if allow_control
             else None
         )
-        self._sender = Sender(self.endpoint, sndhwm=sndhwm, on_change=self._on_connection, greeting=greeting(run, self._control))
+        self._sender = Sender(
+            self.endpoint,
+            sndhwm=sndhwm,
+            on_change=self._on_connection,
+            greeting=greeting(run, self._control),
+            curve_serverkey=server_key,
+            curve_keypair=keypair,
+        )
         if self._control is not None:
             self._control.start(self._sender)
+        if connect_wait_s is None:
+            connect_wait_s = float(os.environ.get("INTERLATENT_CONNECT_WAIT_S") or CONNECT_WAIT_S)
+        if connect_wait_s > 0:
+            self._sender.wait_settled(connect_wait_s)
+        self._watching = bool(self._handles)
         log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
 
     # -- hooks on while a monitor listens -----------------------------------------------------
@@ -154,16 +189,24 @@ class Attachment:
         """Called from the sender's watcher thread. Torch snapshots a module's hook dicts before
         calling them, so adding or removing hooks while the agent runs a forward is safe."""
         with self._arm_lock:
-            if connected and not self._handles and not self._detached:
-                for spec, mod in self._targets:
-                    name = str(spec)
-                    if spec.site == "in":
-                        self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
-                    else:
-                        self._handles.append(mod.register_forward_hook(self._post_hook(name)))
-                self._handles.extend(add() for add in self._extra_hooks)
-            elif not connected:
+            if connected and self.env_steps:
+                self._arm_due = True  # the step under way began unwatched: it stays so, whole
+            elif connected:
+                self._arm()
+                self._watching = True  # no env steps yet: the forwards from now on are captured
+            else:
+                self._arm_due = False
                 self._disarm()
+
+    def _arm(self) -> None:
+        if not self._handles and not self._detached:
+            for spec, mod in self._targets:
+                name = str(spec)
+                if spec.site == "in":
+                    self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                else:
+                    self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+            self._handles.extend(add() for add in self._extra_hooks)
 
     def _disarm(self) -> None:
         for h in self._handles:
@@ -258,14 +301,16 @@ class Attachment:
         for i in range(0, len(data), step):
             d, p = data[i : i + step], pos[i : i + step]
             self._sender.send(
-                lambda pub, seq, drops, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead), len(d)
+                lambda pub, seq, drops, uw, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead, unwatched=uw),
+                len(d),
             )
 
     # -- metrics ----------------------------------------------------------------------------
     def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
         """Log one metric row (values in the order of ``names``) at ``step`` (default: now)."""
         if not self._sender.connected:
-            self._sender.drops += 1
+            if not self.env_steps:  # an env step's rows are part of its unwatched step
+                self._sender.drops += 1
             return
         m = self._metrics.get(names)
         if m is None:
@@ -296,7 +341,9 @@ class Attachment:
             log.warning("metrics %s had NaN/Inf values; sent as 0", bad)
             data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
         run = self.run
-        self._sender.send(lambda pub, seq, drops: wire.encode_met(run, pub, seq, drops, names, data, pos), len(data))
+        self._sender.send(
+            lambda pub, seq, drops, uw: wire.encode_met(run, pub, seq, drops, names, data, pos, unwatched=uw), len(data)
+        )
 
     def end_episode(self, index: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
         """Record an episode end (the env wrappers call this); sent on the next ``advance()``."""
@@ -305,13 +352,22 @@ class Attachment:
     def _flush_episodes(self) -> None:
         eps, self._episodes = self._episodes, []
         if not self._sender.connected:
-            self._sender.drops += len(eps)
+            if not self.env_steps:
+                self._sender.drops += len(eps)
             return
         run = self.run
-        self._sender.send(lambda pub, seq, drops: wire.encode_ep(run, pub, seq, drops, eps), len(eps))
+        self._sender.send(lambda pub, seq, drops, uw: wire.encode_ep(run, pub, seq, drops, eps, unwatched=uw), len(eps))
 
     def advance(self, n: int = 1) -> None:
         """Move to the next env step; sends metric buffers that are old enough."""
+        if not self._watching:
+            self._sender.unwatched += n
+        if self._arm_due:
+            with self._arm_lock:
+                if self._arm_due:
+                    self._arm_due = False
+                    self._arm()
+        self._watching = bool(self._handles)
         self.step += n
         if self._control is not None:
             self._control.step()
@@ -340,11 +396,13 @@ class Attachment:
         rows, n_ctx, length = token_rows(tokens, context, start, max_chars=max_chars)
         self._new_forward()
         if not self._sender.connected:
-            self._sender.drops += 1
-            return
+            return  # the forward's step is counted unwatched
         run, step = self.run, self.step
         self._sender.send(
-            lambda pub, seq, drops: wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start), 1
+            lambda pub, seq, drops, uw: wire.encode_tok(
+                run, pub, seq, drops, step, rows, context=n_ctx, start=start, unwatched=uw
+            ),
+            1,
         )
         for i in range(len(rows) * length):
             self.log_row(("token_pos",), [float(start + i % length)], index=i)
@@ -401,8 +459,16 @@ class Attachment:
         return self._sender.connected
 
     def wait_for_monitor(self, timeout_s: float = 10.0) -> bool:
-        """Block until a monitor is connected (and the hooks are on); False on timeout."""
-        return self._sender.wait_connected(timeout_s)
+        """Block until a monitor is connected (and the hooks are on); False on timeout. Call it
+        between steps: the step that follows is streamed whole."""
+        if not self._sender.wait_connected(timeout_s):
+            return False
+        with self._arm_lock:
+            if self._arm_due and self._sender.connected:
+                self._arm_due = False
+                self._arm()
+            self._watching = bool(self._handles)
+        return True
 
     def counters(self) -> dict[str, Any]:
         """What this handle has done: messages sent, records dropped, connection, current step."""
@@ -412,6 +478,8 @@ class Attachment:
             "pub": s.pub,
             "sent": s.seq,
             "drops": s.drops,
+            "unwatched": s.unwatched,
+            "handshake_failures": s.handshake_failures,
             "connected": s.connected,
             "step": self.step,
             "tokens_unplaced": sum(t.unplaced for t in self._trackers),
@@ -461,6 +529,9 @@ def attach(
     sndhwm: int = 128,
     allow_control: bool = False,
     control_endpoint: str | None = None,
+    monitor_key: str | bytes | None = None,
+    agent_key: str | None = None,
+    connect_wait_s: float | None = None,
 ) -> Attachment:
     """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
 
@@ -471,7 +542,15 @@ def attach(
     The agent may start before the monitor, and the monitor may come and go: while none is
     connected, nothing is copied and what would have been sent is counted as dropped.
     ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;
-    ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1).
+    ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1). The
+    control channel is CURVE: ``monitor_key`` is the monitor's public key (z85 text, or the path of its
+    ``monitor.key`` file; default ``$INTERLATENT_MONITOR_KEY``, else ``DATA_DIR/curve/monitor.key``), and
+    a control socket that cannot prove it is never listened to. ``agent_key`` (default
+    ``$INTERLATENT_AGENT_KEY``) is the path of this agent's secret certificate (``interlatent keys
+    agent NAME``) for a monitor started with ``--allow-keys``: data and control channels are then
+    CURVE both ways, and the monitor's public key must be at hand when attach() is called.
+    ``connect_wait_s`` (default 1, ``$INTERLATENT_CONNECT_WAIT_S``; 0: no wait) is how long this call
+    waits for a monitor that already listens; a refused connection ends the wait at once.
     """
     return Attachment(
         module,
@@ -483,4 +562,7 @@ def attach(
         sndhwm=sndhwm,
         allow_control=allow_control,
         control_endpoint=control_endpoint,
+        monitor_key=monitor_key,
+        agent_key=agent_key,
+        connect_wait_s=connect_wait_s,
     )

@@ -66,7 +66,8 @@ class StepLogger:
     """Turns step results into metric rows (plain lists) and episode records.
 
     The row for step ``t`` holds the observation the policy acted on at ``t``; then the
-    handle's step moves on. While no monitor is connected, rows are not built at all.
+    handle's step moves on. While no monitor is connected, rows are not built at all (the step counts
+    as unwatched).
     """
 
     def __init__(
@@ -112,8 +113,7 @@ class StepLogger:
                 h.log_row(self.names, row, index=i)
             except Exception:  # a user metric or an odd observation must not break env.step
                 h._failed("step metrics")
-        else:
-            h.dropped(1)
+        # else: nothing is built, and the step is counted unwatched by advance()
         self.ep_return[i] += reward
         self.ep_length[i] += 1
         if terminated or truncated:

@@ -33,6 +33,21 @@ and metrics of the same step line up row by row.
 
 Every limit is checked before anything is allocated; :func:`decode` either returns a
 :class:`Frame` or raises :class:`WireError` with a short ``reason`` that the monitor counts.
+What a frame may hold (:class:`Limits`), each bound refused under its own reason:
+
+- ``bad_name`` / ``name_too_long``: run, pub, tap, metric names and steer ids are 1 to
+  ``name_chars`` printable characters with no whitespace or other separator (so no NUL, no
+  control character, no line break, no escape sequence); tokens are text and may hold anything.
+- ``bad_seq``, ``bad_drops``, ``bad_unwatched``: integers in [0, ``count_max``].
+- ``bad_step``: every step and index (``pos``, a token frame's step, an episode's step and
+  index, a ctl event's step) in [0, ``count_max``].
+- ``bad_time``: ``t`` a finite number of seconds since 1970, in [0, ``time_max``].
+- ``non_finite`` (NaN or Inf) and ``out_of_range``: every value within +-``value_max``, so
+  the monitor's float64 sums and float32 summaries stay finite; an episode's flags 0 or 1 and
+  its length a count.
+
+An optional header field ``unwatched`` (default 0) counts the steps the sender ran with no
+monitor connected, so a run's rows + unwatched + drops account for its steps.
 """
 
 from __future__ import annotations
@@ -72,6 +87,7 @@ __all__ = [
     "decode_control",
     "CONTROL_MAX_BYTES",
     "CONTROL_MAX_STEERS",
+    "name_problem",
 ]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"  # where an agent sends and a monitor binds by default
@@ -93,6 +109,7 @@ _CTL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "alpha": (int, float),
     "value": (int, float),
     "active": list,
+    "unwatched": int,
 }
 _CTL_CHARS = 1024
 CONTROL_MAX_BYTES = 4 * 1024 * 1024  # a control message body larger than this is refused before unpacking
@@ -111,6 +128,9 @@ class Limits:
     name_chars: int = 256
     names: int = 4096
     episodes: int = 65536
+    count_max: int = 1 << 53  # sequence numbers, drops, steps and indices (exact as a float64 and in JSON)
+    value_max: float = 1e30  # |value| of an activation, metric or episode return
+    time_max: float = 1e11  # seconds since 1970 (about year 5138)
 
 
 DEFAULT_LIMITS = Limits()
@@ -127,13 +147,15 @@ class WireError(ValueError):
 
 @dataclass
 class _Head:
-    """What every frame carries: who sent it, its place in the sender's sequence, and when."""
+    """What every frame carries: who sent it, its place in the sender's sequence, and when;
+    ``drops`` and ``unwatched`` are the sender's running totals."""
 
     run: str
     pub: str
     seq: int
     t: float
     drops: int
+    unwatched: int
 
 
 @dataclass
@@ -206,7 +228,7 @@ class CtlFrame(_Head):
 
 
 Frame = ActFrame | MetFrame | EpFrame | TokFrame | CtlFrame  # what decode() returns: one type per kind
-_HeadFields = tuple[str, str, int, float, int]  # _Head's fields, in order
+_HeadFields = tuple[str, str, int, float, int, int]  # _Head's fields, in order
 
 
 def _header(kind: str, run: str, pub: str, seq: int, drops: int, **extra: Any) -> bytes:
@@ -215,41 +237,95 @@ def _header(kind: str, run: str, pub: str, seq: int, drops: int, **extra: Any) -
     return msgpack.packb(h, use_bin_type=True)
 
 
+def name_problem(name: Any, limit: int = 256) -> str | None:
+    """Why ``name`` cannot be a run, pub, tap or metric name (``bad_name`` / ``name_too_long``), or None."""
+    if not isinstance(name, str) or not name:
+        return "bad_name"
+    if len(name) > limit:
+        return "name_too_long"
+    # isprintable() is False for Unicode's Other (control, format, NUL...) and Separator classes, but the ASCII space
+    if not name.isprintable() or " " in name:
+        return "bad_name"
+    return None
+
+
+def _name(h: dict, key: str, lim: Limits) -> str:
+    val = h.get(key)
+    why = name_problem(val, lim.name_chars)
+    if why is not None:
+        raise WireError(why, f"{key} must be 1-{lim.name_chars} printable characters without spaces: {val!r:.80}")
+    return str(val)
+
+
+def _count(val: Any, reason: str, what: str, lim: Limits) -> int:
+    if type(val) is not int:
+        raise WireError("bad_header", f"{what} missing or not an int")
+    if not 0 <= val <= lim.count_max:
+        raise WireError(reason, f"{what} {val} not in [0, {lim.count_max}]")
+    return val
+
+
 def encode_act(
-    run: str, pub: str, seq: int, drops: int, tap: str, data: np.ndarray, pos: np.ndarray, *, lead: Sequence[int] = ()
+    run: str,
+    pub: str,
+    seq: int,
+    drops: int,
+    tap: str,
+    data: np.ndarray,
+    pos: np.ndarray,
+    *,
+    lead: Sequence[int] = (),
+    unwatched: int = 0,
 ) -> list[Any]:
     """Parts of an activation frame. ``data`` is [rows, width] C-contiguous, ``pos`` [rows, 2] int64."""
-    hdr = _header("act", run, pub, seq, drops, tap=tap, dtype=data.dtype.name, shape=list(data.shape), lead=list(lead))
+    extra = {"unwatched": unwatched} if unwatched else {}
+    hdr = _header("act", run, pub, seq, drops, tap=tap, dtype=data.dtype.name, shape=list(data.shape), lead=list(lead), **extra)
     return [hdr, data.data.cast("B"), pos.data.cast("B")]
 
 
-def encode_met(run: str, pub: str, seq: int, drops: int, names: Sequence[str], data: np.ndarray, pos: np.ndarray) -> list[Any]:
+def encode_met(
+    run: str, pub: str, seq: int, drops: int, names: Sequence[str], data: np.ndarray, pos: np.ndarray, *, unwatched: int = 0
+) -> list[Any]:
     """Parts of a metric frame; ``data`` is [rows, len(names)] float64."""
-    hdr = _header("met", run, pub, seq, drops, names=list(names), dtype="float64", shape=list(data.shape))
+    extra = {"unwatched": unwatched} if unwatched else {}
+    hdr = _header("met", run, pub, seq, drops, names=list(names), dtype="float64", shape=list(data.shape), **extra)
     return [hdr, data.data.cast("B"), pos.data.cast("B")]
 
 
-def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Sequence[float]]) -> list[Any]:
+def encode_ep(run: str, pub: str, seq: int, drops: int, episodes: Sequence[Sequence[float]], *, unwatched: int = 0) -> list[Any]:
     """Parts of an episode-end frame: rows of (step, index, return, length, terminated, truncated)."""
-    return [_header("ep", run, pub, seq, drops, episodes=[list(map(float, e)) for e in episodes])]
+    extra = {"unwatched": unwatched} if unwatched else {}
+    return [_header("ep", run, pub, seq, drops, episodes=[list(map(float, e)) for e in episodes], **extra)]
 
 
 def encode_tok(
-    run: str, pub: str, seq: int, drops: int, step: int, tokens: Sequence[Sequence[str]], *, context: int = 0, start: int = 0
+    run: str,
+    pub: str,
+    seq: int,
+    drops: int,
+    step: int,
+    tokens: Sequence[Sequence[str]],
+    *,
+    context: int = 0,
+    start: int = 0,
+    unwatched: int = 0,
 ) -> list[Any]:
     """Parts of a token frame: ``tokens[b][context + t]`` is the token at row ``b * T + t`` of
     ``step``, at sequence position ``start + t``; the first ``context`` tokens of each list precede it."""
-    extra = {"context": int(context), "start": int(start)} if context or start else {}
+    extra: dict[str, int] = {"context": int(context), "start": int(start)} if context or start else {}
+    if unwatched:
+        extra["unwatched"] = unwatched
     hdr = _header("tok", run, pub, seq, drops, step=int(step), shape=[len(tokens), len(tokens[0]) if tokens else 0], **extra)
     return [hdr, msgpack.packb([list(row) for row in tokens], use_bin_type=True)]
 
 
-def encode_ctl(run: str, pub: str, seq: int, drops: int, event: dict[str, Any]) -> list[Any]:
+def encode_ctl(run: str, pub: str, seq: int, drops: int, event: dict[str, Any], *, unwatched: int = 0) -> list[Any]:
     """Parts of a control-event frame; ``event`` holds only the fields :func:`decode` accepts."""
-    return [_header("ctl", run, pub, seq, drops, event=event)]
+    extra = {"unwatched": unwatched} if unwatched else {}
+    return [_header("ctl", run, pub, seq, drops, event=event, **extra)]
 
 
-def _ctl_event(ev: Any) -> dict[str, Any]:
+def _ctl_event(ev: Any, lim: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if not isinstance(ev, dict):
         raise WireError("bad_header", "ctl frame: event must be a map")
     unknown = [k for k in ev if k not in _CTL_FIELDS]
@@ -265,6 +341,15 @@ def _ctl_event(ev: Any) -> dict[str, Any]:
             raise WireError("bad_header", f"ctl frame: field {key!r} longer than {_CTL_CHARS} chars")
         if isinstance(val, float) and not math.isfinite(val):
             raise WireError("non_finite", f"ctl frame: field {key!r} is not finite")
+        num: Any = val  # (typed by the check above)
+        if key in ("alpha", "value") and abs(num) > lim.value_max:
+            raise WireError("out_of_range", f"ctl frame: field {key!r} past +-{lim.value_max:g}")
+        if key in ("step", "unwatched"):
+            _count(val, "bad_step" if key == "step" else "bad_unwatched", f"ctl frame: {key}", lim)
+        if key == "version" and not -1 <= num <= lim.count_max:
+            raise WireError("out_of_range", f"ctl frame: version {val} not in [-1, {lim.count_max}]")
+        if key in ("id", "tap") and name_problem(val, _CTL_CHARS) is not None:
+            raise WireError("bad_name", f"ctl frame: field {key!r} is not a printable name without spaces")
     active = ev.get("active", [])
     if len(active) > CONTROL_MAX_STEERS or not all(isinstance(a, str) and len(a) <= _CTL_CHARS for a in active):
         raise WireError("bad_header", f"ctl frame: active must be at most {CONTROL_MAX_STEERS} ids")
@@ -338,13 +423,11 @@ def decode_control(
     run, version, ivs = msg["run"], msg["version"], msg["interventions"]
     if msg["kind"] != "steer":
         raise WireError("bad_header", f"control message kind {msg['kind']!r:.40}, expected 'steer'")
-    if (
-        not isinstance(run, str)
-        or not run
-        or len(run) > DEFAULT_LIMITS.name_chars
-        or bytes(memoryview(parts[0])) != control_topic(run)
-    ):
-        raise WireError("bad_header", "run missing, too long or not the message's topic")
+    why = name_problem(run, DEFAULT_LIMITS.name_chars)
+    if why is not None:
+        raise WireError(why, f"control message run {run!r:.80} is not a name")
+    if bytes(memoryview(parts[0])) != control_topic(run):
+        raise WireError("bad_header", "run is not the message's topic")
     if type(version) is not int or version < 0:
         raise WireError("bad_header", "version must be an int >= 0")
     if not isinstance(ivs, list) or len(ivs) > max_steers or not all(isinstance(i, dict) for i in ivs):
@@ -382,13 +465,6 @@ def _tokens(buf: Any, batch: int, length: int, lim: Limits) -> list[list[str]]:
     ):
         raise WireError("bad_header", f"tokens must be {batch} lists of {length} strings of at most {lim.name_chars} chars")
     return rows
-
-
-def _need(h: dict, key: str, typ: type | tuple[type, ...]) -> Any:
-    val = h.get(key)
-    if not isinstance(val, typ) or isinstance(val, bool) and typ is not bool:
-        raise WireError("bad_header", f"field {key!r} missing or not {getattr(typ, '__name__', typ)}")
-    return val
 
 
 def _shape2(h: dict, lim: Limits) -> tuple[int, int]:
@@ -435,16 +511,17 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
     kind = h.get("kind")
     if kind not in _KINDS:
         raise WireError("bad_header", f"unknown kind {kind!r}")
-    run = _need(h, "run", str)
-    pub = _need(h, "pub", str)
-    if not run or len(run) > limits.name_chars or len(pub) > limits.name_chars:
-        raise WireError("bad_header", "run or pub empty or too long")
-    seq = _need(h, "seq", int)
-    drops = _need(h, "drops", int)
+    run = _name(h, "run", limits)
+    pub = _name(h, "pub", limits)
+    seq = _count(h.get("seq"), "bad_seq", "seq", limits)
+    drops = _count(h.get("drops"), "bad_drops", "drops", limits)
+    unwatched = _count(h.get("unwatched", 0), "bad_unwatched", "unwatched", limits)
     t = h.get("t")
-    if not isinstance(t, (int, float)) or not math.isfinite(t):
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
         raise WireError("bad_header", "field 't' missing or not a number")
-    head: _HeadFields = (run, pub, seq, float(t), drops)
+    if not (math.isfinite(t) and 0 <= t <= limits.time_max):
+        raise WireError("bad_time", f"t {t!r} is not a time in [0, {limits.time_max:g}] s")
+    head: _HeadFields = (run, pub, seq, float(t), drops, unwatched)
     return _DECODERS[kind](h, parts, limits, head)
 
 
@@ -455,29 +532,32 @@ def _decode_ep(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields)
     if not isinstance(eps, list) or not eps:
         raise WireError("bad_header", "episodes must be a non-empty list")
     for e in eps:
-        if not (isinstance(e, list) and len(e) == 6 and all(isinstance(x, (int, float)) for x in e)):
+        if not (isinstance(e, list) and len(e) == 6 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in e)):
             raise WireError("bad_header", "each episode is [step, index, return, length, terminated, truncated]")
         if not all(math.isfinite(x) for x in e):
             raise WireError("non_finite", "episode record with NaN or Inf")
+        step, index, ret, length, term, trunc = e
+        if not (0 <= step <= limits.count_max and 0 <= index <= limits.count_max):
+            raise WireError("bad_step", f"episode step {step!r} or index {index!r} not in [0, {limits.count_max}]")
+        if not (abs(ret) <= limits.value_max and 0 <= length <= limits.count_max and term in (0, 1) and trunc in (0, 1)):
+            raise WireError("out_of_range", "episode return past the value bound, length not a count, or flags not 0/1")
     return EpFrame(*head, episodes=eps)
 
 
 def _decode_ctl(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> CtlFrame:
     if len(parts) != 1:
         raise WireError("bad_frame", f"ctl frame with {len(parts)} parts")
-    return CtlFrame(*head, event=_ctl_event(h.get("event")))
+    return CtlFrame(*head, event=_ctl_event(h.get("event"), limits))
 
 
 def _decode_tok(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields) -> TokFrame:
     if len(parts) != 2:
         raise WireError("bad_frame", f"tok frame with {len(parts)} parts, expected 2")
     batch, length = _shape2(h, limits)
-    step = _need(h, "step", int)
-    if step < 0:
-        raise WireError("bad_header", "step must be >= 0")
+    step = _count(h.get("step"), "bad_step", "step", limits)
     context, start = h.get("context", 0), h.get("start", 0)
-    if not (type(context) is int and type(start) is int and 0 <= context < length and start >= 0):
-        raise WireError("bad_header", f"tok context must be in [0, {length}) and start >= 0")
+    if not (type(context) is int and type(start) is int and 0 <= context < length and 0 <= start <= limits.count_max):
+        raise WireError("bad_header", f"tok context must be in [0, {length}) and start in [0, {limits.count_max}]")
     return TokFrame(*head, step=step, tokens=_tokens(parts[1], batch, length, limits), context=context, start=start)
 
 
@@ -486,8 +566,13 @@ def _rows(kind: str, parts: Sequence[Any], h: dict, limits: Limits, dtype: str) 
     rows, width = _shape2(h, limits)
     data = _array(parts[1], dtype, rows, width, "data")
     pos = _array(parts[2], "int64", rows, 2, "pos")
-    if not np.isfinite(data).all():
-        raise WireError("non_finite", f"{kind} frame with NaN or Inf values")
+    # min/max: two passes that allocate nothing; NaN makes either comparison false
+    if not (float(data.min()) >= -limits.value_max and float(data.max()) <= limits.value_max):
+        if not np.isfinite(data).all():
+            raise WireError("non_finite", f"{kind} frame with NaN or Inf values")
+        raise WireError("out_of_range", f"{kind} frame with a value past +-{limits.value_max:g}")
+    if not (pos.min() >= 0 and pos.max() <= limits.count_max):
+        raise WireError("bad_step", f"{kind} frame with a step or index not in [0, {limits.count_max}]")
     return data, pos
 
 
@@ -495,14 +580,12 @@ def _decode_act(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields
     if len(parts) != 3:
         raise WireError("bad_frame", f"act frame with {len(parts)} parts, expected 3")
     _shape2(h, limits)
-    tap = _need(h, "tap", str)
-    if not tap or len(tap) > limits.name_chars:
-        raise WireError("bad_header", "tap empty or too long")
+    tap = _name(h, "tap", limits)
     dtype = h.get("dtype")
     if dtype not in ACT_DTYPES:
         raise WireError("bad_dtype", f"dtype {dtype!r} not in {ACT_DTYPES}")
     lead = h.get("lead", [])
-    if not (isinstance(lead, list) and len(lead) <= 8 and all(type(x) is int and x >= 0 for x in lead)):
+    if not (isinstance(lead, list) and len(lead) <= 8 and all(type(x) is int and 0 <= x <= limits.count_max for x in lead)):
         raise WireError("bad_header", "lead must be a short list of ints")
     data, pos = _rows("act", parts, h, limits, dtype)
     return ActFrame(*head, tap=tap, data=data, pos=pos, lead=lead)
@@ -513,12 +596,12 @@ def _decode_met(h: dict, parts: Sequence[Any], limits: Limits, head: _HeadFields
         raise WireError("bad_frame", f"met frame with {len(parts)} parts, expected 3")
     _, width = _shape2(h, limits)
     names = h.get("names")
-    if not (
-        isinstance(names, list)
-        and len(names) == width
-        and all(isinstance(n, str) and 0 < len(n) <= limits.name_chars for n in names)
-    ):
-        raise WireError("bad_header", "names must be one non-empty string per column")
+    if not (isinstance(names, list) and len(names) == width):
+        raise WireError("bad_header", "names must be one string per column")
+    for n in names:
+        why = name_problem(n, limits.name_chars)
+        if why is not None:
+            raise WireError(why, f"metric names must be 1-{limits.name_chars} printable characters without spaces: {n!r:.80}")
     if len(set(names)) != len(names):
         raise WireError("bad_header", "duplicate metric names")
     if h.get("dtype") != "float64":

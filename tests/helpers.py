@@ -53,9 +53,18 @@ class LiveMonitor:
 
 
 def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A free loopback endpoint whose port + 1 is free too: a monitor binds its steering channel
+    there, and stops if it cannot."""
+    for _ in range(100):
+        with socket.socket() as s, socket.socket() as nxt:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                nxt.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return f"tcp://127.0.0.1:{port}"
+    raise AssertionError("no pair of free loopback ports")
 
 
 def spawn(args: list[str], **kw) -> subprocess.Popen:

@@ -4,7 +4,8 @@ One :class:`MonitorCollector` on its own registry reads the monitor's plain attr
 time (no locks: a value a frame old is fine), so every series exists from the first scrape:
 
 - ``mon.frames``, ``mon.rows``, ``mon.rejected`` (reason -> n), ``mon.lag_s``;
-- ``mon.runs`` (values with ``.run``, ``.steps``, ``.drops``, ``.gaps``);
+- ``mon.runs`` (values with ``.run``, ``.steps``, ``.drops``, ``.gaps``, and where present ``.unwatched``,
+  ``.early_dropped``, ``.lost``); ``mon.outbox`` (``.dropped`` kind -> n, ``.pending_bytes``);
 - ``mon.alerts`` (the engine: ``.rules.rules``, ``.counts()`` or else ``.active()``), ``mon.sink`` (``.counts``,
   ``.receivers``), ``mon.encoders.broken``; each may be missing or None.
 """
@@ -76,11 +77,37 @@ class MonitorCollector(Collector):
         steps = GaugeMetricFamily("interlatent_run_steps", "steps seen per run", labels=["run"])
         drops = CounterMetricFamily("interlatent_run_drops", "records the agent could not send, per run", labels=["run"])
         gaps = CounterMetricFamily("interlatent_run_gaps", "messages lost in transit, per run", labels=["run"])
+        unwatched = CounterMetricFamily(
+            "interlatent_run_unwatched", "steps the agent ran with no monitor connected, per run", labels=["run"]
+        )
+        early = CounterMetricFamily(
+            "interlatent_run_early_dropped", "rows let go past the pre-metrics buffer's byte budget, per run", labels=["run"]
+        )
+        lost = CounterMetricFamily(
+            "interlatent_run_lost", "records the full outbox let go while Redis was away, per run", labels=["run", "kind"]
+        )
         for st in runs:
             steps.add_metric([st.run], st.steps)
             drops.add_metric([st.run], st.drops)
             gaps.add_metric([st.run], st.gaps)
-        yield from (steps, drops, gaps)
+            unwatched.add_metric([st.run], getattr(st, "unwatched", 0))
+            early.add_metric([st.run], getattr(st, "early_dropped", 0))
+            for kind in ("episodes", "tokens"):
+                lost.add_metric([st.run, kind], _copy(getattr(st, "lost", {})).get(kind, 0))
+        yield from (steps, drops, gaps, unwatched, early, lost)
+        outbox = getattr(mon, "outbox", None)
+        dropped = CounterMetricFamily(
+            "interlatent_outbox_dropped", "records not written to Redis: the outbox was full (by kind)", labels=["kind"]
+        )
+        held = _copy(outbox.dropped) if outbox is not None else {}
+        for kind in sorted({"episodes", "tokens", "control", *held}):
+            dropped.add_metric([kind], held.get(kind, 0))
+        yield dropped
+        yield GaugeMetricFamily(
+            "interlatent_outbox_pending_bytes",
+            "memory held by records waiting for Redis",
+            value=outbox.pending_bytes if outbox is not None else 0,
+        )
         yield from self._alerts()
         yield from self._webhooks()
         encoders = getattr(mon, "encoders", None)

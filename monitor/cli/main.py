@@ -28,6 +28,8 @@ from monitor.cli.common import Settings, pin_threads, sigterm_as_interrupt
 from monitor.cli.experiments import add_parsers as add_experiment_parsers
 from monitor.cli.live import PANEL_PORT
 from monitor.cli.live import add_parsers as add_live_parsers
+from monitor.cli.runs import add_monitor_flags, cmd_record, monitor_limits, print_status
+from monitor.cli.runs import add_parsers as add_runs_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
 from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
@@ -112,8 +114,10 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         data_dir=s.data_dir,
         auto_train=auto,
         control_endpoint=args.control_endpoint,
+        steering=not args.no_steering,
         evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None,
         alert_idle_s=args.alert_idle_s if args.alert_idle_s > 0 else None,
+        **monitor_limits(args),
     )
     server = None
     if args.metrics_port >= 0:
@@ -141,21 +145,7 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
     if args.json:
         print(json.dumps(st))
         return 0
-    mon = st["monitor"]
-    print(f"monitor: {'alive' if mon['alive'] else 'not running'}" + (f"; rejected {mon['rejected']}" if mon["rejected"] else ""))
-    if st["alerts"]["firing"] or st["alerts"]["pending"]:
-        print(f"alerts: {st['alerts']['firing']} firing, {st['alerts']['pending']} pending (`interlatent alerts`)")
-    if not st["runs"]:
-        print("no runs yet: attach an agent with agent_side.attach(...)")
-    for r in st["runs"]:
-        print(
-            f"run {r['run']}: steps {r['steps']}, drops {r['drops']}, gaps {r['gaps']}, episodes {r['episodes']}"
-            f" (mean return {r['return_mean_100']:.1f}), last seen {r['last_seen_s']:.1f}s ago"
-        )
-        for tap, t in r["taps"].items():
-            print(f"  {tap:<40} width {t['width']:>6}  rows {t['rows']:>10}")
-        if r["metrics"]:
-            print(f"  metrics: {', '.join(r['metrics'])}")
+    print_status(st)
     return 0
 
 
@@ -186,36 +176,6 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
                 f"  {unit} {c['channel']:>5}  mean {c['mean']:+.3f} std {c['std']:.3f} active {w.get('frac_active', float('nan')):.2f}"
                 + (f"  strongest r({best[0]}) = {best[1]:+.2f}" if best else "")
             )
-    return 0
-
-
-def cmd_record(args: argparse.Namespace, s: Settings) -> int:
-    from tqdm import tqdm
-
-    store = s.store()
-    deadline = time.monotonic() + 10
-    while not any(h.get("kind") == "monitor" for h in store.health()):
-        if time.monotonic() > deadline:
-            raise ConfigError("no monitor is running to record: start one with `interlatent up`")
-        time.sleep(0.2)
-    store.set_record(args.run, {"steps": args.steps, "state": "requested"})
-    print(
-        f"asked the monitor to record {args.steps} steps of run {args.run!r}"
-        + ("" if args.wait else "; it records in the background")
-    )
-    if not args.wait:
-        return 0
-    with tqdm(total=args.steps, unit="step", disable=None) as bar:
-        while True:
-            st = store.record_requests().get(args.run, {})
-            bar.n = int(st.get("recorded", 0))
-            bar.refresh()
-            if st.get("state") in ("done", "failed"):
-                break
-            time.sleep(0.5)
-    if st["state"] == "failed":
-        raise ConfigError(f"recording failed: {st.get('error')}")
-    print(f"recorded {st['recorded']} steps into {st['path']}")
     return 0
 
 
@@ -326,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--control-endpoint", help="endpoint of the live-steering channel the monitor binds (default: --endpoint's port + 1)"
     )
+    add_monitor_flags(sp)
     sp.add_argument(
         "--metrics-port", type=int, default=METRICS_PORT, help="Prometheus /metrics on loopback (0: any free port, -1: off)"
     )
@@ -386,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", required=True)
     sp.add_argument("--steps", type=int, required=True, help="how many steps to record")
     sp.add_argument("--no-wait", dest="wait", action="store_false", help="return at once instead of waiting with a progress bar")
+    sp.add_argument("--timeout-s", type=float, default=3600.0, help="give up waiting after this long (the recording goes on)")
     sp.set_defaults(fn=cmd_record)
 
     sp = sub.add_parser("train", help="train transcoders of several sizes from a recording")
@@ -520,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_live_parsers(sub, common)
     add_experiment_parsers(sub, common)
     add_steer_parsers(sub, common)
+    add_runs_parsers(sub, common)
 
     add_bench_parsers(sub, common)
     return p

@@ -5,9 +5,11 @@ Many agents connect to one bound PULL socket. A bad frame is counted under its r
 ``flush_ms`` and restored from Redis the first time a run shows up, so a restarted monitor
 continues counting (and counts the frames it lost as sequence gaps).
 
-Live steering (:mod:`monitor.service.steering`): a PUB socket at ``control_endpoint`` (default: the data
-endpoint's port + 1) publishes each opted-in run's wanted interventions on every flush that sees
-them change and every second; agents' ``ctl`` frames come back on the data socket.
+Live steering (:mod:`monitor.service.steering`): a CURVE XPUB socket at ``control_endpoint`` (default:
+the data endpoint's port + 1) publishes each opted-in run's wanted interventions on every flush that
+sees them change and every second; agents subscribe and report over that authenticated connection.
+A control endpoint that cannot be bound stops the monitor (a :class:`ConfigError`), unless steering
+is off (``steering=False``): a squatter there could otherwise be mistaken for the monitor.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,11 @@ from monitor.alerts.engine import AlertEngine
 from monitor.alerts.rules import RulesFile
 from monitor.alerts.sinks import AlertSink
 from monitor.service.autotrain import AutoTrain, AutoTrainer
+from monitor.service.curve import monitor_keypair
 from monitor.service.encoding import Encoders
 from monitor.service.filing import JobFiler
 from monitor.service.persist import load_run, write_run
-from monitor.service.runstate import RECENT_ROWS, RejectFrame, RunState
+from monitor.service.runstate import OUTBOX_BYTES, RECENT_ROWS, Outbox, RejectFrame, RunState
 from monitor.service.steering import ControlChannel
 from monitor.stats.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
 from monitor.store import keys
@@ -53,8 +56,9 @@ from monitor.store.records import ConfigError, Store, service_ident
 
 __all__ = ["Monitor", "MonitorResult"]
 
-CTL_BACKLOG = 4096  # control events kept while Redis is away
 RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
+RETAIN_SWEEP_S = 60.0  # how often runs past their retention are looked for
+RETAIN_SWEEP_RUNS = 100  # runs deleted per sweep at most (the rest go at the next one)
 ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again
 
 log = logging.getLogger(__name__)
@@ -100,10 +104,19 @@ class Monitor:
         auto_train: AutoTrain | None = None,
         file_jobs: bool = True,
         control_endpoint: str | None = None,
+        steering: bool = True,
         evict_idle_s: float | None = 900.0,
         alert_idle_s: float | None = 60.0,
+        outbox_bytes: int = OUTBOX_BYTES,
+        retain_days: float | None = None,
+        allow_keys: Path | None = None,
     ) -> None:
         self.store = store
+        self._retain_s = retain_days * 86400.0 if retain_days else None  # an ended run's keys go this long after its last frame
+        self._next_sweep = 0.0
+        self.runs_expired = 0
+        self.outbox = Outbox(limit_bytes=outbox_bytes)  # every run's records not yet in Redis, bounded
+        self._lost_saved: Counter[str] = Counter()  # outbox drops already added to keys.LOST
         self._alert_idle_s = alert_idle_s  # a run quiet this long has its pending and firing alerts resolved
         self._alerts_ended: set[str] = set()
         self._evict_idle_s = evict_idle_s  # a run quiet this long leaves memory (Redis has nearly all of it)
@@ -115,8 +128,6 @@ class Monitor:
         self._next_analytics = 0.0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
-        self._ctl_events: deque[CtlFrame] = deque()  # control-plane events, answered at the next flush, beside the data path
-        self.ctl_dropped = 0
         self._record_req: dict[str, dict[str, Any]] = {}
         self.encoders = Encoders()
         self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
@@ -134,35 +145,82 @@ class Monitor:
         self._reject_logged: dict[str, float] = {}
         self.frames = 0
         self.rows = 0
+        self.write_failures = 0  # run writes Redis refused (each retried whole by the next flush)
         self.lag_s = 0.0
         self.started = time.time()
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
+        try:
+            self.keypair = monitor_keypair(self.data_dir)
+        except OSError as e:
+            self._ctx.term()
+            raise ConfigError(f"cannot read or make the monitor's CURVE keypair in {self.data_dir}: {e}") from e
+        self._auth = self._allow(allow_keys) if allow_keys is not None else None
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, limits.frame_bytes)
-        self._sock.bind(endpoint)
+        if self._auth is not None:  # remote agents: CURVE, and only the keys allowed
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = self.keypair
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            self.close_sockets()
+            raise ConfigError(f"cannot bind the data endpoint {endpoint}: {e}") from e
         if endpoint.endswith(":0") or endpoint.endswith(":*"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("monitor listening on %s", self.endpoint)
-        self.control = self._control_channel(control_endpoint)
+        self.control = self._control_channel(control_endpoint if steering else None, steering)
 
-    def _control_channel(self, endpoint: str | None) -> ControlChannel:
-        """The steering channel; a derived endpoint that cannot be bound leaves steering off, with a warning."""
+    def _control_channel(self, endpoint: str | None, steering: bool) -> ControlChannel:
+        """The steering channel. One that cannot be bound stops the monitor: agents would find
+        whoever holds the port (and refuse it, having the monitor's key, but never be steered)."""
         sink = self.sink or AlertSink(self.store.r)
-        if endpoint is not None:
-            try:
-                return ControlChannel(self.store, self._ctx, endpoint, sink=sink)
-            except zmq.ZMQError as e:
-                self._sock.close(linger=0)
-                self._ctx.term()
-                raise ConfigError(f"cannot bind the control endpoint {endpoint}: {e}") from e
-        try:
-            return ControlChannel(self.store, self._ctx, control_endpoint(self.endpoint), sink=sink)
-        except (ValueError, zmq.ZMQError) as e:
-            log.warning("live steering is off: no control endpoint (%s); pass control_endpoint=", e)
+        if not steering:
+            log.info("live steering is off")
             return ControlChannel(self.store, self._ctx, None, sink=sink)
+        try:
+            return ControlChannel(
+                self.store,
+                self._ctx,
+                endpoint or control_endpoint(self.endpoint),
+                sink=sink,
+                keypair=self.keypair,
+                lost=self.outbox.dropped,
+            )
+        except (ValueError, zmq.ZMQError) as e:
+            self.close_sockets()
+            where = endpoint or f"the data endpoint's port + 1 of {self.endpoint}"
+            raise ConfigError(
+                f"cannot bind the steering control endpoint ({where}): {e}; pass --control-endpoint, or --no-steering"
+            ) from e
+
+    def _allow(self, folder: Path) -> Any:
+        """A ZAP handler on this monitor's context: CURVE clients (data and control) must hold a
+        key whose public certificate is in ``folder`` (``interlatent keys agent NAME`` makes one)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        folder = Path(folder)
+        if not folder.is_dir() or not any(folder.glob("*.key")):
+            self._ctx.term()
+            raise ConfigError(
+                f"--allow-keys {folder}: no agent public keys (*.key) there; `interlatent keys agent NAME` makes one"
+            )
+        auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("monitor.service.zap"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(folder))
+        log.info("data and control channels: CURVE, agents allowed by the keys in %s", folder)
+        return auth
+
+    def close_sockets(self) -> None:
+        """Close the sockets and the context (what close() does after the rest)."""
+        if getattr(self, "control", None) is not None:
+            self.control.close()
+        self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
 
     # -- one message ----------------------------------------------------------------------------
     def handle(self, parts: list[Any], now: float | None = None) -> bool:
@@ -172,27 +230,27 @@ class Monitor:
         try:
             frame = decode(parts, self.limits)
             st = self.runs.get(frame.run)
+            new = st is None
             if st is None:
-                # a restart, or an idle run back: its state and analytics continue from what Redis kept
+                # a restart, or an idle run back: its state and analytics continue from what Redis kept;
+                # registered only once the frame is accepted, so a rejected frame leaves no state behind
                 st = load_run(self.store, frame.run, recent_rows=RECENT_ROWS, analytics_cfg=self.analytics)
                 if st is None:
                     st = RunState(run=frame.run, analytics_cfg=self.analytics)
                 else:
-                    st.failure_profiles = self._kept_profiles.pop(frame.run, {})
-                self.runs[frame.run] = st
-                self.control.known(frame.run)
-            if isinstance(frame, CtlFrame):  # the control plane: answered beside the data path
+                    st.failure_profiles = self._kept_profiles.get(frame.run, {})
+                st.outbox = self.outbox
+            if isinstance(frame, CtlFrame):  # the agent's greeting: its sequence counts, its claims do not
                 st.sequence(frame)
                 st.last_seen, st.dirty = now, True
-                if len(self._ctl_events) >= CTL_BACKLOG:  # Redis has been away for long: the oldest go, counted
-                    self.ctl_dropped += 1
-                    self._warn_store(
-                        f"control backlog full ({CTL_BACKLOG} events): dropped the oldest ({self.ctl_dropped} so far)"
-                    )
-                    self._ctl_events.popleft()
-                self._ctl_events.append(frame)
+                self.control.on_data_event(frame)
+            else:
+                st.update(frame, now)
+            if new:
+                self._kept_profiles.pop(frame.run, None)
+                self.runs[frame.run] = st
+            if isinstance(frame, CtlFrame):
                 return True
-            st.update(frame, now)
             self._alerts_ended.discard(frame.run)
             if isinstance(frame, MetFrame) and st.analytics:
                 self._paired(st)
@@ -295,6 +353,7 @@ class Monitor:
                 try:
                     write_run(self.store, st, analytics=with_analytics, on_analytics=self._on_analytics)
                 except redis.RedisError as e:  # one run's trouble must not stop the others
+                    self.write_failures += 1
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
         try:
             version = self.store.transcoders_version()
@@ -308,12 +367,15 @@ class Monitor:
             self._recordings(final)
             self._end_quiet_runs()
             self._evict_idle()
-            while self._ctl_events:  # one at a time: an event whose write failed stays for the next flush
-                self.control.on_event(self._ctl_events[0])
-                self._ctl_events.popleft()
+            self._expire_runs()
+            self.control.poll()  # what agents said on the control channel, beside the data path
             self.control.publish()
             self.store.add_rejected(dict(self._rejected_unsaved))
             self._rejected_unsaved.clear()
+            lost = self.outbox.dropped - self._lost_saved
+            if lost:
+                self.store.add_lost(dict(lost))
+                self._lost_saved.update(lost)
             self.store.heartbeat("monitor", self.ident, self.health(), self._health_ttl_s)
         except redis.RedisError as e:
             self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
@@ -335,9 +397,37 @@ class Monitor:
                     self._kept_profiles[run] = st.failure_profiles
                 log.info("run %r idle for %.0f s: its state is in Redis, let go from memory", run, now - st.last_seen)
 
+    def _expire_runs(self) -> None:
+        """Delete the keys of runs whose last frame is older than ``retain_days`` (and that this
+        monitor does not hold): Redis keeps ~100-200 KiB a run otherwise, forever."""
+        now = time.monotonic()
+        if self._retain_s is None or now < self._next_sweep:
+            return
+        self._next_sweep = now + RETAIN_SWEEP_S
+        for run in self.store.ended_runs(time.time() - self._retain_s)[:RETAIN_SWEEP_RUNS]:
+            if run not in self.runs:
+                n = self.store.delete_run(run)
+                self.runs_expired += 1
+                log.info("run %r past its retention (%.3g days): deleted its %d keys", run, self._retain_s / 86400, n)
+
     def _recordings(self, final: bool) -> None:
-        """Start recordings that were asked for, report progress, close the finished ones."""
-        for run, req in self.store.record_requests().items():
+        """Start recordings that were asked for, report progress, close the finished ones; fail,
+        with a reason, one whose monitor is gone (no health key)."""
+        requests = self.store.record_requests()
+        orphans = [r for r, q in requests.items() if q.get("state") == "recording" and q.get("monitor") != self.ident]
+        if orphans:
+            alive = {h.get("id") for h in self.store.health() if h.get("kind") == "monitor"}
+            for run in orphans:
+                req = requests[run]
+                if req.get("monitor") not in alive:
+                    why = (
+                        f"the monitor recording it ({req.get('monitor', 'unknown')}) stopped after {req.get('recorded', 0)} steps; "
+                        f"what it wrote is in {req.get('path', '?')} (verified shards only); record again"
+                    )
+                    requests[run] = {**req, "state": "failed", "error": why}
+                    self.store.set_record(run, requests[run])
+                    log.warning("recording of run %r failed: %s", run, why)
+        for run, req in requests.items():
             if req.get("state") == "requested" and run not in self.recorders:
                 if self.data_dir is None:
                     self.store.set_record(run, {**req, "state": "failed", "error": "this monitor has no --data-dir"})
@@ -345,7 +435,9 @@ class Monitor:
                 folder = self.data_dir / "recordings" / f"{run.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.recorders[run] = Recorder(folder, run, max_steps=int(req["steps"]))
                 self._record_req[run] = req
-                self.store.set_record(run, {**req, "state": "recording", "path": str(folder), "recorded": 0})
+                self.store.set_record(
+                    run, {**req, "state": "recording", "path": str(folder), "recorded": 0, "monitor": self.ident}
+                )
                 log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
         for run, rec in list(self.recorders.items()):
             st = self.runs.get(run)
@@ -362,7 +454,15 @@ class Monitor:
             else:
                 req = self._record_req.get(run, {})
                 self.store.set_record(
-                    run, {**req, "steps": rec.max_steps, "state": "recording", "path": str(rec.dir), "recorded": rec.steps}
+                    run,
+                    {
+                        **req,
+                        "steps": rec.max_steps,
+                        "state": "recording",
+                        "path": str(rec.dir),
+                        "recorded": rec.steps,
+                        "monitor": self.ident,
+                    },
                 )
 
     def _warn_store(self, message: str) -> None:
@@ -383,9 +483,17 @@ class Monitor:
             "frames": self.frames,
             "rows": self.rows,
             "rejected": sum(self.rejected.values()),
+            "write_failures": self.write_failures,
             "lag_s": round(self.lag_s, 4),
             "runs": len(self.runs),
-            "control_events_dropped": self.ctl_dropped,
+            "control_key": self.control.public_key if self.control.endpoint else None,
+            "control_events_dropped": self.control.dropped,
+            "control_refused": dict(self.control.refused),
+            "outbox": {
+                "pending_bytes": self.outbox.pending_bytes,
+                "limit_bytes": self.outbox.limit_bytes,
+                "dropped": dict(self.outbox.dropped),
+            },
             "transcoders_broken": dict(self.encoders.broken),
             "time": time.time(),
         }
@@ -432,6 +540,4 @@ class Monitor:
             self.store.clear_heartbeat("monitor", self.ident)
         except Exception:  # Redis may already be gone at shutdown
             log.debug("could not clear heartbeat", exc_info=True)
-        self.control.close()
-        self._sock.close(linger=0)
-        self._ctx.term()
+        self.close_sockets()

@@ -24,8 +24,13 @@ __all__ = ["load_run", "write_run"]
 
 def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytics: Any = None) -> None:
     """Write one run's registry entry, counters, taps, statistics and recent rows
-    (and, with ``analytics``, every tap's live analytics)."""
-    p = store.r.pipeline(transaction=False)
+    (and, with ``analytics``, every tap's live analytics).
+
+    At least once: the run's outbox (episodes, tokens) is let go only after the write succeeded,
+    so a write that fails (Redis away) is sent again whole by the next flush. The write is one
+    MULTI/EXEC: a connection lost before EXEC applies none of it; a reply lost after, or a command
+    Redis refuses inside it (a key of the wrong type), can make the next flush write records twice."""
+    p = store.r.pipeline(transaction=True)
     p.zadd(keys.RUNS, {st.run: st.last_seen})
     mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
     st.rates(time.time())
@@ -44,6 +49,10 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
             "lag_s": round(st.lag_s, 4),
             "steps_per_s": round(st.steps_per_s, 2),
             "rows_per_s": round(st.rows_per_s, 2),
+            "lost_episodes": st.lost["episodes"],
+            "lost_tokens": st.lost["tokens"],
+            "early_dropped": st.early_dropped,
+            "unwatched": st.unwatched,
         },
     )
     changed = {t: s for t, s in st.taps.items() if s.dirty}
@@ -77,13 +86,11 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
             suggested += suggest_rules(tap, prof, mom["mean"], mom["std"])
         if suggested:
             p.set(keys.suggestions(st.run), json.dumps(sorted(suggested, key=lambda x: -x["score_std"])))
-    if st.new_tokens:
-        p.hset(keys.tokens(st.run), mapping={str(k): json.dumps(v) for k, v in st.new_tokens.items()})
-        st.new_tokens = {}
-    if st.evicted_tokens:
-        p.hdel(keys.tokens(st.run), *map(str, st.evicted_tokens))
-        st.evicted_tokens = []
-    episodes, st.new_episodes = st.new_episodes, []  # the pipeline is not a transaction: never re-send
+    evicted, tokens, episodes = list(st.evicted_tokens), dict(st.new_tokens), list(st.new_episodes)
+    if evicted:  # before the new ones: a step evicted once may have come again
+        p.hdel(keys.tokens(st.run), *map(str, evicted))
+    if tokens:
+        p.hset(keys.tokens(st.run), mapping={str(k): v for k, v in tokens.items()})
     for e in episodes:
         p.xadd(
             keys.episodes(st.run),
@@ -99,6 +106,7 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
             approximate=True,
         )
     p.execute()
+    st.written(len(episodes), tokens, len(evicted))
     if analytics and st.analytics_dirty and on_analytics is not None:
         for tap, an in st.analytics.items():  # after the write: a job filed here finds the analytics in Redis
             on_analytics(st.run, tap, an)
@@ -140,7 +148,9 @@ def load_run(store: Store, run: str, *, recent_rows: int, analytics_cfg: Analyti
         last_seen=float(h.get("last_seen", 0.0)),
         returns=json.loads(h.get("returns", "[]")),
         rows=int(h.get("rows", 0)),
+        early_dropped=int(h.get("early_dropped", 0)),
     )
+    st.lost.update({k: int(h[f"lost_{k}"]) for k in ("episodes", "tokens") if int(h.get(f"lost_{k}", 0))})
     st.pubs = {k.decode(): json.loads(v) for k, v in pubs.items()}
     infos = {t.decode(): json.loads(v) for t, v in taps_raw.items()}
     p = store.r.pipeline(transaction=False)

@@ -2,16 +2,19 @@
 
 State, not commands: ``interlatent steer`` writes a run's whole wanted set to Redis
 (:func:`set_interventions`, :func:`clear_interventions`; ``keys.steer(run)`` with a version, and
-the global ``keys.STEER_VERSION`` bumped). The monitor binds a PUB socket (by default the data
-endpoint's port + 1) and publishes each opted-in run's set when that counter moves and again every
-``republish_s`` (ZeroMQ drops what a subscriber that is still joining misses; the agent ignores a
-set it already holds). Only runs whose agent said ``hello`` with ``control: true`` get anything.
+the global ``keys.STEER_VERSION`` bumped). The monitor binds an XPUB socket with CURVE (by default
+the data endpoint's port + 1; its keypair in ``DATA_DIR/curve``) and publishes each opted-in run's
+set when that counter moves and again every ``republish_s`` (ZeroMQ drops what a subscriber that
+is still joining misses; the agent ignores a set it already holds).
 
-Agents answer on the data socket with ``ctl`` frames (:mod:`agent_side.control`):
-``hello`` and ``synced`` update ``keys.control(run)`` (opted in or not, the version held, the ids
-active); ``applied`` / ``reverted`` / ``refused`` go to the capped stream ``keys.STEER_EVENTS`` and,
-as alert events of rule ``steering`` (kind ``steer``, state = the event), to the alerts stream,
-so ``interlatent alerts`` and the panel show every change and its revert.
+Opt-in is proven, never claimed: a run is opted in while an agent holding the monitor's public key
+is connected to the control socket and subscribed to that run's topic exactly, and agents' reports
+come back over that same authenticated connection (:mod:`agent_side.control`): ``hello`` and
+``synced`` update ``keys.control(run)`` (the version held, the ids active); ``applied`` /
+``reverted`` / ``refused`` go to the capped stream ``keys.STEER_EVENTS`` and, as alert events of
+rule ``steering`` (kind ``steer``, state = the event), to the alerts stream, so ``interlatent
+alerts`` and the panel show every change and its revert. A ``hello`` on the data socket, which
+anyone can send, can only say that an agent does not accept control.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +31,8 @@ import numpy as np
 import redis
 import zmq
 
-from agent_side.wire import CtlFrame, encode_control
+from agent_side.wire import CtlFrame, WireError, control_topic, decode, encode_control
+from agent_side.wire import name_problem as wire_name_problem
 from monitor.alerts.sinks import AlertSink
 from monitor.stats.intervals import diff_ci
 from monitor.store import keys
@@ -47,6 +52,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STEER_EVENTS_MAXLEN = 10_000
+BACKLOG = 4096  # agents' reports and subscriptions kept while Redis is away
+REPORT_MAX_BYTES = 64 * 1024  # an agent's report is a few hundred bytes; libzmq drops a peer sending more
 
 
 def describe_op(e: dict[str, Any], unknown: str = "") -> str:
@@ -93,19 +100,39 @@ def clear_interventions(r: redis.Redis, run: str, ids: list[str] | None = None) 
 class ControlChannel:
     """Publishes wanted sets to agents and records what they report (see the module docstring).
 
-    ``endpoint=None`` publishes nothing (agents' reports are still recorded).
+    An XPUB socket with CURVE (``keypair``: the monitor's, :func:`monitor.service.curve.monitor_keypair`):
+    only an agent given the monitor's public key connects. Its exact subscription to its run's
+    topic is its opt-in, and its reports come back over the same connection; what arrives on the
+    data socket (``on_data_event``) can only say that an agent does *not* accept control.
+    ``endpoint=None`` publishes nothing and hears nothing (steering off).
     """
 
     def __init__(
-        self, store: Store, ctx: zmq.Context, endpoint: str | None, *, sink: AlertSink, republish_s: float = 1.0
+        self,
+        store: Store,
+        ctx: zmq.Context,
+        endpoint: str | None,
+        *,
+        sink: AlertSink,
+        keypair: tuple[bytes, bytes] | None = None,
+        republish_s: float = 1.0,
+        lost: Counter[str] | None = None,
     ) -> None:
         self.store, self.sink = store, sink
+        self._lost = lost  # where a dropped backlog entry is counted too (the monitor's outbox, kind "control")
         self.endpoint = endpoint
         self._republish_s = republish_s
         self._sock: zmq.Socket | None = None
+        public, secret = keypair or zmq.curve_keypair()
+        self.public_key = public.decode()
         if endpoint is not None:
-            sock = ctx.socket(zmq.PUB)
+            sock = ctx.socket(zmq.XPUB)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so they can be counted per run
+            sock.setsockopt(zmq.MAXMSGSIZE, REPORT_MAX_BYTES)
+            sock.setsockopt(zmq.RCVHWM, 4096)
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = public, secret
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError:
@@ -113,8 +140,12 @@ class ControlChannel:
                 raise
             self._sock = sock
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            log.info("steering control channel on %s", self.endpoint)
+            log.info("steering control channel on %s (CURVE, monitor key %s)", self.endpoint, self.public_key)
         self.opted: set[str] = set()
+        self._subs: Counter[str] = Counter()  # run -> live authenticated subscriptions to its topic
+        self._backlog: deque[tuple[str, Any]] = deque()  # what agents said, written to Redis in order
+        self.dropped = 0  # backlog entries let go while Redis was away (counted)
+        self.refused: Counter[str] = Counter()  # control-channel messages refused, by reason
         self._seen = -1  # keys.STEER_VERSION when the bodies below were read
         self._bodies: dict[str, list[bytes]] = {}
         self._due: set[str] = set()
@@ -122,37 +153,87 @@ class ControlChannel:
         self.published = 0
 
     # -- what agents report -----------------------------------------------------------------------
-    def known(self, run: str) -> None:
-        """A run this monitor sees for the first time: publish to it if its agent opted in before
-        (a restarted monitor; the agent's next hello confirms or withdraws it)."""
-        if self.store.r.hget(keys.control(run), "control") == b"1":
-            self._hello(run, True)
+    def on_data_event(self, frame: CtlFrame) -> None:
+        """A ``ctl`` frame from the data socket (anyone may send one): only an agent's ``hello``
+        saying it does not accept control is kept, and only for a run no authenticated agent holds."""
+        if frame.event.get("event") == "hello" and not frame.event.get("control"):
+            self._queue(("declined", frame))
 
-    def _hello(self, run: str, control: bool) -> None:
-        if control:
-            self.opted.add(run)
-            self._due.add(run)
-        else:
-            self.opted.discard(run)
+    def _queue(self, item: tuple[str, Any]) -> None:
+        if len(self._backlog) >= BACKLOG:  # Redis has been away for long: the oldest go, counted
+            self._backlog.popleft()
+            self.dropped += 1
+            if self._lost is not None:
+                self._lost["control"] += 1
+        self._backlog.append(item)
+
+    def poll(self, *, limit: int = 4096) -> None:
+        """Read what agents sent on the control channel (subscriptions and reports), then write
+        it to Redis in order; an entry whose write fails stays for the next call."""
+        if self._sock is not None:
+            for _ in range(limit):
+                try:
+                    parts = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._read(parts)
+        while self._backlog:
+            kind, item = self._backlog[0]
+            if kind == "sub":
+                self._write_subscription(*item)
+            elif kind == "declined":
+                if item.run not in self.opted:
+                    self.store.r.hset(keys.control(item.run), mapping={"control": 0, "pub": item.pub, "hello": time.time()})
+            else:
+                self.on_event(item)
+            self._backlog.popleft()
+
+    def _read(self, parts: list[bytes]) -> None:
+        if len(parts) == 1 and parts[0][:1] in (b"\x00", b"\x01"):  # a subscription or its end
+            topic = parts[0][1:]
+            run = topic[:-1].decode("utf-8", errors="replace") if topic.endswith(b"\0") else ""
+            if not run or wire_name_problem(run) is not None or control_topic(run) != topic:
+                self.refused["bad_topic"] += 1
+                return
+            if parts[0][:1] == b"\x01":
+                self._subs[run] += 1
+                if self._subs[run] == 1:
+                    self.opted.add(run)
+                    self._due.add(run)
+                    self._queue(("sub", (run, True)))
+            elif self._subs[run] > 0:
+                self._subs[run] -= 1
+                if self._subs[run] == 0:
+                    del self._subs[run]
+                    self.opted.discard(run)
+                    self._queue(("sub", (run, False)))
+            return
+        try:
+            frame = decode(parts)
+        except WireError as e:
+            self.refused[e.reason] += 1
+            return
+        if not isinstance(frame, CtlFrame) or frame.run not in self._subs:
+            self.refused["not_subscribed"] += 1  # a report for a run no connection here subscribed to
+            return
+        self._queue(("event", frame))
+
+    def _write_subscription(self, run: str, on: bool) -> None:
+        now = time.time()
+        self.store.r.hset(keys.control(run), mapping={"control": int(on), "hello": now, "time": now})
+        log.info(
+            "run %r %s steering (authenticated control connection %s)", run, "accepts" if on else "left", "up" if on else "gone"
+        )
 
     def on_event(self, frame: CtlFrame) -> None:
-        """One ``ctl`` frame from an agent (already validated by the wire decoder)."""
+        """One report from an agent's authenticated control connection (validated by the wire decoder)."""
         ev, run, now = frame.event, frame.run, time.time()
         kind = ev["event"]
         if kind == "hello":
-            control = bool(ev.get("control"))
             self.store.r.hset(
                 keys.control(run),
-                mapping={
-                    "control": int(control),
-                    "pub": frame.pub,
-                    "hello": now,
-                    "version": int(ev.get("version", -1)),
-                    "time": now,
-                },
+                mapping={"pub": frame.pub, "hello": now, "version": int(ev.get("version", -1)), "time": now},
             )
-            self._hello(run, control)
-            log.info("run %r (%s) %s steering", run, frame.pub, "accepts" if control else "does not accept")
             return
         if kind == "synced":
             self.store.r.hset(

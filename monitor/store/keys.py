@@ -12,6 +12,7 @@ __all__ = [
     "PREFIX",
     "RUNS",
     "REJECTED",
+    "LOST",
     "HEALTH_MATCH",
     "ALERTS",
     "ALERTS_ACTIVE",
@@ -38,12 +39,14 @@ __all__ = [
     "episodes",
     "tokens",
     "health",
+    "run_keys",
 ]
 
 LATENT_PREFIX = "latents:"  # not a key: the tap name a transcoder's latents stream under, latents:<name>
 PREFIX = "il:"
 RUNS = PREFIX + "runs"  # zset: run -> last seen (unix s)
 REJECTED = PREFIX + "monitor:rejected"  # hash: reason -> count, summed over monitors
+LOST = PREFIX + "monitor:lost"  # hash: kind (episodes, tokens, control) -> records a full outbox let go, summed over monitors
 HEALTH_MATCH = PREFIX + "health:*"
 ALERTS = PREFIX + "alerts"  # stream of alert events (firing / resolved), capped
 ALERTS_ACTIVE = PREFIX + "alerts:active"  # hash: alert id -> JSON of the firing alert
@@ -124,6 +127,16 @@ def steer(name: str) -> str:
 
 
 def control(name: str) -> str:
-    """Hash of what a run's agent said on its control channel: control (1: opted in, 0: not), pub,
-    hello (time), version (the set it holds), active (JSON ids), time."""
+    """Hash of a run's control channel: control (1: an agent holding the monitor's key is subscribed
+    to the run's topic, its opt-in; 0: it left, or the agent said it does not accept control), pub,
+    hello (time), version (the set it holds), active (JSON ids), time: all from the authenticated
+    connection, but for control 0."""
     return f"{PREFIX}control:{name}"
+
+
+def run_keys(name: str, taps: list[str]) -> list[str]:
+    """Every key that holds one run's own state (with these taps): what deleting the run removes.
+    Shared streams (alerts, steering events) are capped and keep their entries."""
+    per_tap = [k(name, t) for t in taps for k in (tap_stats, recent, analytics)]
+    own = [run, run_taps, run_pubs, run_metrics, suggestions, explanations, tokens, episodes, steer, control]
+    return [k(name) for k in own] + per_tap

@@ -125,6 +125,14 @@ class Store:
                 p.hincrby(keys.REJECTED, reason, n)
             p.execute()
 
+    def add_lost(self, counts: dict[str, int]) -> None:
+        """Records of these kinds that a monitor's full outbox let go (Redis was away too long)."""
+        if counts:
+            p = self.r.pipeline(transaction=False)
+            for kind, n in counts.items():
+                p.hincrby(keys.LOST, kind, n)
+            p.execute()
+
     def heartbeat(self, kind: str, ident: str, info: dict[str, Any], ttl_s: float) -> None:
         self.r.set(keys.health(kind, ident), json.dumps(info), px=int(ttl_s * 1000))
 
@@ -236,6 +244,36 @@ class Store:
     def set_record(self, run: str, state: dict[str, Any]) -> None:
         self.r.hset(keys.RECORD, run, json.dumps(state))
 
+    def last_seen(self, run: str) -> float | None:
+        """When a run last sent a frame (unix s), from the run registry; None if it is not there."""
+        score = self.r.zscore(keys.RUNS, run)
+        return float(score) if score is not None else None
+
+    def ended_runs(self, before: float) -> list[str]:
+        """Runs whose last frame came before ``before`` (unix s), oldest first."""
+        return [r.decode() for r in self.r.zrangebyscore(keys.RUNS, "-inf", f"({before}")]
+
+    def delete_run(self, run: str) -> int:
+        """Delete every key of ``run`` (:func:`keys.run_keys`), its registry entry and its
+        recording request; the number of keys deleted."""
+        names = self.taps(run)
+        p = self.r.pipeline(transaction=True)
+        p.delete(*keys.run_keys(run, list(names)))
+        p.zrem(keys.RUNS, run)
+        p.hdel(keys.RECORD, run)
+        deleted, *_ = p.execute()
+        return int(deleted)
+
+    def run_cost(self, run: str) -> dict[str, Any]:
+        """What one run holds in Redis: ``keys`` (that exist), ``bytes`` (MEMORY USAGE, summed),
+        ``last_seen`` (unix s, 0 if unknown)."""
+        names = keys.run_keys(run, list(self.taps(run)))
+        p = self.r.pipeline(transaction=False)
+        for k in names:
+            p.memory_usage(k, samples=0)
+        sizes = [int(n) for n in p.execute() if n is not None]
+        return {"keys": len(sizes), "bytes": sum(sizes), "last_seen": self.last_seen(run) or 0.0}
+
     def suggestions(self, run: str) -> list[dict[str, Any]]:
         blob = self.r.get(keys.suggestions(run))
         return json.loads(blob) if blob else []
@@ -270,7 +308,8 @@ class Store:
 
     def steering(self, run: str) -> dict[str, Any]:
         """A run's steering: the interventions asked for (``version`` counts the changes) and what its
-        agent reported (``control``: opted in, None before it said; ``applied_version``; ``active`` ids)."""
+        agent reported over its authenticated control connection (``control``: opted in, False when
+        it left or declined, None before anything was heard; ``applied_version``; ``active`` ids)."""
         blob = self.r.get(keys.steer(run))
         want = json.loads(blob) if blob else {"version": 0, "interventions": []}
         c = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.control(run)).items()}
@@ -304,6 +343,7 @@ class Store:
         health = self.health()
         monitors = [h for h in health if h.get("kind") == "monitor"]
         rejected = {k.decode(): int(v) for k, v in self.r.hgetall(keys.REJECTED).items()}
+        lost = {k.decode(): int(v) for k, v in self.r.hgetall(keys.LOST).items()}
         runs = []
         for run in self.runs():
             h = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.run(run)).items()}
@@ -328,6 +368,9 @@ class Store:
                     "lag_s": float(h.get("lag_s", 0.0)),
                     "publishers": len(pubs),
                     "episodes": int(h.get("episodes", 0)),
+                    "unwatched": int(h.get("unwatched", 0)),
+                    "lost": {k: int(h.get(f"lost_{k}", 0)) for k in ("episodes", "tokens")},
+                    "early_dropped": int(h.get("early_dropped", 0)),
                     "return_mean_100": float(h.get("return_mean_100", 0.0)),
                     "taps": {
                         t: {"width": v["width"], "rows": v["rows"], "frames": v["frames"], "dtype": v["dtype"]}
@@ -337,7 +380,7 @@ class Store:
                 }
             )
         return {
-            "monitor": {"alive": bool(monitors), "rejected": rejected, "instances": monitors},
+            "monitor": {"alive": bool(monitors), "rejected": rejected, "lost": lost, "instances": monitors},
             "services": health,
             "runs": runs,
             "alerts": self.alert_counts(),

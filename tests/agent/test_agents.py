@@ -422,7 +422,7 @@ def test_no_monitor_is_harmless_then_monitor_arrives(store):
         assert c["sent"] == 0
         assert not c["connected"]
         assert c["step"] == 100  # the env step counter runs with or without a monitor
-        assert c["drops"] >= ended > 0  # at least the episode ends it could not send are counted
+        assert c["unwatched"] == 100 and c["drops"] == 0  # each step counted once, as unwatched: nothing was built
 
         # the monitor comes up late: the agent connects by itself and streams from then on
         late = LiveMonitor(store, endpoint)
@@ -438,6 +438,7 @@ def test_no_monitor_is_harmless_then_monitor_arrives(store):
     assert st["taps"]["2:in"]["rows"] == 20 and st["taps"]["2:in"]["width"] == 8
     assert st["steps"] == 120
     assert st["gaps"] == 0
+    assert st["taps"]["0:out"]["rows"] + st["unwatched"] + st["drops"] == st["steps"]  # 20 + 100 + 0: every step
     _, pos, rows_out = tap_table(store, "late", "0:out")
     np.testing.assert_array_equal(pos[:, 0], np.arange(100, 120))  # aligned with env steps, not forward count
     _, _, rows_in = tap_table(store, "late", "2:in")
@@ -453,9 +454,9 @@ def test_no_monitor_is_harmless_then_monitor_arrives(store):
             )
 
 
-def test_no_monitor_builds_nothing_and_counts_metric_rows_as_drops():
+def test_no_monitor_builds_nothing_and_counts_its_steps_as_unwatched():
     """With no monitor the hooks are off (the model runs torch's hook-free path, activations are
-    not even copied); the env wrapper's rows and episodes of those steps count as drops."""
+    not even copied); the env wrapper builds no rows, and each step counts once as unwatched."""
     import gymnasium as gym
 
     torch.manual_seed(0)
@@ -472,8 +473,8 @@ def test_no_monitor_builds_nothing_and_counts_metric_rows_as_drops():
                 episodes += 1
                 obs, _ = env.reset()
         c = tap.counters()
-    assert c["sent"] == 0 and not c["connected"]
-    assert c["drops"] == 100 + episodes
+    assert c["sent"] == 0 and not c["connected"] and episodes > 0
+    assert (c["unwatched"], c["drops"]) == (100, 0)
 
 
 def test_empty_batch_forward_keeps_positions(store, live_monitor):

@@ -160,15 +160,25 @@ def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_step
 ) -> None:
     run = "ctl-inproc"
     ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
+    pub = ctx.socket(zmq.XPUB)  # a control socket of this test's own, proving a key the agent is given
     pub.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()
+    pub.curve_server, pub.curve_publickey, pub.curve_secretkey = True, public, secret
     ctl_ep = free_endpoint()
     pub.bind(ctl_ep)
     pol, clean = make_policy(), make_policy()
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    reports: list = []
+
+    def collect() -> None:  # the agent's reports come back on this connection; the monitor's channel records them
+        while pub.poll(0):
+            parts = pub.recv_multipart()
+            if parts[0][:1] not in (b"\x00", b"\x01"):
+                reports.append(wire.decode(parts))
+
     try:
         with agent_side.attach(
-            pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True, control_endpoint=ctl_ep
+            pol, [TAP], run=run, endpoint=live_monitor.endpoint, allow_control=True, control_endpoint=ctl_ep, monitor_key=public
         ) as tap:
             assert tap.wait_for_monitor(10)
             # a valid, empty set first: once the agent holds it, the subscription is through and nothing is lost
@@ -217,7 +227,9 @@ def test_malformed_control_messages_are_refused_counted_and_the_agent_keeps_step
                 assert torch.equal(pol(x), clean(x))
             steps = tap.counters()["step"]
         assert steps > 0
-        wait_until(lambda: any(e["event"] == "reverted" for e in store.steer_events(run)), what="the events in Redis")
+        wait_until(lambda: collect() or any(r.event["event"] == "reverted" for r in reports), what="the reports")
+        for r in reports:
+            live_monitor.monitor.control.on_event(r)
         events = store.steer_events(run)
         refusals = [e for e in events if e["event"] == "refused"]
         assert any("5 entries" in e["reason"] and "16 wide" in e["reason"] for e in refusals if e.get("id") == "narrow")
@@ -484,6 +496,7 @@ def test_the_panel_steers_an_opted_in_agent(
         endpoint=live_monitor.endpoint,
         allow_control=True,
         control_endpoint=live_monitor.monitor.control.endpoint,
+        monitor_key=live_monitor.monitor.control.public_key,
     ) as tap:
         assert tap.wait_for_monitor(10)
         steps = _stepper(tap.wrap(gym.make("CartPole-v1"), obs_names=OBS), pol)
@@ -527,6 +540,7 @@ def test_the_action_metric_the_monitor_keeps_shows_the_steer(store: Store, live_
         endpoint=live_monitor.endpoint,
         allow_control=True,
         control_endpoint=live_monitor.monitor.control.endpoint,
+        monitor_key=live_monitor.monitor.control.public_key,
     ) as tap:
         assert tap.wait_for_monitor(10)
         env = tap.wrap(gym.make("CartPole-v1"), obs_names=OBS)
@@ -600,7 +614,11 @@ def test_steer_effects_compare_the_returns_while_on_with_those_before(store: Sto
             ep(450, 99),
         ]
         for parts in frames:
-            assert mon.handle([bytes(p) for p in parts])
+            frame = wire.decode([bytes(p) for p in parts])
+            if frame.kind == "ctl":  # an agent's report comes over its authenticated control connection
+                mon.control.on_event(frame)
+            else:
+                assert mon.handle([bytes(p) for p in parts])
         mon.flush(final=True)
     finally:
         mon.close()
