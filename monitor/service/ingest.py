@@ -51,6 +51,7 @@ from monitor.service.runstate import OUTBOX_BYTES, RECENT_ROWS, Outbox, RejectFr
 from monitor.service.steering import ControlChannel
 from monitor.stats.analytics import DEFAULT_ANALYTICS, AnalyticsConfig
 from monitor.store import keys
+from monitor.store.embedded import port_free
 from monitor.store.recording import Recorder
 from monitor.store.records import ConfigError, Store, service_ident
 
@@ -62,6 +63,12 @@ RETAIN_SWEEP_RUNS = 100  # runs deleted per sweep at most (the rest go at the ne
 ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again
 
 log = logging.getLogger(__name__)
+
+
+def _next_port_free(endpoint: str) -> bool:
+    """Whether the port after ``tcp://host:port`` can be bound now."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return port.isdigit() and port_free(int(port) + 1, host.strip("[]") or "127.0.0.1")
 
 
 def _active_alerts(store: Store) -> list[dict[str, Any]]:
@@ -170,6 +177,12 @@ class Monitor:
             raise ConfigError(f"cannot bind the data endpoint {endpoint}: {e}") from e
         if endpoint.endswith(":0") or endpoint.endswith(":*"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            for _ in range(50):  # an ephemeral port whose port + 1, the steering channel's, is free too
+                if not steering or control_endpoint is not None or _next_port_free(self.endpoint):
+                    break
+                self._sock.unbind(self.endpoint)
+                self._sock.bind(endpoint)
+                self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("monitor listening on %s", self.endpoint)
         self.control = self._control_channel(control_endpoint if steering else None, steering)
 

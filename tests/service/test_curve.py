@@ -326,3 +326,17 @@ def test_remote_agents_stream_only_with_an_allowed_key(store: Store, tmp_path: P
         mon.stop()
         th.join(timeout=20)
         mon.close()
+
+
+def test_an_ephemeral_data_port_is_one_whose_steering_port_is_free() -> None:
+    """`tcp://127.0.0.1:0` picks a data port P; the steering channel binds P + 1 and a taken one
+    stops the monitor, so P is chosen with P + 1 free."""
+    import socket
+
+    from monitor.service.ingest import _next_port_free
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        q = held.getsockname()[1]
+        assert not _next_port_free(f"tcp://127.0.0.1:{q - 1}")
