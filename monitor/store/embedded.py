@@ -132,12 +132,17 @@ class EmbeddedRedis:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+    """A TCP port on loopback that nothing listens on right now, and whose next port is free too
+    (a monitor on it binds its steering channel there)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65535 and port_free(port + 1):
+            return port
+    return port
 
 
 def default_data_dir() -> Path:
