@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from agent_side.wire import DEFAULT_ENDPOINT
@@ -33,7 +32,7 @@ from monitor.cli.runs import add_parsers as add_runs_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
 from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
-from monitor.store.records import ConfigError, Store, connect
+from monitor.store.records import ConfigError
 
 log = logging.getLogger("interlatent")
 
@@ -180,62 +179,27 @@ def cmd_stats(args: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
-    import agent_side
-    from monitor.tools.demo import DEMO_RUN, DEMO_TAPS, demo_policy, run_agent
-    from monitor.tools.services import Services
+    from monitor.tools.demo import DEMO_RULES, DemoConfig, Pushes, run_demo
 
     pin_threads(1)
     sigterm_as_interrupt()
-    steps = args.steps if args.steps is not None else (2000 if args.headless else None)
-    # the demo trains a 4-latent transcoder on its hidden layer after a warm-up, then shows its latents
-    auto = [
-        "--auto-train",
-        f"{DEMO_TAPS[0]}>{DEMO_TAPS[1]}",
-        "--auto-train-steps",
-        str(args.warmup_steps),
-        "--auto-train-latents",
-        "4",
-        "--metrics-port",
-        "-1",
-    ]
-    services = Services(
-        data_dir=s.data_dir,
-        redis_url=s.redis_url,
-        endpoint=s.endpoint,
-        log_dir=s.data_dir / "logs",
-        extra_monitor_args=auto,
-        panel_port=None if args.headless else args.panel_port,
+    for flag, v in (("--steps", args.steps), ("--warmup-steps", args.warmup_steps), ("--train-steps", args.train_steps)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {v}")
+    if args.rate < 0 or not 0 <= args.push_prob <= 1:
+        raise ConfigError("--rate must be >= 0 (0: as fast as it goes) and --push-prob in [0, 1]")
+    cfg = DemoConfig(
+        headless=args.headless,
+        steps=args.steps,
+        train_steps=args.train_steps,
+        warmup_steps=args.warmup_steps,
+        rate=args.rate,
+        pushes=Pushes(prob=args.push_prob),
+        steer=not args.no_steer,
+        rules=Path(args.rules) if args.rules else DEMO_RULES,
+        panel_port=args.panel_port,
     )
-    try:
-        model = demo_policy(s.data_dir, train_steps=args.train_steps, progress=print)
-        services.start()
-        store = Store(connect(services.redis_url))
-        print(f"redis {services.redis_url}; monitor on {s.endpoint}; logs in {s.data_dir / 'logs'}")
-        if services.panel_url:
-            print(f"panel: {services.panel_url}  (open it in a browser)")
-
-        def tick(n: int, returns: list[float]) -> None:
-            for r in store.status()["runs"]:
-                if r["run"] == DEMO_RUN:
-                    taps = ", ".join(f"{t} w{v['width']} rows {v['rows']}" for t, v in r["taps"].items())
-                    print(
-                        f"step {n}: monitor sees steps {r['steps']}, episodes {r['episodes']}"
-                        f" (mean return {r['return_mean_100']:.1f}), drops {r['drops']}; {taps}"
-                    )
-
-        with agent_side.attach(model.policy, DEMO_TAPS, run=DEMO_RUN, endpoint=s.endpoint) as tap:
-            tap.wait_for_monitor(10)
-            print(f"streaming {DEMO_TAPS} of the PPO CartPole policy as run {DEMO_RUN!r}" + ("" if steps else "; Ctrl-C stops"))
-            returns = run_agent(model, tap, steps=steps, on_tick=tick)
-            sent = tap.counters()
-        time.sleep(0.5)  # one monitor flush
-        tick(steps or 0, returns)
-        print(f"done: {len(returns)} episodes, agent sent {sent['sent']} messages, dropped {sent['drops']} records")
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        services.stop()
+    return run_demo(cfg, data_dir=s.data_dir, redis_url=s.redis_url, endpoint=s.endpoint, out=print)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -472,8 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="start the services and stream a CartPole PPO agent into them")
     common(sp, endpoint=True)
-    sp.add_argument("--headless", action="store_true", help="run --steps steps (default 2000), print, and exit")
-    sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C, or 2000 with --headless)")
+    sp.add_argument(
+        "--headless",
+        action="store_true",
+        help="no panel: run until every part has shown (at most 12000 steps, a minute) or --steps steps, print what each showed, exit",
+    )
+    sp.add_argument("--steps", type=int, help="steps to run (default: until Ctrl-C; with --headless, until every part has shown)")
+    sp.add_argument("--rate", type=float, default=200.0, help="the agent's steps per second (0: as fast as it goes)")
+    sp.add_argument("--push-prob", type=float, default=0.01, help="chance per step of a random push on the cart or the pole")
+    sp.add_argument("--rules", help="alert rules for the monitor (default deploy/demo-rules.yaml)")
+    sp.add_argument("--no-steer", action="store_true", help="do not steer a latent once the latents exist")
     sp.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="PPO training steps for the cached demo policy")
     sp.add_argument("--warmup-steps", type=int, default=1000, help="steps recorded before the monitor trains the demo transcoder")
     sp.add_argument("--panel-port", type=int, default=PANEL_PORT, help="port of the live panel (not started with --headless)")

@@ -30,6 +30,7 @@ __all__ = [
     "latent_taps_for",
     "token_latents",
     "is_latent_tap",
+    "before_activations",
 ]
 
 SEVERITIES = ("critical", "warning", "info")
@@ -77,7 +78,7 @@ def overview(store: Store) -> dict[str, Any]:
         "rejected": st["monitor"]["rejected"],
         "monitor_alive": st["monitor"]["alive"],
         "explainers": sum(1 for h in st["services"] if h.get("kind") == "explainer"),
-        "alerts": list(reversed(store.alerts(count=10_000)))[:10],
+        "alerts": [a for _, a in reversed(store.last_alerts(None, 10))],
     }
 
 
@@ -121,16 +122,18 @@ def metric_traces(
 
 
 def latent_card(store: Store, run: str, tap: str, latent: int, *, top: int = 10) -> dict[str, Any] | None:
-    """One latent: statistics, correlations, top-activating steps, explanation, its alerts."""
+    """One latent: statistics, correlations, top-activating steps, explanation, and its alerts
+    among the run's newest 500 alert events."""
     d = tap_stats(store, run, tap, top=top)
     if d is None or not 0 <= latent < d["width"]:
         return None
     ch = d["channels"][latent]
     stats = {k: ch.get(k) for k in ("count", "mean", "std", "min", "max")}
     stats.update({f"window {k}": v for k, v in (ch.get("window") or {}).items()})
-    corr = pd.DataFrame([{"metric": m, "r": r} for m, r in ch.get("corr", {}).items() if r is not None])
+    # a null correlation (a constant metric or latent in the window) stays, as a row without r
+    corr = pd.DataFrame([{"metric": m, "r": r} for m, r in ch.get("corr", {}).items()], columns=["metric", "r"])
     rows = [{"step": e["step"], "index": e["index"], "value": e["value"], **e["metrics"]} for e in ch.get("top", [])]
-    alerts = [a for a in store.alerts(run) if a.get("tap") == tap and a.get("latent") == latent]
+    alerts = [a for _, a in store.last_alerts(run, 500) if a.get("tap") == tap and a.get("latent") == latent]
     return {
         "width": d["width"],
         "stats": stats,
@@ -163,9 +166,9 @@ def alerts_feed(
     state: list[str] | None = None,
     limit: int = 500,
 ) -> list[dict[str, Any]]:
-    """Alert events, newest first, filtered by run, severity, rule and state."""
+    """The newest alert events (of the last 2,000), newest first, filtered by run, severity, rule and state."""
     out = []
-    for a in reversed(store.alerts(run)):
+    for _, a in reversed(store.last_alerts(run, 2000)):
         if (
             severity
             and a.get("severity") not in severity
@@ -364,3 +367,40 @@ def _labels(store: Store, run: str, tap: str, latents: list[int]) -> dict[int, s
             if not e.get("error") and e.get("label"):
                 out[j] = str(e["label"])
     return out
+
+
+def before_activations(
+    store: Store, run: str, tap: str, latent: int, *, k: int = 20, peaks: int = 8
+) -> tuple[pd.DataFrame, list[int]] | None:
+    """What the run's metrics did in the ``k`` steps before the latent's strongest recent
+    activations (an activation-triggered average): a long table (offset, metric, value, peak),
+    offset -k..0 with 0 the activation's step, for up to ``peaks`` peaks at least ``k`` steps
+    apart among the recent rows, and the peaks' steps. None without recent rows or metrics."""
+    got = store.recent(run, tap)
+    met = store.recent_metrics(run)
+    if got is None or len(got[0]) == 0 or not met:
+        return None
+    steps, mean = _by_step(*got, len(got[0]))
+    if not 0 <= latent < mean.shape[1]:
+        return None
+    v = mean[:, latent]
+    chosen: list[int] = []
+    for i in np.argsort(-v, kind="stable"):
+        if v[i] <= 0 or len(chosen) >= peaks:
+            break
+        s = int(steps[i])
+        if all(abs(s - c) >= k for c in chosen):
+            chosen.append(s)
+    if not chosen:
+        return None
+    frames = []
+    for name, (vals, pos) in met.items():
+        if name in ("terminated", "truncated"):
+            continue
+        st, m = _by_step(vals.reshape(-1, 1), pos, len(vals))
+        at = {int(x): m[j, 0] for j, x in enumerate(st)}
+        for peak in chosen:
+            offs = [o for o in range(-k, 1) if peak + o in at]
+            if offs:
+                frames.append(pd.DataFrame({"offset": offs, "metric": name, "value": [at[peak + o] for o in offs], "peak": peak}))
+    return (pd.concat(frames, ignore_index=True), sorted(chosen)) if frames else None

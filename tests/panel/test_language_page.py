@@ -6,6 +6,7 @@ their explanations, and the values are the SAE's own encoding of the model's act
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,12 @@ def _own_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTERLATENT_REDIS_URL", "")  # restored at teardown
 
 
+def unescape(text: str) -> str:
+    """Markdown as the browser shows it: the panel writes the punctuation of names as character
+    references, with an invisible word joiner after each ``:``, ``.`` and ``@``."""
+    return html.unescape(text).replace("\u2060", "")
+
+
 def _page(redis_url: str, **params: str) -> AppTest:
     os.environ["INTERLATENT_REDIS_URL"] = redis_url
     at = AppTest.from_file(APP, default_timeout=60)
@@ -146,7 +153,7 @@ def test_the_language_page_lists_each_tokens_top_latents_with_explanations(
         assert df["token"].tolist() == tokens
         assert [None if pd.isna(x) else int(x) for x in df["latent 1"]] == [int(np.argmax(r)) if r.max() > 0 else None for r in z]
         assert df["explanation 1"].iloc[-1] == LABEL
-        assert any(f"Top {TOP} latents of latents:sae" in s.value for s in at.subheader)
+        assert any(f"Top {TOP} latents of latents:sae" in unescape(s.value) for s in at.subheader)
     at = _page(redis_url, tap=HOOK)
     at.run()  # a refresh renders again
     assert not at.exception
@@ -162,4 +169,6 @@ def test_a_tap_no_transcoder_reads_says_how_to_get_latents(store: Store, live_mo
         tap.flush()
         wait_until(lambda: store.recent("lm", "blocks.0.hook_resid_post") is not None, 60, what="rows")
     at = _page(redis_url, tap="blocks.0.hook_resid_post")
-    assert any("No transcoder encodes blocks.0.hook_resid_post" in i.value and "interlatent import" in i.value for i in at.info)
+    assert any(
+        "No transcoder encodes blocks.0.hook_resid_post" in unescape(i.value) and "interlatent import" in i.value for i in at.info
+    )
