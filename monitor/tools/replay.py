@@ -51,4 +51,3 @@ def replay_rules(
                 events += engine.on_paired(run, t, an, an.rolling.newest)
     events += engine.end_run(run, last, "the recording ended")
     return events
-

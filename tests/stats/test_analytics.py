@@ -317,7 +317,9 @@ def test_a_recording_keeps_every_metric_whichever_frame_it_came_in(redis_url: st
     mon = spawn_monitor(redis_url, ep, "--data-dir", str(tmp_path))
     try:
         store.set_record("logged", {"steps": 300, "state": "requested"})
-        agent = spawn([str(AGENT_DIR / "logged_vector.py"), "--endpoint", ep, "--steps", "400"], stdout=subprocess.PIPE, text=True)
+        agent = spawn(
+            [str(AGENT_DIR / "logged_vector.py"), "--endpoint", ep, "--steps", "400"], stdout=subprocess.PIPE, text=True
+        )
         out, _ = agent.communicate(timeout=120)
         assert agent.returncode == 0, out
         req = wait_until(lambda: (r := store.record_requests()["logged"]).get("state") == "done" and r, 60, what="the recording")
