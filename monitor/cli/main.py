@@ -69,6 +69,9 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
         return services.wait()
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as e:  # a service that did not come up: its log says why
+        print(f"interlatent: {e}", file=sys.stderr)
+        return 2
     finally:
         services.stop()
 

@@ -82,3 +82,23 @@ def test_help_lists_the_contract_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "monitor", "--help"], capture_output=True, text=True, cwd=str(ROOT)).stdout
     for cmd in ("up", "monitor", "status", "demo", "bench"):
         assert cmd in out
+
+
+def test_up_whose_monitor_cannot_start_is_one_line(tmp_path) -> None:
+    """The steering port taken: the monitor stops at once, and `up` says so in one line, no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import ROOT, free_endpoint
+
+    ep = free_endpoint()
+    port = int(ep.rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen()
+        cmd = [sys.executable, "-m", "monitor", "up", "--no-panel", "--data-dir", str(tmp_path), "--endpoint", ep]
+        r = subprocess.run([*cmd, "--metrics-port", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("interlatent:")]
+    assert "did not come up" in lines[-1] and any("cannot bind the steering" in x for x in lines)  # the monitor's own reason too
