@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,9 @@ from helpers import ROOT, free_endpoint
 MODES = ("pole_left", "pole_right", "cart_out")
 
 
-def _endpoint_with_next_port() -> str:
-    """A free loopback endpoint whose port + 1 (the steering channel) is free too."""
-    for _ in range(50):
-        ep = free_endpoint()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(ep.rsplit(":", 1)[1]) + 1))
-            except OSError:
-                continue
-        return ep
-    raise AssertionError("no pair of free ports")
-
-
 def _demo(tmp: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", INTERLATENT_REDIS_URL="")
-    env["INTERLATENT_ENDPOINT"] = _endpoint_with_next_port()
+    env["INTERLATENT_ENDPOINT"] = free_endpoint()
     return subprocess.run(
         [sys.executable, "-m", "monitor", "--log-level", "WARNING", "demo", "--data-dir", str(tmp), *args],
         cwd=str(ROOT),

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -74,19 +73,6 @@ def _lm_run(endpoint: str, store: Store) -> None:
     )
 
 
-def _endpoint_with_next_port() -> str:
-    """A free loopback endpoint whose port + 1 (the derived control endpoint) is free too."""
-    for _ in range(50):
-        ep = free_endpoint()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(ep.rsplit(":", 1)[1]) + 1))
-            except OSError:
-                continue
-        return ep
-    raise AssertionError("no pair of free ports")
-
-
 def _cartpole(endpoint: str, run: str, steps: int, *extra: str) -> None:
     agent = spawn(
         [str(AGENT_DIR / "sb3_cartpole.py"), "--endpoint", endpoint, "--run", run, "--steps", str(steps), *extra],
@@ -121,7 +107,7 @@ def filled(redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     )
     (tmp / "rules.yaml").write_text(RULES)
     data_dir = tmp / "data"  # the monitor's CURVE key, which the steerable agent checks, is written here
-    endpoint = _endpoint_with_next_port()
+    endpoint = free_endpoint()
     mon = spawn_monitor(redis_url, endpoint, "--rules", str(tmp / "rules.yaml"), "--data-dir", str(data_dir))
     steerable = None
     try:

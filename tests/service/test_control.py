@@ -7,7 +7,6 @@ import copy
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 import threading
@@ -266,17 +265,6 @@ def test_wanted_sets_keep_order_and_count_versions(store: Store) -> None:
 
 
 # -- end to end: a monitor and an agent in their own processes ---------------------------------------
-def _endpoint_with_next_port() -> str:
-    """A free loopback endpoint whose port + 1 (the derived control endpoint) is free too."""
-    for _ in range(50):
-        ep = free_endpoint()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(ep.rsplit(":", 1)[1]) + 1))
-            except OSError:
-                continue
-        return ep
-    raise AssertionError("no pair of free ports")
 
 
 class _Agent:
@@ -350,7 +338,7 @@ def _register(store: Store, tmp: Path, run: str) -> str:
 
 def test_steer_a_running_agent_end_to_end(store: Store, redis_url: str, tmp_path: Path) -> None:
     run = "steer-e2e"
-    ep = _endpoint_with_next_port()
+    ep = free_endpoint()
     mon = spawn_monitor(redis_url, ep)
     log = _drain(mon)
     agent = None
@@ -430,7 +418,7 @@ def make_wide():  # noqa: ANN201
 
 def test_an_agent_without_the_opt_in_refuses(store: Store, redis_url: str, tmp_path: Path) -> None:
     run = "steer-no-opt-in"
-    ep = _endpoint_with_next_port()
+    ep = free_endpoint()
     mon = spawn_monitor(redis_url, ep)
     _drain(mon)
     agent = None

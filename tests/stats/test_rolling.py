@@ -105,33 +105,24 @@ def _pairwise(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def _vector_rows(steps: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 3-env vector env: 3 rows a step; one metric logged every step, one every 4th step only."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(steps, 3, 4))
+    y = np.stack([x[..., 0] + 0.3 * rng.normal(size=(steps, 3)), -x[..., 1] + 0.5 * rng.normal(size=(steps, 3))], axis=2)
+    y[np.arange(steps) % 4 != 0, :, 1] = np.nan
+    return x.reshape(-1, 4), y.reshape(-1, 2), np.repeat(np.arange(steps), 3)
+
+
 def test_the_window_is_in_steps_and_a_missing_metric_leaves_only_its_own_pairs() -> None:
-    # a 3-env vector env: 3 rows a step; one metric logged every step, one every 4th step only
-    rng = np.random.default_rng(3)
+    x, y, step = _vector_rows()
     rc, window = RollingCorr(4, 2, window=50), 50
-    xs, ys, steps = [], [], []
-    for step in range(400):
-        x = rng.normal(size=(3, 4))
-        y = np.stack([x[:, 0] + 0.3 * rng.normal(size=3), -x[:, 1] + 0.5 * rng.normal(size=3)], axis=1)
-        if step % 4:
-            y[:, 1] = np.nan
-        xs.append(x), ys.append(y), steps.append(np.full(3, step))
-        if step % 7 == 0 or step == 399:  # frames of a few steps at a time
-            rc.update(np.concatenate(xs), np.concatenate(ys), np.concatenate(steps))
-            xs, ys, steps = [], [], []
-    X = rng.normal(size=0)  # noqa: F841 (the reference below rebuilds the same rows)
-    rng = np.random.default_rng(3)
-    allx, ally, alls = [], [], []
-    for step in range(400):
-        x = rng.normal(size=(3, 4))
-        y = np.stack([x[:, 0] + 0.3 * rng.normal(size=3), -x[:, 1] + 0.5 * rng.normal(size=3)], axis=1)
-        if step % 4:
-            y[:, 1] = np.nan
-        allx.append(x), ally.append(y), alls.append(np.full(3, step))
-    allx, ally, alls = np.concatenate(allx), np.concatenate(ally), np.concatenate(alls)
-    inside = alls > 399 - window
+    for start in range(0, 400, 7):  # frames of a few steps at a time
+        at = (step >= start) & (step < start + 7)
+        rc.update(x[at], y[at], step[at])
+    inside = step > 399 - window
     assert rc.n == inside.sum() == 150 and rc.steps_held == window  # 50 steps, not 50 rows
-    np.testing.assert_allclose(rc.get(), _pairwise(allx[inside], ally[inside]), atol=1e-9)
+    np.testing.assert_allclose(rc.get(), _pairwise(x[inside], y[inside]), atol=1e-9)
     assert rc.get()[0, 0] > 0.9 and rc.get()[1, 1] < -0.7 and rc.truncated == 0
 
 
