@@ -141,6 +141,12 @@ class Monitor:
         self.filer = JobFiler(store.r) if file_jobs else None
         self._encoders_version = -1
         self._encoders_retry_at = 0.0
+        try:  # what is registered already encodes the first frame, not only frames after the first flush
+            self._encoders_version = store.transcoders_version()
+            self.encoders.refresh(store.transcoders())
+        except redis.RedisError as e:
+            log.warning("cannot read the transcoder registry yet (%s): it is read at the first flush", e)
+            self._encoders_version = -1
         self.alerts = AlertEngine(rules, restore=_active_alerts(store)) if rules is not None else None
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0

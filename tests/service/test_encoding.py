@@ -247,3 +247,18 @@ def test_an_artifact_rewritten_on_disk_is_reloaded_and_if_broken_reported(tmp_pa
 
 def _same(a: Transcoder, b: Transcoder) -> bool:
     return bool(torch.equal(a.W_enc, b.W_enc))
+
+
+def test_a_transcoder_registered_before_the_monitor_starts_encodes_its_first_frame(tmp_path: Path, store: Store) -> None:
+    model = _register(store, tmp_path, "early", 3, seed=4)
+    x = np.random.default_rng(5).standard_normal((4, 6)).astype(np.float32)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0")
+    try:  # the very first frame, before any flush
+        assert mon.handle(encode_act("r", "p", 0, 0, "h:out", x, _pos(range(4))))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            store.recent("r", LATENT_PREFIX + "early")[0], model.encode(torch.from_numpy(x)).numpy(), atol=1e-6
+        )
