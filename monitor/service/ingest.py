@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from monitor.service.autotrain import AutoTrain, AutoTrainer
 from monitor.service.curve import monitor_keypair
 from monitor.service.encoding import Encoders
 from monitor.service.filing import JobFiler
+from monitor.service.leases import LeaseLost, Leases
 from monitor.service.persist import load_run, write_run
 from monitor.service.runstate import OUTBOX_BYTES, RECENT_ROWS, Outbox, RejectFrame, RunState
 from monitor.service.steering import ControlChannel
@@ -60,6 +62,9 @@ __all__ = ["Monitor", "MonitorResult"]
 RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
 RETAIN_SWEEP_S = 60.0  # how often runs past their retention are looked for
 RETAIN_SWEEP_RUNS = 100  # runs deleted per sweep at most (the rest go at the next one)
+LEASE_S = 5.0  # a run's lease lives this long unless renewed: how soon a dead monitor's runs can move
+HANDOVER_QUIET_S = 1.0  # a run quiet this long, that another monitor asked for, is handed over
+HANDOVER_CHECK_S = 0.5  # how often quiet runs are checked for being wanted elsewhere
 ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,7 @@ class Monitor:
         outbox_bytes: int = OUTBOX_BYTES,
         retain_days: float | None = None,
         allow_keys: Path | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.store = store
         self._retain_s = retain_days * 86400.0 if retain_days else None  # an ended run's keys go this long after its last frame
@@ -151,7 +157,7 @@ class Monitor:
         self.sink = AlertSink(store.r, rules.webhooks) if rules is not None else None
         self._flush_s = flush_ms / 1000.0
         self._health_ttl_s = health_ttl_s
-        self.ident = service_ident()
+        self.ident = f"{service_ident()}-{uuid.uuid4().hex[:4]}"  # unique even for monitors sharing a process
         self.runs: dict[str, RunState] = {}
         self.rejected: Counter[str] = Counter()
         self._rejected_unsaved: Counter[str] = Counter()
@@ -190,7 +196,10 @@ class Monitor:
                 self._sock.bind(endpoint)
                 self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("monitor listening on %s", self.endpoint)
+        self.leases = Leases(store, self.ident, f"{socket.gethostname()}|{self.endpoint}", ttl_s=lease_s)
+        self._next_handover = 0.0
         self.control = self._control_channel(control_endpoint if steering else None, steering)
+        self.control.serves = self.leases.held.__contains__
 
     def _control_channel(self, endpoint: str | None, steering: bool) -> ControlChannel:
         """The steering channel. One that cannot be bound stops the monitor: agents would find
@@ -246,11 +255,15 @@ class Monitor:
         """Validate and apply one multipart message; False if it was rejected."""
         now = time.time() if now is None else now
         self.frames += 1
+        frame_run: str | None = None
         try:
             frame = decode(parts, self.limits)
+            frame_run = frame.run
             st = self.runs.get(frame.run)
             new = st is None
             if st is None:
+                if not self.leases.acquire(frame.run):  # another monitor serves this run now
+                    raise RejectFrame("leased_elsewhere", f"run {frame.run!r} is served by another monitor")
                 # a restart, or an idle run back: its state and analytics continue from what Redis kept;
                 # registered only once the frame is accepted, so a rejected frame leaves no state behind
                 st = load_run(self.store, frame.run, recent_rows=RECENT_ROWS, analytics_cfg=self.analytics)
@@ -268,18 +281,22 @@ class Monitor:
             if new:
                 self._kept_profiles.pop(frame.run, None)
                 self.runs[frame.run] = st
+                self.control.now_serving(frame.run)
             if isinstance(frame, CtlFrame):
                 return True
             self._alerts_ended.discard(frame.run)
             if isinstance(frame, MetFrame) and st.analytics:
                 self._paired(st)
         except (WireError, RejectFrame) as e:
+            self._unserve(frame_run)
             self._reject(e.reason, str(e))
             return False
         except redis.RedisError as e:
+            self._unserve(frame_run)
             self._reject("store_unavailable", f"cannot load run state: {e}")
             return False
         except Exception as e:  # a bug of ours must cost one frame, never the monitor
+            self._unserve(frame_run)
             self._reject("internal_error", f"{type(e).__name__}: {e}")
             # the first one in full: a bug report needs the traceback, a flood of them does not
             log.log(
@@ -306,6 +323,24 @@ class Monitor:
                     rec.add_tap(tap, data, frame.pos)
                 self._alert(st, tap, data, frame.pos)
         return True
+
+    def _unserve(self, run: str | None) -> None:
+        """A new run's first frame was refused after its lease was taken: give the lease back."""
+        if run is not None and run not in self.runs and run in self.leases.held:
+            try:
+                self.leases.release(run)
+            except redis.RedisError:
+                self.leases.held.pop(run, None)
+
+    def _let_go(self, run: str, why: str, *, lost: bool) -> None:
+        """Stop serving ``run``: from memory, and its lease (given back, or already lost)."""
+        st = self.runs.pop(run, None)
+        if st is not None and st.failure_profiles:
+            self._kept_profiles[run] = st.failure_profiles
+        if lost:
+            self.leases.lost(run, why)
+        else:
+            self.leases.release(run, event=why)
 
     def _on_analytics(self, run: str, tap: str, an: Any) -> None:
         if self.filer is not None:
@@ -367,10 +402,14 @@ class Monitor:
         with_analytics = final or now >= self._next_analytics
         if with_analytics:
             self._next_analytics = now + self._analytics_every_s
-        for st in self.runs.values():
+        for st in list(self.runs.values()):
+            if not st.dirty and self.leases.due(st.run):
+                st.dirty = True  # nothing new, but the lease needs renewing: the write does it
             if st.dirty or (with_analytics and st.analytics_dirty):
                 try:
-                    write_run(self.store, st, analytics=with_analytics, on_analytics=self._on_analytics)
+                    write_run(self.store, st, analytics=with_analytics, on_analytics=self._on_analytics, leases=self.leases)
+                except LeaseLost as e:  # another monitor serves it now: what is in memory is not to be written
+                    self._let_go(st.run, str(e), lost=True)
                 except redis.RedisError as e:  # one run's trouble must not stop the others
                     self.write_failures += 1
                     self._warn_store(f"cannot write run {st.run!r}, keeping it in memory: {e}")
@@ -385,6 +424,7 @@ class Monitor:
                 self.auto.tick({run: set(st.taps) for run, st in self.runs.items()})
             self._recordings(final)
             self._end_quiet_runs()
+            self._hand_over()
             self._evict_idle()
             self._expire_runs()
             self.control.poll()  # what agents said on the control channel, beside the data path
@@ -399,6 +439,20 @@ class Monitor:
         except redis.RedisError as e:
             self._warn_store(f"cannot write to Redis, keeping state in memory: {e}")
 
+    def _hand_over(self) -> None:
+        """Let go of quiet runs another monitor asked for (their agents moved there), once written."""
+        now = time.monotonic()
+        if now < self._next_handover:
+            return
+        self._next_handover = now + HANDOVER_CHECK_S
+        t = time.time()
+        quiet = [
+            r for r, st in self.runs.items() if t - st.last_seen > HANDOVER_QUIET_S and not st.dirty and r not in self.recorders
+        ]
+        for run in self.leases.wanted(quiet):
+            log.info("run %r is quiet here and wanted by another monitor: handing it over", run)
+            self._let_go(run, "handed_over", lost=False)
+
     def _evict_idle(self) -> None:
         """Let go of runs quiet for ``evict_idle_s`` whose state is written to Redis, so a monitor that
         serves many runs over weeks does not grow by their windows and buffers; a run that comes
@@ -409,6 +463,7 @@ class Monitor:
         for run, st in list(self.runs.items()):
             if now - st.last_seen > self._evict_idle_s and not st.dirty and not st.analytics_dirty and run not in self.recorders:
                 del self.runs[run]
+                self.leases.release(run)
                 # kept: what Redis does not hold. The failure profiles (the rules suggested from
                 # every failure so far); the alert engine's and job filer's small per-tap state
                 # stays with them, so a firing alert still resolves and nothing is filed twice
@@ -505,6 +560,8 @@ class Monitor:
             "write_failures": self.write_failures,
             "lag_s": round(self.lag_s, 4),
             "runs": len(self.runs),
+            "leases": len(self.leases.held),
+            "lease_events": dict(self.leases.counts),
             "control_key": self.control.public_key if self.control.endpoint else None,
             "control_events_dropped": self.control.dropped,
             "control_refused": dict(self.control.refused),
@@ -551,6 +608,10 @@ class Monitor:
         self._stop.set()
 
     def close(self) -> None:
+        try:
+            self.leases.release_all()  # the runs' next monitor need not wait for the TTL
+        except Exception:
+            log.debug("could not release leases", exc_info=True)
         if self.auto is not None:
             self.auto.close()
         if self.sink is not None:

@@ -10,7 +10,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import redis
 
+from monitor.service.leases import LeaseLost, Leases
 from monitor.service.runstate import MetricState, RunState, TapState
 from monitor.service.runstate import recent_rows as tap_recent_rows
 from monitor.stats.analytics import AnalyticsConfig
@@ -22,16 +24,22 @@ from monitor.store.records import EPISODES_MAXLEN, Store, pack_recent, unpack_an
 __all__ = ["load_run", "write_run"]
 
 
-def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytics: Any = None) -> None:
+def write_run(
+    store: Store, st: RunState, *, analytics: bool = True, on_analytics: Any = None, leases: Leases | None = None
+) -> None:
     """Write one run's registry entry, counters, taps, statistics and recent rows
     (and, with ``analytics``, every tap's live analytics).
 
     At least once: the run's outbox (episodes, tokens) is let go only after the write succeeded,
     so a write that fails (Redis away) is sent again whole by the next flush. The write is one
     MULTI/EXEC: a connection lost before EXEC applies none of it; a reply lost after, or a command
-    Redis refuses inside it (a key of the wrong type), can make the next flush write records twice."""
-    p = store.r.pipeline(transaction=True)
-    p.zadd(keys.RUNS, {st.run: st.last_seen})
+    Redis refuses inside it (a key of the wrong type), can make the next flush write records twice.
+
+    With ``leases`` the write renews the run's lease in the same transaction and is refused whole
+    (:class:`LeaseLost`) when another monitor holds the run. Every key written here carries the
+    run's hash tag, so on a Redis Cluster the transaction is one slot's; the run registry, a global
+    key, is updated after it."""
+    p = leases.begin(st.run) if leases is not None else store.r.pipeline(transaction=True)
     mean_ret = float(np.mean(st.returns)) if st.returns else 0.0
     st.rates(time.time())
     p.hset(
@@ -105,8 +113,14 @@ def write_run(store: Store, st: RunState, *, analytics: bool = True, on_analytic
             maxlen=EPISODES_MAXLEN,
             approximate=True,
         )
-    p.execute()
+    try:
+        p.execute()
+    except redis.WatchError as e:  # the lease or the run's counters changed under the write: none of it applied
+        raise LeaseLost(f"run {st.run!r} changed hands during the write") from e
+    if leases is not None:
+        leases.confirmed(st.run)
     st.written(len(episodes), tokens, len(evicted))
+    store.r.zadd(keys.RUNS, {st.run: st.last_seen})
     if analytics and st.analytics_dirty and on_analytics is not None:
         for tap, an in st.analytics.items():  # after the write: a job filed here finds the analytics in Redis
             on_analytics(st.run, tap, an)

@@ -80,10 +80,11 @@ def _update(r: redis.Redis, run: str, change: Callable[[list[dict[str, Any]]], l
         version = int(cur["version"]) + 1
         pipe.multi()
         pipe.set(keys.steer(run), json.dumps({"version": version, "interventions": change(cur["interventions"])}))
-        pipe.incr(keys.STEER_VERSION)
         return version
 
-    return r.transaction(tx, keys.steer(run), value_from_callable=True)
+    version = r.transaction(tx, keys.steer(run), value_from_callable=True)
+    r.incr(keys.STEER_VERSION)  # after: a monitor that sees the bump reads the new set (another slot on a cluster)
+    return int(version)
 
 
 def set_interventions(r: redis.Redis, run: str, msgs: list[dict[str, Any]]) -> int:
@@ -151,6 +152,9 @@ class ControlChannel:
         self._due: set[str] = set()
         self._next = 0.0
         self.published = 0
+        # the runs this monitor serves (holds the lease of): agents' reports reach every monitor
+        # they are connected to, and only the serving one writes them
+        self.serves: Callable[[str], bool] = lambda run: True
 
     # -- what agents report -----------------------------------------------------------------------
     def on_data_event(self, frame: CtlFrame) -> None:
@@ -179,7 +183,11 @@ class ControlChannel:
                 self._read(parts)
         while self._backlog:
             kind, item = self._backlog[0]
-            if kind == "sub":
+            run = item[0] if kind == "sub" else item.run
+            if not self.serves(run):
+                if kind != "sub":  # a subscription is kept in `opted`, and written when the run comes here
+                    self.refused["not_served"] += 1
+            elif kind == "sub":
                 self._write_subscription(*item)
             elif kind == "declined":
                 if item.run not in self.opted:
@@ -187,6 +195,11 @@ class ControlChannel:
             else:
                 self.on_event(item)
             self._backlog.popleft()
+
+    def now_serving(self, run: str) -> None:
+        """This monitor took ``run`` over: its agent's subscription here is written now."""
+        if run in self.opted:
+            self._queue(("sub", (run, True)))
 
     def _read(self, parts: list[bytes]) -> None:
         if len(parts) == 1 and parts[0][:1] in (b"\x00", b"\x01"):  # a subscription or its end

@@ -45,6 +45,10 @@ def job_key(run: str, tap: str, latent: int) -> str:
     return f"{run}|{tap}|{latent}"
 
 
+def _pending_member(tap: str, latent: int) -> str:
+    return f"{tap}|{latent}"  # in the run's own set, so marking it done is in the run's slot
+
+
 def _history_field(tap: str, latent: int) -> str:
     return f"{tap}/{latent}/history"  # a latent is an integer, so no "TAP/LATENT" field looks like this
 
@@ -65,7 +69,7 @@ def file_job(r: redis.Redis, run: str, tap: str, latent: int, *, reason: str) ->
         width = int(json.loads(info)["width"])
         if not 0 <= latent < width:
             raise ConfigError(f"{tap} of run {run!r} has {width} channels (0 to {width - 1}); there is no #{latent}")
-    if not r.sadd(keys.EXPLAIN_PENDING, job_key(run, tap, latent)):
+    if not r.sadd(keys.explain_pending(run), _pending_member(tap, latent)):
         return False
     r.xadd(keys.EXPLAIN_JOBS, {"run": run, "tap": tap, "latent": str(latent), "reason": reason, "filed": str(time.time())})
     return True
@@ -110,7 +114,7 @@ def store_explanation(r: redis.Redis, explanation: dict[str, Any], *, keep: int 
                 best = _best(history)
                 p.multi()
                 p.hset(h, mapping={f: json.dumps(best), hf: json.dumps(history)})
-                p.srem(keys.EXPLAIN_PENDING, job_key(e["run"], e["tap"], int(e["latent"])))
+                p.srem(keys.explain_pending(e["run"]), _pending_member(e["tap"], int(e["latent"])))
                 p.execute()
                 return best
             except redis.WatchError:

@@ -9,10 +9,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import msgpack
 import numpy as np
 import redis
+from redis.cluster import ClusterNode
 
 from monitor.stats.moments import Moments, Recent
 from monitor.store import keys
@@ -20,6 +22,7 @@ from monitor.store import keys
 __all__ = [
     "Store",
     "connect",
+    "is_cluster",
     "ConfigError",
     "resolve_redis_url",
     "EPISODES_MAXLEN",
@@ -47,12 +50,48 @@ def resolve_redis_url(url: str | None, data_dir: Path | None) -> str:
     raise ConfigError("no Redis to talk to: start one with `interlatent up`, or pass --redis URL (or set INTERLATENT_REDIS_URL)")
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def _cluster_client(url: str) -> Any:
+    """A Redis Cluster client for ``redis+cluster://[user:password@]host:port,host:port,...``
+    (``rediss+cluster`` for TLS): the seed nodes, from which redis-py learns the rest."""
+    scheme, _, rest = url.partition("://")
+    auth, at, hosts = rest.rpartition("@")
+    hosts = hosts.split("/", 1)[0].split("?", 1)[0]
+    user, _, password = auth.partition(":") if at else ("", "", "")
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"Redis Cluster URL {url!r}: seed node {item.strip()!r} is not host:port")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    return redis.RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        ssl=scheme == "rediss+cluster",
+        socket_connect_timeout=3,
+        socket_timeout=10,
+    )
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
 def connect(url: str) -> redis.Redis:
-    """A client for ``url`` that has answered a PING, or a :class:`ConfigError` saying what to do."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    """A client for ``url`` that has answered a PING, or a :class:`ConfigError` saying what to do.
+    ``redis+cluster://h1:p1,h2:p2`` is a Redis Cluster (redis-py's cluster client, same API)."""
     try:
+        if url.partition("://")[0] in CLUSTER_SCHEMES:
+            client = _cluster_client(url)
+        else:
+            client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         client.ping()
-    except redis.RedisError as e:
+    except ConfigError:
+        raise
+    except (redis.RedisError, ValueError, IndexError) as e:
         raise ConfigError(f"cannot reach Redis at {url}: {e}; is `interlatent up` running?") from e
     return client
 
@@ -193,7 +232,7 @@ class Store:
         return unpack_analytics(blob) if blob else None
 
     def register_transcoder(self, info: dict[str, Any]) -> None:
-        p = self.r.pipeline()
+        p = self.r.pipeline(transaction=True)  # both keys share the {transcoders} tag
         p.hset(keys.TRANSCODERS, info["name"], json.dumps(info))
         p.incr(keys.TRANSCODERS_VERSION)
         p.execute()
@@ -257,11 +296,11 @@ class Store:
         """Delete every key of ``run`` (:func:`keys.run_keys`), its registry entry and its
         recording request; the number of keys deleted."""
         names = self.taps(run)
-        p = self.r.pipeline(transaction=True)
-        p.delete(*keys.run_keys(run, list(names)))
+        deleted = self.r.delete(*keys.run_keys(run, list(names)))  # one slot: the run's hash tag
+        p = self.r.pipeline(transaction=False)  # the registries are slots of their own
         p.zrem(keys.RUNS, run)
         p.hdel(keys.RECORD, run)
-        deleted, *_ = p.execute()
+        p.execute()
         return int(deleted)
 
     def run_cost(self, run: str) -> dict[str, Any]:

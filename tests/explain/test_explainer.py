@@ -56,7 +56,7 @@ def test_rules_explanation_names_the_planted_metric_and_beats_shuffled(store: St
     assert e0["backend"] == "rules" and len(e0["prompt_hash"]) == 16 and e0["examples"]
     assert e1["conditions"] == [] and e1["score"]["methods"] == {} and e1["score"]["balanced_accuracy"] is None  # noise: no claim
     assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0
-    assert store.r.scard(keys.EXPLAIN_PENDING) == 0
+    assert store.r.scard(keys.explain_pending("cp")) == 0
 
 
 def test_duplicates_collapse_until_explained(store: Store) -> None:
@@ -99,7 +99,9 @@ def test_a_job_its_workers_keep_dying_on_is_given_up(store: Store) -> None:
     assert w.run(burst=True) == 0 and w.failed == 1
     (e,) = explanations(store.r, "cp")
     assert "given up after 4 deliveries" in e["error"] and e["worker"] == "alive"
-    assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0 and store.r.scard(keys.EXPLAIN_PENDING) == 0
+    assert (
+        store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0 and store.r.scard(keys.explain_pending("cp")) == 0
+    )
 
 
 def test_a_job_that_cannot_be_explained_is_recorded_and_acked(store: Store) -> None:
@@ -222,7 +224,7 @@ def test_drift_files_again_only_the_latents_that_moved(store: Store) -> None:
     assert f.on_analytics("r", "latents:x", 5, corr) == 0  # too few examples yet
     assert f.on_analytics("r", "mlp.0:out", 100, corr) == 0  # raw taps are explained when asked
     assert f.on_analytics("r", "latents:x", 20, corr) == 2
-    store.r.delete(keys.EXPLAIN_PENDING)  # both explained
+    store.r.delete(keys.explain_pending("r"))  # both explained
     assert f.on_analytics("r", "latents:x", 40, corr + 0.1) == 0  # small moves: nothing new
     moved = corr.copy()
     moved[1, 0] = -0.5

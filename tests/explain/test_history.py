@@ -64,7 +64,7 @@ def test_a_minimal_record_is_stored_and_the_queued_mark_cleared(store: Store) ->
     r = store.r
     assert file_job(r, "lm", "latents:sae", 3, reason="asked")
     store_explanation(r, {"run": "lm", "tap": "latents:sae", "latent": 3, "label": "L", "text": "", "backend": "test"})
-    assert best_explanation(r, "lm", "latents:sae", 3)["label"] == "L" and r.scard(keys.EXPLAIN_PENDING) == 0
+    assert best_explanation(r, "lm", "latents:sae", 3)["label"] == "L" and r.scard(keys.explain_pending("lm")) == 0
     assert json.loads(r.hget(keys.explanations("lm"), "latents:sae/3"))["label"] == "L"  # the field the panel reads
 
 
@@ -72,6 +72,6 @@ def test_a_latent_past_the_taps_width_is_refused(store: Store) -> None:
     store.r.hset(keys.run_taps("r"), "h:out", json.dumps({"width": 4, "dtype": "float32", "rows": 10, "frames": 1}))
     with pytest.raises(ConfigError, match="has 4 channels"):
         file_job(store.r, "r", "h:out", 4, reason="asked")
-    assert store.r.xlen(keys.EXPLAIN_JOBS) == 0 and store.r.scard(keys.EXPLAIN_PENDING) == 0
+    assert store.r.xlen(keys.EXPLAIN_JOBS) == 0 and store.r.scard(keys.explain_pending("r")) == 0
     assert file_job(store.r, "r", "h:out", 3, reason="asked")
     assert file_job(store.r, "r", "latents:new", 9, reason="enough examples")  # a tap not registered yet: not refused

@@ -204,7 +204,9 @@ def test_no_job_is_worked_on_by_two_live_workers(redis_url: str, store: Store) -
     assert by_latent[0] == {holder, other}
     assert all(len(explanation_history(store.r, "cp", "h:out", j)) == 1 for j in range(3))  # each explained once
     assert best_explanation(store.r, "cp", "h:out", 0)["worker"] == other
-    assert store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0 and store.r.scard(keys.EXPLAIN_PENDING) == 0
+    assert (
+        store.r.xpending(keys.EXPLAIN_JOBS, keys.EXPLAIN_GROUP)["pending"] == 0 and store.r.scard(keys.explain_pending("cp")) == 0
+    )
 
 
 def test_a_worker_whose_job_was_taken_over_stores_nothing(store: Store) -> None:
