@@ -104,7 +104,7 @@ def store_explanation(r: redis.Redis, explanation: dict[str, Any], *, keep: int 
     the best current one the latent's record, clear the latent's queued mark; returns that record."""
     e = explanation
     h, f, hf = keys.explanations(e["run"]), f"{e['tap']}/{e['latent']}", _history_field(e["tap"], int(e["latent"]))
-    with r.pipeline() as p:
+    with r.pipeline(transaction=True) as p:
         while True:
             try:
                 p.watch(h)

@@ -91,7 +91,7 @@ def connect(url: str) -> redis.Redis:
         client.ping()
     except ConfigError:
         raise
-    except (redis.RedisError, ValueError, IndexError) as e:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError, IndexError) as e:
         raise ConfigError(f"cannot reach Redis at {url}: {e}; is `interlatent up` running?") from e
     return client
 
