@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monitor.cli.common import Settings, pin_threads
+from monitor.store.records import ConfigError
 
 __all__ = ["add_parsers", "cmd_bench"]
 
@@ -24,6 +25,14 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
         res = {"alerts": bench.bench_alerts(alerts=args.alerts)}
         if not args.json:
             _print_alerts_table(res["alerts"])
+    elif args.what == "scale":
+        from monitor.tools.scale import bench_scale
+
+        if args.agents < 1 or not args.seconds > 0 or not args.rate_hz > 0:
+            raise ConfigError("--agents must be at least 1, --seconds and --rate-hz positive")
+        res = {"scale": bench_scale(agents=args.agents, seconds=args.seconds, rate_hz=args.rate_hz)}
+        if not args.json:
+            _print_scale_table(res["scale"])
     elif args.what == "encode":
         res = {"encode": bench.bench_encode()}
         if not args.json:
@@ -34,6 +43,22 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
             _print_stats_table(res["stats"])
     print(json.dumps(res))
     return 0
+
+
+def _print_scale_table(sc: dict[str, Any]) -> None:
+    print(
+        f"bench scale: {sc['agents']} agents, each {sc['rate_hz']:g} forwards/s of {sc['rows_per_forward']} rows "
+        f"({sc['width']} wide) for {sc['seconds']:g} s, on {sc['cores']} cores"
+    )
+    print(
+        "  masters monitors  offered/s  received/s  recv  runs/monitor   rows/monitor-CPU-s  Redis cmd/s  cmd/run/s  cmd/Redis-CPU-s"
+    )
+    for c in sc["configs"]:
+        print(
+            f"  {c['redis_masters']:>7} {c['monitors']:>8} {c['offered_rows_per_s']:>10,.0f} {c['received_rows_per_s']:>11,.0f} "
+            f"{c['received_vs_offered']:>5.2f}  {str(c['runs_per_monitor']):<14} {c['rows_per_monitor_cpu_s']:>17,.0f} "
+            f"{c['redis_commands_per_s']:>12,.0f} {c['redis_commands_per_run_s']:>10.1f} {c['redis_commands_per_cpu_s']:>16,.0f}"
+        )
 
 
 def _print_alerts_table(al: dict[str, Any]) -> None:
@@ -108,13 +133,16 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     common(sp)
     sp.add_argument(
         "what",
-        choices=["hook", "stats", "encode", "alerts"],
+        choices=["hook", "stats", "encode", "alerts", "scale"],
         help="hook: agent overhead and monitor ingest; stats: live statistics per step; encode: online encoding vs a bare matmul; "
-        "alerts: alert latency to Redis and to a webhook",
+        "alerts: alert latency to Redis and to a webhook; scale: agents against 1-3 monitors on 1 and 3 Redis masters",
     )
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
     sp.add_argument("--alerts", type=int, default=3000, help="alerts: spikes planted per variant")
     sp.add_argument("--steps", type=int, default=3000)
+    sp.add_argument("--agents", type=int, default=12, help="scale: agent processes")
+    sp.add_argument("--seconds", type=float, default=8.0, help="scale: how long each configuration runs")
+    sp.add_argument("--rate-hz", type=float, default=100.0, help="scale: forwards per second per agent (32 rows each)")
     sp.add_argument("--threads", type=int, default=1, help="torch threads for the agent loop (stated in the output)")
     sp.set_defaults(fn=cmd_bench)

@@ -32,6 +32,7 @@ from monitor.cli.runs import add_parsers as add_runs_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
 from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
+from monitor.service.ingest import LEASE_S
 from monitor.store.records import ConfigError
 
 log = logging.getLogger("interlatent")
@@ -74,6 +75,12 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
         return 2
     finally:
         services.stop()
+
+
+def _lease_s(v: float) -> float:
+    if not 0 < v < float("inf"):
+        raise ConfigError(f"--lease-s must be a positive number of seconds, got {v}")
+    return v
 
 
 def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
@@ -119,6 +126,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         steering=not args.no_steering,
         evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None,
         alert_idle_s=args.alert_idle_s if args.alert_idle_s > 0 else None,
+        lease_s=_lease_s(args.lease_s),
         **monitor_limits(args),
     )
     server = None
@@ -244,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=900.0,
         help="let a run quiet this long go from memory (its state stays in Redis; 0: never)",
+    )
+    sp.add_argument(
+        "--lease-s",
+        type=float,
+        default=LEASE_S,
+        help="a run's lease in Redis lives this long unless renewed: how soon another monitor may take over a dead one's runs",
     )
     sp.add_argument("--window-steps", type=int, default=1000, help="rolling window of the live correlations")
     sp.add_argument("--ew-alpha", type=float, default=0.01, help="weight of a new step in the EW correlations")

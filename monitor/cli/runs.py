@@ -83,7 +83,8 @@ def monitor_limits(args: argparse.Namespace) -> dict[str, Any]:
 def print_status(st: dict[str, Any]) -> None:
     """The text of `interlatent status`: every name escaped."""
     mon = st["monitor"]
-    line = f"monitor: {'alive' if mon['alive'] else 'not running'}"
+    n = len(mon.get("instances", []))
+    line = f"monitor: {'alive' if mon['alive'] else 'not running'}" + (f" ({n} instances)" if n > 1 else "")
     if mon["rejected"]:
         line += f"; rejected {printable(mon['rejected'])}"
     if any(mon.get("lost", {}).values()):
@@ -101,6 +102,7 @@ def print_status(st: dict[str, Any]) -> None:
             f"last seen {r['last_seen_s']:.1f}s ago"
             + (f"; lost {lost}" if lost else "")
             + (f"; {r['early_dropped']} rows before metrics let go" if r.get("early_dropped") else "")
+            + (f"; served by {printable(r['monitor'])}" if n > 1 and r.get("monitor") else "")
         )
         for tap, t in r["taps"].items():
             print(f"  {printable(tap):<40} width {t['width']:>6}  rows {t['rows']:>10}")

@@ -274,6 +274,7 @@ class Monitor:
                 st.outbox = self.outbox
             if isinstance(frame, CtlFrame):  # the agent's greeting: its sequence counts, its claims do not
                 st.sequence(frame)
+                st.greetings += 1
                 st.last_seen, st.dirty = now, True
                 self.control.on_data_event(frame)
             else:
@@ -502,7 +503,8 @@ class Monitor:
                     self.store.set_record(run, requests[run])
                     log.warning("recording of run %r failed: %s", run, why)
         for run, req in requests.items():
-            if req.get("state") == "requested" and run not in self.recorders:
+            # taken by the monitor serving the run (with several, only that one records it)
+            if req.get("state") == "requested" and run not in self.recorders and run in self.runs:
                 if self.data_dir is None:
                     self.store.set_record(run, {**req, "state": "failed", "error": "this monitor has no --data-dir"})
                     continue

@@ -61,6 +61,7 @@ def write_run(
             "lost_tokens": st.lost["tokens"],
             "early_dropped": st.early_dropped,
             "unwatched": st.unwatched,
+            "greetings": st.greetings,
         },
     )
     changed = {t: s for t, s in st.taps.items() if s.dirty}
@@ -163,6 +164,7 @@ def load_run(store: Store, run: str, *, recent_rows: int, analytics_cfg: Analyti
         returns=json.loads(h.get("returns", "[]")),
         rows=int(h.get("rows", 0)),
         early_dropped=int(h.get("early_dropped", 0)),
+        greetings=int(h.get("greetings", 0)),
     )
     st.lost.update({k: int(h[f"lost_{k}"]) for k in ("episodes", "tokens") if int(h.get(f"lost_{k}", 0))})
     st.pubs = {k.decode(): json.loads(v) for k, v in pubs.items()}

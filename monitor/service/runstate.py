@@ -165,6 +165,7 @@ class RunState:
     analytics: dict[str, TapAnalytics] = field(default_factory=dict)
     early: dict[str, _Early] = field(default_factory=dict)  # rows before any metrics
     early_bytes: int = 0  # all of early, in bytes
+    greetings: int = 0  # the agents' hello messages (each takes a sequence number, and is no frame of data)
     early_dropped: int = 0  # rows let go from early past its byte budgets (counted, shown in status)
     analytics_dirty: bool = False  # analytics changed since they were last written
     failure_profiles: dict[str, FailureProfile] = field(default_factory=dict)

@@ -406,6 +406,7 @@ class Store:
                     "rows_per_s": float(h.get("rows_per_s", 0.0)) if now - last_seen < 10 else 0.0,
                     "lag_s": float(h.get("lag_s", 0.0)),
                     "publishers": len(pubs),
+                    "monitor": h.get("monitor", ""),  # the id of the monitor that wrote it last (its lease holder)
                     "episodes": int(h.get("episodes", 0)),
                     "unwatched": int(h.get("unwatched", 0)),
                     "lost": {k: int(h.get(f"lost_{k}", 0)) for k in ("episodes", "tokens")},

@@ -4,6 +4,8 @@ cluster."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from redis.crc import key_slot
@@ -95,3 +97,18 @@ def test_a_monitor_on_a_cluster_writes_restores_and_deletes_runs(redis_cluster: 
     assert "a{b}c" not in store.runs() and load_run(store, "a{b}c", recent_rows=64) is None
     assert {h["kind"] for h in store.health()} == set()  # the monitor's heartbeat went with close(), on whichever shard
     store.r.close()
+
+
+def test_the_cluster_compose_file_runs_three_monitors_on_the_cluster() -> None:
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "compose.cluster.yaml").read_text())
+    services = spec["services"]
+    monitors = [s for name, s in services.items() if name.startswith("monitor-")]
+    endpoints = [s["command"].split("--endpoint ")[1].split('"')[0].strip() for s in monitors]
+    assert len(monitors) == 3 and len(set(endpoints)) == 3
+    for name in ("monitor-1", "explainer", "panel"):
+        url = services[name]["environment"]["INTERLATENT_REDIS_URL"]
+        assert url.startswith("redis+cluster://")
+        hosts = url.split("://", 1)[1].split(",")
+        assert [h.rsplit(":", 1)[1] for h in hosts] == ["7000"] * 3 and {h.split(":")[0] for h in hosts} <= set(services)
