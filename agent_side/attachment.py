@@ -30,6 +30,7 @@ import torch
 from agent_side import wire
 from agent_side.control import Controller, greeting, load_agent_key, load_monitor_key, read_key
 from agent_side.lm import TokenTracker, token_rows
+from agent_side.routing import DEFAULT_FAILOVER_S, endpoints_from_env, parse_endpoints, rendezvous
 from agent_side.sender import Sender
 from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve_tap
 from agent_side.wire import DEFAULT_ENDPOINT
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 _SENDABLE = (torch.float16, torch.float32, torch.float64)
 _FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big language-model forwards)
 CONNECT_WAIT_S = 1.0  # how long attach() waits for a monitor that already listens
+
+
+def _env_float(name: str, default: float) -> float:
+    """A number of seconds from the environment (unset or empty: ``default``), never negative."""
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise ValueError(f"${name} must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise ValueError(f"${name} must be >= 0, got {text!r}")
+    return value
 
 
 class _TapRows:
@@ -102,15 +115,16 @@ class Attachment:
         taps: Sequence[str],
         *,
         run: str,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         flush_rows: int = 256,
         flush_ms: float = 100.0,
         sndhwm: int = 128,
         allow_control: bool = False,
-        control_endpoint: str | None = None,
+        control_endpoint: str | Sequence[str] | None = None,
         monitor_key: str | bytes | None = None,
         agent_key: str | None = None,
         connect_wait_s: float | None = None,
+        failover_s: float | None = None,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
@@ -129,7 +143,11 @@ class Attachment:
         self._extra_hooks: list[Callable[[], Any]] = []  # registered with the taps: track_tokens()
         self._trackers: list[TokenTracker] = []
         self.run = run
-        self.endpoint = endpoint or os.environ.get("INTERLATENT_ENDPOINT") or DEFAULT_ENDPOINT
+        given = endpoints_from_env(DEFAULT_ENDPOINT) if endpoint is None or endpoint == "" else parse_endpoints(endpoint)
+        self.endpoints = rendezvous(run, given)  # the run's order: every agent and monitor computes the same
+        self.endpoint = self.endpoints[0]  # the run's first choice
+        if failover_s is None:
+            failover_s = _env_float("INTERLATENT_FAILOVER_S", DEFAULT_FAILOVER_S)
         self.flush_rows = int(flush_rows)
         self._flush_s = flush_ms / 1000.0
         self.paused = False
@@ -151,14 +169,16 @@ class Attachment:
             found = load_monitor_key(monitor_key)
             server_key = found if isinstance(found, bytes) else read_key(found)
             if server_key is None:
-                raise ValueError(f"agent_key is set, so the monitor's public key is needed now; none at {found}")
+                raise ValueError(f"agent_key is set, so the monitor's public key is needed now; none at {str(found)}")
+        control = control_endpoint or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
         self._control = (
             Controller(
                 module,
                 run=run,
-                endpoint=control_endpoint
-                or os.environ.get("INTERLATENT_CONTROL_ENDPOINT")
-                or wire.control_endpoint(self.endpoint),
+                # every monitor of the tier: the one that holds the run's lease steers it
+                endpoint=parse_endpoints(control, source="control_endpoint")
+                if control
+                else [wire.control_endpoint(e) for e in self.endpoints],
                 monitor_key=server_key or load_monitor_key(monitor_key),
                 keypair=keypair,
                 width_of=lambda t: self._taps[t].width if t in self._taps else None,
@@ -168,21 +188,23 @@ class Attachment:
             else None
         )
         self._sender = Sender(
-            self.endpoint,
+            self.endpoints,
             sndhwm=sndhwm,
             on_change=self._on_connection,
             greeting=greeting(run, self._control),
             curve_serverkey=server_key,
             curve_keypair=keypair,
+            failover_s=failover_s,
+            run=run,
         )
         if self._control is not None:
             self._control.start(self._sender)
         if connect_wait_s is None:
-            connect_wait_s = float(os.environ.get("INTERLATENT_CONNECT_WAIT_S") or CONNECT_WAIT_S)
+            connect_wait_s = _env_float("INTERLATENT_CONNECT_WAIT_S", CONNECT_WAIT_S)
         if connect_wait_s > 0:
             self._sender.wait_settled(connect_wait_s)
         self._watching = bool(self._handles)
-        log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, self.endpoint, run)
+        log.info("attached %d taps of %s to %s as run %r", len(specs), type(module).__name__, ", ".join(self.endpoints), run)
 
     # -- hooks on while a monitor listens -----------------------------------------------------
     def _on_connection(self, connected: bool) -> None:
@@ -260,9 +282,10 @@ class Attachment:
         if t.dtype is torch.float32 and t.dim() == 2 and t.is_cpu and not t.requires_grad and t.shape[1] == s.width and s.arrays:
             arr = t.numpy().copy()  # the copy: later in-place ops on t cannot touch the frame
         else:
-            arr = self._first_of_kind(s, t)
-            if arr is None:
+            first = self._first_of_kind(s, t)
+            if first is None:
                 return
+            arr = first
         s.arrays.append(arr)
         s.steps.append(step)
         s.rows += arr.shape[0]
@@ -300,10 +323,11 @@ class Attachment:
         step = max(1, _FLUSH_BYTES // max(1, data[0].nbytes))  # one huge forward goes out in pieces
         for i in range(0, len(data), step):
             d, p = data[i : i + step], pos[i : i + step]
-            self._sender.send(
-                lambda pub, seq, drops, uw, d=d, p=p: wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead, unwatched=uw),
-                len(d),
-            )
+
+            def build(pub: str, seq: int, drops: int, uw: int, d: np.ndarray = d, p: np.ndarray = p) -> list[Any]:
+                return wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead, unwatched=uw)
+
+            self._sender.send(build, len(d))
 
     # -- metrics ----------------------------------------------------------------------------
     def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
@@ -481,6 +505,8 @@ class Attachment:
             "unwatched": s.unwatched,
             "handshake_failures": s.handshake_failures,
             "connected": s.connected,
+            "target": s.target,
+            "failovers": s.failovers,
             "step": self.step,
             "tokens_unplaced": sum(t.unplaced for t in self._trackers),
             **(self._control.counters() if self._control is not None else {"control": False}),
@@ -523,26 +549,34 @@ def attach(
     taps: Iterable[str] | str,
     *,
     run: str,
-    endpoint: str | None = None,
+    endpoint: str | Sequence[str] | None = None,
     flush_rows: int = 256,
     flush_ms: float = 100.0,
     sndhwm: int = 128,
     allow_control: bool = False,
-    control_endpoint: str | None = None,
+    control_endpoint: str | Sequence[str] | None = None,
     monitor_key: str | bytes | None = None,
     agent_key: str | None = None,
     connect_wait_s: float | None = None,
+    failover_s: float | None = None,
 ) -> Attachment:
     """Stream the activations at ``taps`` of ``module`` to a monitor at ``endpoint``.
 
     ``taps`` are ``"module.name:in"`` or ``"module.name:out"``; unknown names fail here with
     close matches. A language model's tap may be a TransformerLens hook name
     (``"blocks.3.hook_resid_post"``, on a HookedTransformer or a HuggingFace model
-    :mod:`agent_side.hooknames` maps), streamed under that name. ``endpoint`` defaults to ``$INTERLATENT_ENDPOINT`` or ``tcp://127.0.0.1:5557``.
+    :mod:`agent_side.hooknames` maps), streamed under that name.
+    ``endpoint`` is one monitor, or a tier of them (a list, or a comma-separated string); it
+    defaults to ``$INTERLATENT_ENDPOINTS`` (comma separated), else ``$INTERLATENT_ENDPOINT``, else
+    ``tcp://127.0.0.1:5557``. With several, the run streams to one at a time, the first reachable in
+    :func:`agent_side.routing.rendezvous` order, and moves down that order when its monitor has been
+    gone ``failover_s`` (default 3, ``$INTERLATENT_FAILOVER_S``), back once an earlier one has stayed
+    connected max(0.5 s, failover_s / 3) (:mod:`agent_side.sender`).
     The agent may start before the monitor, and the monitor may come and go: while none is
     connected, nothing is copied and what would have been sent is counted as dropped.
     ``allow_control=True`` lets ``interlatent steer`` steer this module live (see :mod:`agent_side.control`;
-    ``control_endpoint`` defaults to ``$INTERLATENT_CONTROL_ENDPOINT`` or the endpoint's port + 1). The
+    ``control_endpoint`` (one, a list or a comma-separated string) defaults to
+    ``$INTERLATENT_CONTROL_ENDPOINT`` or each endpoint's port + 1, every monitor's). The
     control channel is CURVE: ``monitor_key`` is the monitor's public key (z85 text, or the path of its
     ``monitor.key`` file; default ``$INTERLATENT_MONITOR_KEY``, else ``DATA_DIR/curve/monitor.key``), and
     a control socket that cannot prove it is never listened to. ``agent_key`` (default
@@ -565,4 +599,5 @@ def attach(
         monitor_key=monitor_key,
         agent_key=agent_key,
         connect_wait_s=connect_wait_s,
+        failover_s=failover_s,
     )

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +148,16 @@ class Controller:
         root: torch.nn.Module,
         *,
         run: str,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         width_of: Callable[[str], int | None],
         step_of: Callable[[], int],
         monitor_key: bytes | Path | None = None,
         keypair: tuple[bytes, bytes] | None = None,
     ) -> None:
-        self.root, self.run, self.endpoint = root, run, endpoint
+        self.root, self.run = root, run
+        # several monitors: one XSUB connects to every one's XPUB (reports go to all of them)
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = ", ".join(self.endpoints)
         self._keypair = keypair  # this agent's own (for a monitor with --allow-keys), else one made per connection
         self.monitor_key = load_monitor_key(monitor_key) if not isinstance(monitor_key, (bytes, Path)) else monitor_key
         self.version = -1  # the version of the set held now; -1: none received yet
@@ -217,7 +220,8 @@ class Controller:
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         )
-        sock.connect(self.endpoint)
+        for endpoint in self.endpoints:
+            sock.connect(endpoint)
         sock.send(b"\x01" + wire.control_topic(self.run))  # XSUB sends it again on every reconnection
         return sock, events
 
@@ -338,8 +342,12 @@ class Controller:
                     continue
                 reason = self._misfit(iv)
                 if reason is None:
+
+                    def failed(err: SteerError, id_: str = id_) -> None:
+                        self._failed_in_forward(id_, err)
+
                     try:
-                        self._active[id_] = (iv, iv.apply(self.root, on_error=lambda e, id_=id_: self._failed_in_forward(id_, e)))
+                        self._active[id_] = (iv, iv.apply(self.root, on_error=failed))
                     except SteerError as e:
                         reason = str(e)
                 if reason is None:
@@ -351,9 +359,9 @@ class Controller:
             self.version = version
             self.messages += 1
             active = list(self._active)
-        for e in events:
-            (log.warning if e["event"] == "refused" else log.info)("steering %s: %s", e["event"], e)
-            self._report(e)
+        for ev in events:
+            (log.warning if ev["event"] == "refused" else log.info)("steering %s: %s", ev["event"], ev)
+            self._report(ev)
         self._report({"event": "synced", "version": version, "active": active})
 
     def _misfit(self, iv: Intervention) -> str | None:
