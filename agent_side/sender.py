@@ -11,9 +11,10 @@ waits, so it costs the agent nothing) and keeps the routing current; the attachm
 waits for the first connection attempt to end either way (a refused one ends at once), so
 ``attach()`` can give a monitor that already listens the agent's first step. This libzmq (4.3.5)
 does not send a bound SUB's subscription to peers that connect later, so XPUB cannot learn about
-a listener here; connection events are the equivalent signal. On every new connection the sender
-first sends its ``greeting`` (the agent's control ``hello``) on that connection, so every
-monitor, and one that starts later, learns it.
+a listener here; connection events are the equivalent signal. On every new connection to the
+target (below), and whenever the target changes, the sender first sends its ``greeting`` (the
+agent's control ``hello``) there, so the monitor serving the run, and one that starts later,
+learns it; monitors that are not the target never hear it.
 
 Routing over several endpoints (given in the run's order, :func:`agent_side.routing.rendezvous`):
 messages go to one *target* at a time, the first endpoint in order that is eligible:
@@ -27,9 +28,8 @@ messages go to one *target* at a time, the first endpoint in order that is eligi
   the run back and forth.
 
 All sockets share one publisher id and one ``seq`` / ``drops`` / ``unwatched``: to the monitors a
-failover is a gap in one publisher's sequence, never a new publisher or a sequence going back (a
-greeting to a monitor that is not the target takes a number too, so the target counts it as a
-gap of one). With one endpoint all this reduces to the single socket it always was.
+failover is a gap in one publisher's sequence, never a new publisher or a sequence going back.
+With one endpoint all this reduces to the single socket it always was.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ Build = Callable[[str, int, int, int], list[Any]]
 class _Link:
     """One endpoint's socket and what its watcher knows of it."""
 
-    __slots__ = ("endpoint", "sock", "watcher", "connected", "since", "settled")
+    __slots__ = ("endpoint", "sock", "watcher", "connected", "since", "settled", "connections", "greeted")
 
     def __init__(self, endpoint: str, sock: zmq.Socket, since: float) -> None:
         self.endpoint = endpoint
@@ -71,6 +71,8 @@ class _Link:
         self.connected = False
         self.since = since  # when ``connected`` last changed (the sender's start for one never reached)
         self.settled = threading.Event()  # the first connection attempt ended: connected, refused or failed
+        self.connections = 0  # handshakes completed
+        self.greeted = 0  # the connection the greeting went out on last
 
 
 class Sender:
@@ -83,7 +85,8 @@ class Sender:
     its endpoint (None once the last one has been gone ``failover_s`` with no other connected),
     ``failovers`` counts the moves from one endpoint to another.
     ``on_change(connected)`` is called from a watcher thread when ``connected`` changes;
-    ``greeting(pub, seq, drops, unwatched)`` builds a message sent first on every new connection.
+    ``greeting(pub, seq, drops, unwatched)`` builds a message sent first to the target on every
+    new connection and on every move.
     ``curve_serverkey`` (z85, with the agent's own ``curve_keypair``) makes the data channel
     CURVE: only a monitor holding that key's secret completes the handshake. ``run`` names the
     run in the log lines about moves.
@@ -188,8 +191,9 @@ class Sender:
                         log.info("monitor at %s %s", link.endpoint, "connected" if link.connected else "gone")
                         self._reroute()
                 if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    if self._greeting is not None:
-                        self._greet(link, self._greeting)
+                    with self._route_lock:
+                        link.connections += 1
+                        self._greet_target()
                     link.settled.set()
         except zmq.ZMQError:
             return  # context terminated under us at close
@@ -239,12 +243,22 @@ class Sender:
                 self.failovers += 1
                 log.info("run %r moves from %s to %s", self.run, self._last.endpoint, route.endpoint)
                 self._last = route
+        self._greet_target()
         connected = route is not None and route.connected
         if connected != self.connected:
             self.connected = connected
             if self._on_change is not None:
                 self._on_change(connected)
             (self._up.set if connected else self._up.clear)()
+
+    def _greet_target(self) -> None:
+        """Greet the target once per connection (the caller holds ``_route_lock``): only the
+        monitor the run's messages go to hears the hello, so the others never count it."""
+        link = self._route
+        if self._greeting is None or link is None or not link.connected or link.greeted == link.connections:
+            return
+        link.greeted = link.connections
+        self._greet(link, self._greeting)
 
     def _greet(self, link: _Link, greeting: Build) -> None:
         for _ in range(20):  # the new pipe may take a moment to attach; retries are not drops

@@ -32,7 +32,7 @@ from monitor.cli.runs import add_parsers as add_runs_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
 from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
-from monitor.service.ingest import LEASE_S
+from monitor.service.leases import LEASE_S
 from monitor.store.records import ConfigError
 
 log = logging.getLogger("interlatent")

@@ -47,7 +47,7 @@ from monitor.service.autotrain import AutoTrain, AutoTrainer
 from monitor.service.curve import monitor_keypair
 from monitor.service.encoding import Encoders
 from monitor.service.filing import JobFiler
-from monitor.service.leases import LeaseLost, Leases
+from monitor.service.leases import LEASE_S, LeaseLost, Leases
 from monitor.service.persist import load_run, write_run
 from monitor.service.runstate import OUTBOX_BYTES, RECENT_ROWS, Outbox, RejectFrame, RunState
 from monitor.service.steering import ControlChannel
@@ -62,7 +62,6 @@ __all__ = ["Monitor", "MonitorResult"]
 RECORD_IDLE_S = 5.0  # a recording whose run sends nothing for this long is closed with what it has
 RETAIN_SWEEP_S = 60.0  # how often runs past their retention are looked for
 RETAIN_SWEEP_RUNS = 100  # runs deleted per sweep at most (the rest go at the next one)
-LEASE_S = 5.0  # a run's lease lives this long unless renewed: how soon a dead monitor's runs can move
 HANDOVER_QUIET_S = 1.0  # a run quiet this long, that another monitor asked for, is handed over
 HANDOVER_CHECK_S = 0.5  # how often quiet runs are checked for being wanted elsewhere
 ENCODER_RETRY_S = 2.0  # how often a transcoder that could not be loaded is looked at again

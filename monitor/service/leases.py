@@ -29,11 +29,12 @@ import redis
 from monitor.store import keys
 from monitor.store.records import Store
 
-__all__ = ["Leases", "LeaseLost", "LEASES_MAXLEN", "lease_history"]
+__all__ = ["Leases", "LeaseLost", "LEASE_S", "LEASES_MAXLEN", "lease_history"]
 
 log = logging.getLogger(__name__)
 
 LEASES_MAXLEN = 100_000
+LEASE_S = 5.0  # a run's lease lives this long unless renewed: how soon a dead monitor's runs can move
 WRITER_FIELD = "monitor"  # the run's counters hash: the id of the monitor that wrote it last
 
 
@@ -45,7 +46,7 @@ class Leases:
     """The leases one monitor holds. ``owner`` is unique per monitor process; its ``home`` (host
     and endpoint) is what a restart at the same address shares."""
 
-    def __init__(self, store: Store, owner: str, home: str, *, ttl_s: float = 5.0, retry_s: float = 0.25) -> None:
+    def __init__(self, store: Store, owner: str, home: str, *, ttl_s: float = LEASE_S, retry_s: float = 0.25) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lease_s must be positive, got {ttl_s}")
         self.store, self.owner, self.home = store, owner, home

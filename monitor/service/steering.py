@@ -155,6 +155,7 @@ class ControlChannel:
         # the runs this monitor serves (holds the lease of): agents' reports reach every monitor
         # they are connected to, and only the serving one writes them
         self.serves: Callable[[str], bool] = lambda run: True
+        self.elsewhere = 0  # reports of runs another monitor serves, left to it
 
     # -- what agents report -----------------------------------------------------------------------
     def on_data_event(self, frame: CtlFrame) -> None:
@@ -186,7 +187,7 @@ class ControlChannel:
             run = item[0] if kind == "sub" else item.run
             if not self.serves(run):
                 if kind != "sub":  # a subscription is kept in `opted`, and written when the run comes here
-                    self.refused["not_served"] += 1
+                    self.elsewhere += 1  # the agent reports to every monitor it reaches; the serving one keeps it
             elif kind == "sub":
                 self._write_subscription(*item)
             elif kind == "declined":
