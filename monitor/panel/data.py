@@ -58,6 +58,7 @@ def overview(store: Store) -> dict[str, Any]:
             "episodes": r["episodes"],
             "return (last 100)": round(r["return_mean_100"], 1),
             "last seen s": round(r["last_seen_s"], 1),
+            "served by": r.get("monitor", ""),
         }
         for r in st["runs"]
     ]
@@ -67,7 +68,7 @@ def overview(store: Store) -> dict[str, Any]:
             "kind": h.get("kind", "?"),
             "id": h.get("id", "?"),
             "pid": h.get("pid"),
-            "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "backend", "done", "failed") if k in h),
+            "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "runs", "leases", "backend", "done", "failed") if k in h),
             "age s": round(now - float(h.get("time", now)), 1) if "time" in h else None,
         }
         for h in st["services"]

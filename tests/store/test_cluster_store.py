@@ -79,6 +79,13 @@ def test_a_monitor_on_a_cluster_writes_restores_and_deletes_runs(redis_cluster: 
             assert (got["frames"], got["gaps"], got["episodes"], got["steps"]) == (6, 0, 2, 40), run
             assert got["taps"]["h:out"]["rows"] == 20 and got["metrics"] == ["reward", "angle"]
             assert store.analytics(run, "h:out") is not None and len(store.episodes(run)) == 2
+        # the panel's readers, over every run at once
+        from monitor.panel import data, runs
+
+        assert {r["run"] for r in runs.run_rows(store)} == set(NASTY)
+        assert len(data.overview(store)["runs"]) == len(NASTY)
+        assert data.heatmap(store, "}x", "h:out") is not None and data.corr_matrix(store, "}x", "h:out") is not None
+        assert runs.episodes_table(store, "{}") is not None and runs.explanations_for(store, "{}", [("h:out", 0)]) == {}
         # what a restarted monitor reads back is what was written
         st = load_run(store, "a{b}c", recent_rows=64)
         assert st is not None and st.frames == 6 and st.taps["h:out"].rows == 20
