@@ -29,6 +29,7 @@ from agent_side.wire import WireError
 from monitor.cli.common import Settings
 from monitor.cli.steer import add_parsers
 from monitor.service.steering import clear_interventions, set_interventions, steer_effects, steer_id
+from monitor.store import keys
 from monitor.store.records import ConfigError, Store
 from monitor.transcoders.artifacts import save_artifact
 from monitor.transcoders.training import artifact_info
@@ -675,3 +676,53 @@ def test_steer_finds_the_transcoder_that_writes_the_tap_or_says_which_to_use(sto
         build_intervention(store, run, **args(op="clamp", alpha=None))
     msg = build_intervention(store, run, **args(transcoder="reader", tap=None, op="clamp", alpha=None, value=1.0))
     assert msg["tap"] == "2:in" and msg["source"] == "0:out" and len(msg["w_enc"]) == 4 and len(msg["direction"]) == 8
+
+
+def test_a_run_is_steered_through_whichever_monitor_of_a_tier_serves_it(store: Store, redis_url: str, tmp_path: Path) -> None:
+    from agent_side.routing import rendezvous
+
+    run = "steer-tier"
+    eps = [free_endpoint(), free_endpoint()]
+    first, second = rendezvous(run, eps)
+    mons = {ep: spawn_monitor(redis_url, ep, "--lease-s", "1") for ep in eps}
+    logs = {ep: _drain(m) for ep, m in mons.items()}
+    agent = None
+    try:
+        wait_until(lambda: len([h for h in store.health() if h.get("kind") == "monitor"]) == 2, what="both monitors up")
+        idents = {h["endpoint"]: h["id"] for h in store.health() if h.get("kind") == "monitor"}
+        name = _register(store, tmp_path, run)
+        agent = _Agent(",".join(eps), run, tmp_path, "--allow-control")
+        wait_until(
+            lambda: store.steering(run)["control"] is True and store.steering(run)["applied_version"] == 0,
+            what="the agent's opt-in, written by the monitor serving it",
+        )
+        assert store.r.hget(keys.run(run), "monitor").decode() == idents[first]
+        rc, out, err = _steer(redis_url, "--run", run, "--tap", TAP, "--latent", "0", "--alpha", "50")
+        assert rc == 0, (out, err)
+        (applied,) = [e for e in store.steer_events(run) if e["event"] == "applied"]  # recorded once, not by both
+        wait_until(lambda: agent.last_step() >= applied["step"] + 20, what="20 steered steps")
+        assert set(agent.actions(applied["step"], applied["step"] + 20)) == {1}
+
+        mons[first].kill()  # the serving monitor dies: the run, and its steering, go on at the other
+        mons[first].wait()
+        wait_until(lambda: store.r.hget(keys.run(run), "monitor").decode() == idents[second], timeout_s=30, what="the move")
+        moved = agent.last_step()
+        wait_until(lambda: agent.last_step() >= moved + 20, what="steps at the second monitor")
+        assert set(agent.actions(moved, moved + 20)) == {1}  # still steered: the agent kept its set
+        rc, out, err = _steer(redis_url, "--run", run, "--clear")
+        assert rc == 0 and "reverted" in out, (out, err)
+        (reverted,) = [e for e in store.steer_events(run) if e["event"] == "reverted"]
+        wait_until(lambda: agent.last_step() >= reverted["step"] + 60, what="60 steps after the revert")
+        assert set(agent.actions(reverted["step"], reverted["step"] + 60)) == {0, 1}
+        assert store.steering(run)["active"] == [] and steer_id(name, 0) == applied["id"]
+        counters = agent.stop()
+        assert counters["failovers"] == 1 and counters["control_refused"] == 0
+    finally:
+        if agent is not None and agent.proc.poll() is None:
+            agent.proc.kill()
+        for m in mons.values():
+            if m.poll() is None:
+                m.terminate()
+                m.wait(timeout=20)
+    for ep in eps:
+        assert not any(b"Traceback" in line for line in logs[ep]), b"".join(logs[ep])[-3000:]
