@@ -119,3 +119,27 @@ def test_the_cluster_compose_file_runs_three_monitors_on_the_cluster() -> None:
         assert url.startswith("redis+cluster://")
         hosts = url.split("://", 1)[1].split(",")
         assert [h.rsplit(":", 1)[1] for h in hosts] == ["7000"] * 3 and {h.split(":")[0] for h in hosts} <= set(services)
+
+
+def test_the_explainer_works_its_jobs_on_a_cluster(redis_cluster: LocalCluster) -> None:
+    from explainer import Worker, explanations
+
+    store = Store(connect(redis_cluster.url))
+    rng = np.random.default_rng(0)
+    m = rng.normal(0, [1.0, 0.1], (1500, 2))
+    x = np.stack([np.maximum(0, 10 * m[:, 1]), rng.random(1500)], axis=1).astype(np.float32)
+    mon = Monitor(store, endpoint="tcp://127.0.0.1:0", steering=False)
+    try:
+        for i, s in enumerate(range(0, 1500, 100)):
+            pos = np.stack([np.arange(s, s + 100), np.zeros(100, dtype=np.int64)], axis=1)
+            assert mon.handle(encode_act("c{p}", "p", 2 * i, 0, "h:out", x[s : s + 100], pos))
+            assert mon.handle(encode_met("c{p}", "p", 2 * i + 1, 0, ["noise", "angle"], m[s : s + 100], pos))
+        mon.flush(final=True)
+    finally:
+        mon.close()
+    assert file_job(store.r, "c{p}", "h:out", 0, reason="test")
+    w = Worker(store, consumer="w1")  # the claim renewal is a Lua script on the jobs stream's slot
+    assert w.run(burst=True) == 1
+    (e,) = explanations(store.r, "c{p}")
+    assert e["label"] == "high angle" and store.r.scard(keys.explain_pending("c{p}")) == 0
+    store.r.close()
