@@ -403,8 +403,14 @@ class Monitor:
         if with_analytics:
             self._next_analytics = now + self._analytics_every_s
         for st in list(self.runs.values()):
-            if not st.dirty and self.leases.due(st.run):
-                st.dirty = True  # nothing new, but the lease needs renewing: the write does it
+            if not st.dirty and not (with_analytics and st.analytics_dirty) and self.leases.due(st.run):
+                try:  # nothing new to write, but the lease needs renewing
+                    self.leases.renew(st.run)
+                except LeaseLost as e:
+                    self._let_go(st.run, str(e), lost=True)
+                except redis.RedisError as e:
+                    self._warn_store(f"cannot renew the lease of run {st.run!r}: {e}")
+                continue
             if st.dirty or (with_analytics and st.analytics_dirty):
                 try:
                     write_run(self.store, st, analytics=with_analytics, on_analytics=self._on_analytics, leases=self.leases)

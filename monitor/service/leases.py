@@ -56,7 +56,7 @@ class Leases:
         self._value = f"{home}|{owner}"
         self.held: dict[str, float] = {}  # run -> monotonic time the lease was last confirmed
         self._refused_until: dict[str, float] = {}
-        self.counts: Counter[str] = Counter()  # acquired, released, lost, refused, handed_over
+        self.counts: Counter[str] = Counter()  # acquired, released, lost, refused, handed_over, renewed (idle)
 
     # -- taking ----------------------------------------------------------------------------------
     def acquire(self, run: str) -> bool:
@@ -76,7 +76,7 @@ class Leases:
         if not took:
             self._refused_until[run] = now + self._retry_s
             self.counts["refused"] += 1
-            r.set(keys.lease_wanted(run), self._value, px=max(self.ttl_ms, 2000))
+            r.zadd(keys.LEASES_WANTED, {run: time.time()})  # one key for all: holders read it in one command
             return False
         self._refused_until.pop(run, None)
         self.held[run] = now
@@ -137,13 +137,28 @@ class Leases:
 
     # -- letting go ------------------------------------------------------------------------------
     def wanted(self, runs: list[str]) -> list[str]:
-        """Those of ``runs`` (held here) another monitor asked for."""
+        """Those of ``runs`` (held here) another monitor asked for lately; one command, however many runs."""
         if not runs:
             return []
-        p = self.store.r.pipeline(transaction=False)
-        for run in runs:
-            p.exists(keys.lease_wanted(run))
-        return [run for run, n in zip(runs, p.execute(), strict=True) if n]
+        now = time.time()
+        r = self.store.r
+        asked = {m.decode(errors="replace") for m in r.zrangebyscore(keys.LEASES_WANTED, now - max(2.0, 2 * self.ttl_s), "+inf")}
+        if r.zcard(keys.LEASES_WANTED) > len(asked):
+            r.zremrangebyscore(keys.LEASES_WANTED, "-inf", now - max(2.0, 2 * self.ttl_s))  # asks nobody repeated
+        return [run for run in runs if run in asked]
+
+    def renew(self, run: str) -> None:
+        """Renew the lease of a run with nothing new to write (six commands, no state); :class:`LeaseLost`
+        when another monitor holds it now."""
+        p = self.begin(run)
+        try:
+            p.execute()
+        except redis.WatchError as e:
+            raise LeaseLost(f"run {run!r} changed hands during the renewal") from e
+        finally:
+            p.reset()
+        self.confirmed(run)
+        self.counts["renewed"] += 1
 
     def release(self, run: str, *, event: str = "released") -> None:
         """Give ``run``'s lease back (only if it is still this monitor's)."""

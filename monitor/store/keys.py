@@ -28,8 +28,8 @@ __all__ = [
     "EXPLAIN_GROUP",
     "explain_pending",
     "lease",
-    "lease_wanted",
     "LEASES",
+    "LEASES_WANTED",
     "hash_tag",
     "explanations",
     "STEER_VERSION",
@@ -66,7 +66,8 @@ EXPLAIN_JOBS = PREFIX + "explain:jobs"  # stream of explain jobs, read by the co
 EXPLAIN_GROUP = "explainers"  # consumer group name on EXPLAIN_JOBS
 STEER_VERSION = PREFIX + "steer:version"  # counter bumped on every change of any run's steering: monitors poll it
 STEER_EVENTS = PREFIX + "steer:events"  # stream of agents' steering events (applied / reverted / refused), capped
-LEASES = PREFIX + "leases"  # stream of lease events (acquired / released / lost / refused) by run and monitor, capped
+LEASES = PREFIX + "leases"  # stream of lease events (acquired / released / lost / handed_over) by run and monitor, capped
+LEASES_WANTED = PREFIX + "leases:wanted"  # zset: run -> when a monitor last asked for its lease (it was refused)
 
 
 def hash_tag(name: str) -> str:
@@ -157,11 +158,6 @@ def explain_pending(name: str) -> str:
 def lease(name: str) -> str:
     """String with a TTL: the id of the one monitor that may write this run's state now."""
     return f"{PREFIX}lease:{hash_tag(name)}"
-
-
-def lease_wanted(name: str) -> str:
-    """String with a TTL: a monitor the run's agent now sends to was refused its lease, and asks for it."""
-    return f"{PREFIX}lease:wanted:{hash_tag(name)}"
 
 
 def run_keys(name: str, taps: list[str]) -> list[str]:

@@ -74,7 +74,7 @@ def test_a_quiet_run_another_monitor_asks_for_is_handed_over(store: Store, pair:
     assert a.handle(_act("r", 0, 0))
     a.flush()
     assert not b.handle(_act("r", 1, 1))  # the agent moved to b: b asks for the run
-    assert store.r.exists(keys.lease_wanted("r"))
+    assert store.r.zscore(keys.LEASES_WANTED, "r") is not None
 
     def moved() -> bool:
         a.flush()
@@ -116,3 +116,23 @@ def test_close_gives_the_leases_back(store: Store, pair: list[Monitor]) -> None:
     a.close()
     assert not store.r.exists(keys.lease("r"))
     assert b.handle(_act("r", 1, 1))
+
+
+def test_an_idle_run_keeps_its_lease_by_renewal_alone(store: Store) -> None:
+    a = Monitor(store, endpoint="tcp://127.0.0.1:0", steering=False, lease_s=0.6, analytics=None)
+    b = Monitor(store, endpoint="tcp://127.0.0.1:0", steering=False, lease_s=0.6, analytics=None)
+    try:
+        assert a.handle(_act("r", 0, 0))
+        a.flush()
+        written = store.r.hget(keys.run("r"), "last_seen")
+
+        def renewed_past_the_ttl() -> bool:
+            a.flush()
+            return a.leases.counts["renewed"] >= 6  # a renewal every ttl/3: two TTLs and more
+
+        wait_until(renewed_past_the_ttl, what="renewals over two lease lifetimes")
+        assert not b.handle(_act("r", 1, 1))  # still a's
+        assert store.r.hget(keys.run("r"), "last_seen") == written  # renewed without writing the state again
+    finally:
+        a.close()
+        b.close()

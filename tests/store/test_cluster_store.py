@@ -25,7 +25,7 @@ NASTY = ["cartpole-1", "a{b}c", "}x", "{}", "{", "x%7Bq", "x{q", "%", "runs:with
 
 
 def _per_run(run: str, taps: list[str]) -> list[str]:
-    return keys.run_keys(run, taps) + [keys.lease(run), keys.lease_wanted(run)]
+    return keys.run_keys(run, taps) + [keys.lease(run)]
 
 
 def test_every_key_of_a_run_is_in_one_slot_and_no_two_runs_share_a_key() -> None:
