@@ -68,7 +68,9 @@ def overview(store: Store) -> dict[str, Any]:
             "kind": h.get("kind", "?"),
             "id": h.get("id", "?"),
             "pid": h.get("pid"),
-            "detail": ", ".join(f"{k}={h[k]}" for k in ("frames", "rows", "runs", "leases", "backend", "done", "failed") if k in h),
+            "detail": ", ".join(
+                f"{k}={h[k]}" for k in ("frames", "rows", "runs", "leases", "backend", "done", "failed") if k in h
+            ),
             "age s": round(now - float(h.get("time", now)), 1) if "time" in h else None,
         }
         for h in st["services"]

@@ -337,6 +337,8 @@ class Monitor:
         st = self.runs.pop(run, None)
         if st is not None and st.failure_profiles:
             self._kept_profiles[run] = st.failure_profiles
+        if st is not None and st.pending_bytes:  # its unwritten records go; their frames are the next owner's gaps
+            self.outbox.release(st.pending_bytes)
         if lost:
             self.leases.lost(run, why)
         else:
