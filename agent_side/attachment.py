@@ -1,10 +1,14 @@
 """``attach()``: the one call a user adds to their agent.
 
-Each tap gets a forward hook (``:out``) or a forward pre-hook (``:in``) that copies the tensor's
-rows into a per-tap buffer and returns; a buffer goes out as one frame when it holds
-``flush_rows`` rows or its oldest row is ``flush_ms`` old. The hooks are on the model only while
-a monitor is connected: with nobody listening, torch runs its hook-free fast path and the agent
-pays nothing but a counter. Nothing here blocks the agent, but ``attach()`` itself, which waits
+Each ``:out`` tap wraps its module's forward (torch's hooked call path costs about a microsecond a
+module, a wrapper almost nothing) and each ``:in`` tap gets a forward pre-hook, first among the
+module's pre-hooks; either copies the value with one ``copy_`` into the tap's preallocated buffer
+(:class:`agent_side.taps.TapBuffer`) and returns. Both see the value before any steer at the same
+tap edits it. A buffer goes out as one frame when it holds ``flush_rows`` rows or its oldest row
+is ``flush_ms`` old, with every other stream's pending rows, so the sends come few and together
+(metric rows and episode ends wait for the same). The hooks are on the model only while a monitor
+is connected: with nobody listening, torch runs its hook-free fast path and the agent pays nothing
+but a counter. Nothing here blocks the agent, but ``attach()`` itself, which waits
 up to ``connect_wait_s`` (default 1 s, ``$INTERLATENT_CONNECT_WAIT_S``) for a monitor that
 already listens, so a run started against a live monitor streams from its first step; a refused
 connection (nobody listens) ends the wait at once.
@@ -17,7 +21,9 @@ streamed whole or counted unwatched, and a run's rows + unwatched + drops are it
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -32,15 +38,13 @@ from agent_side.control import Controller, greeting, load_agent_key, load_monito
 from agent_side.lm import TokenTracker, token_rows
 from agent_side.routing import DEFAULT_FAILOVER_S, endpoints_from_env, parse_endpoints, rendezvous
 from agent_side.sender import Sender
-from agent_side.taps import TapSpec, as_rows, first_tensor, parse_tap, resolve_tap
+from agent_side.taps import FLUSH_BYTES, SENDABLE, TapBuffer, TapSpec, as_rows, first_tensor, parse_tap, resolve_tap, wrap_forward
 from agent_side.wire import DEFAULT_ENDPOINT
 
 __all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT"]
 
 log = logging.getLogger(__name__)
 
-_SENDABLE = (torch.float16, torch.float32, torch.float64)
-_FLUSH_BYTES = 4 * 1024 * 1024  # also send when a tap holds this much (big language-model forwards)
 CONNECT_WAIT_S = 1.0  # how long attach() waits for a monitor that already listens
 
 
@@ -56,6 +60,20 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
+class _MetricRows:
+    """One set of metric names' pending rows: flat lists of values and of (step, index) pairs,
+    made arrays when sent (appending Python floats costs less than writing numpy cells)."""
+
+    __slots__ = ("values", "pos")
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.pos: list[int] = []
+
+
+# -- the capture path before issue 19 (hooks on both sites, a numpy copy per forward, a list per
+# metric row, an episode frame per episode end), kept only so `interlatent bench hook` measures
+# both side by side; Attachment(..., _legacy=True) runs it. Remove once its figures are written down.
 class _TapRows:
     """Pending rows of one tap: a copied array and its step per forward, joined at flush."""
 
@@ -88,7 +106,7 @@ class _TapRows:
         return data, pos, self.lead
 
 
-class _MetricRows:
+class _LegacyMetricRows:
     """Coalescing buffer for one set of metric names: plain Python rows until flush."""
 
     __slots__ = ("rows", "pos", "t0")
@@ -97,6 +115,20 @@ class _MetricRows:
         self.rows: list[list[float]] = []
         self.pos: list[tuple[int, int]] = []
         self.t0 = 0.0
+
+
+def _in_hook(capture: Callable[[Any], None]) -> Callable[..., None]:
+    """An ``:in`` tap's forward pre-hook: the first tensor of the call's inputs to ``capture``."""
+
+    # kwargs is optional: a hook removed between torch's snapshot and its call is called without it
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if args and type(args[0]) is torch.Tensor:
+            capture(args[0])
+            return
+        t = first_tensor(args)
+        capture(t if t is not None else first_tensor(kwargs))
+
+    return hook
 
 
 class Attachment:
@@ -125,6 +157,7 @@ class Attachment:
         agent_key: str | None = None,
         connect_wait_s: float | None = None,
         failover_s: float | None = None,
+        _legacy: bool = False,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"attach() needs a torch.nn.Module, got {type(module).__name__}")
@@ -154,9 +187,25 @@ class Attachment:
         self.env_steps = False  # set by wrap() / the SB3 callback: steps come from the env
         self.step = 0
         self._prompts = 0  # forwards named by tokens()
-        self._taps = {str(s): _TapRows(str(s)) for s in specs}
-        self._metrics: dict[tuple[str, ...], _MetricRows] = {}
+        self._legacy = bool(_legacy)
+        self._taps: dict[str, Any] = {
+            str(s): _TapRows(str(s))
+            if self._legacy
+            else TapBuffer(
+                str(s),
+                per_position=s.per_position,
+                flush_rows=self.flush_rows,
+                flush_s=self._flush_s,
+                emit=functools.partial(self._send_rows, str(s)),
+            )
+            for s in specs
+        }
+        # a replica nn.DataParallel makes shares its module's attributes, so an instance forward
+        # would run the original's: hooks only there
+        self._hooks_only = any(isinstance(m, torch.nn.DataParallel) for m in module.modules())
+        self._metrics: dict[tuple[str, ...], Any] = {}
         self._episodes: list[list[float]] = []
+        self._due = math.inf  # when the oldest pending metric row or episode end must go out
         self._handles: list[Any] = []
         self._arm_lock = threading.Lock()
         self._detached = False
@@ -224,10 +273,20 @@ class Attachment:
         if not self._handles and not self._detached:
             for spec, mod in self._targets:
                 name = str(spec)
+                if self._legacy:
+                    if spec.site == "in":
+                        self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    else:
+                        self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+                    continue
+                capture = self._capture_to(self._taps[name])
                 if spec.site == "in":
-                    self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    # first among the module's pre-hooks: the tap sees the input before a steer edits it
+                    self._handles.append(mod.register_forward_pre_hook(_in_hook(capture), with_kwargs=True, prepend=True))
+                elif self._hooks_only:
+                    self._handles.append(mod.register_forward_hook(lambda _m, _a, out, capture=capture: capture(out)))
                 else:
-                    self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+                    self._handles.append(wrap_forward(mod, capture))
             self._handles.extend(add() for add in self._extra_hooks)
 
     def _disarm(self) -> None:
@@ -235,6 +294,48 @@ class Attachment:
             h.remove()
         self._handles = []
 
+    def _capture_to(self, b: TapBuffer) -> Callable[[Any], None]:
+        """The hot path: the value's first tensor into the tap's buffer; everything sent when due."""
+
+        def capture(value: Any) -> None:
+            if self.paused:
+                return
+            try:
+                t = value if type(value) is torch.Tensor else first_tensor(value)
+                if t is None:
+                    return
+                if self.env_steps:
+                    step = self.step
+                else:
+                    step = b.calls
+                b.calls += 1
+                if b.put(t, step):
+                    self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
+            except Exception:
+                self._failed(b.name)
+
+        return capture
+
+    def _send_rows(self, name: str, data: np.ndarray, pos: np.ndarray, lead: list[int]) -> None:
+        """Send a tap's rows as frames of about FLUSH_BYTES at most (one huge forward goes in pieces)."""
+        run = self.run
+        step = max(1, FLUSH_BYTES // max(1, data[0].nbytes))
+        for i in range(0, len(data), step):
+            d, p = data[i : i + step], pos[i : i + step]
+
+            def build(pub: str, seq: int, drops: int, uw: int, d: np.ndarray = d, p: np.ndarray = p) -> list[Any]:
+                return wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead, unwatched=uw)
+
+            self._sender.send(build, len(d))
+
+    def _failed(self, where: str) -> None:
+        """Watching must never break the agent: count the record as dropped, say so once."""
+        self._sender.drops += 1
+        if where not in self._warned:
+            self._warned.add(where)
+            log.warning("interlatent could not capture %s; skipping such records (counted as drops)", where, exc_info=True)
+
+    # -- the legacy capture path (see _TapRows) -----------------------------------------------
     def _pre_hook(self, name: str) -> Callable:
         s = self._taps[name]
 
@@ -268,13 +369,6 @@ class Attachment:
 
         return hook
 
-    def _failed(self, where: str) -> None:
-        """Watching must never break the agent: count the record as dropped, say so once."""
-        self._sender.drops += 1
-        if where not in self._warned:
-            self._warned.add(where)
-            log.warning("interlatent could not capture %s; skipping such records (counted as drops)", where, exc_info=True)
-
     def _capture(self, s: _TapRows, t: torch.Tensor) -> None:
         """The hot path: copy the rows, note the step; send everything when due."""
         step = self.step if self.env_steps else s.calls
@@ -300,7 +394,7 @@ class Attachment:
             lead: list[int] = []
         else:
             t, lead = as_rows(t, per_position=s.name in self._per_position)
-        if t.dtype not in _SENDABLE:
+        if t.dtype not in SENDABLE:
             t = t.float()
         if not t.is_cpu:
             t = t.cpu()
@@ -314,20 +408,11 @@ class Attachment:
             s.lead = lead
             s.due = time.monotonic() + self._flush_s
             # a frame holds at most flush_rows rows, and about _FLUSH_BYTES for wide taps
-            s.max_rows = max(1, min(self.flush_rows, _FLUSH_BYTES // arr[0].nbytes))
+            s.max_rows = max(1, min(self.flush_rows, FLUSH_BYTES // arr[0].nbytes))
         return arr
 
     def _flush_tap(self, s: _TapRows) -> None:
-        data, pos, lead = s.take()
-        run, name = self.run, s.name
-        step = max(1, _FLUSH_BYTES // max(1, data[0].nbytes))  # one huge forward goes out in pieces
-        for i in range(0, len(data), step):
-            d, p = data[i : i + step], pos[i : i + step]
-
-            def build(pub: str, seq: int, drops: int, uw: int, d: np.ndarray = d, p: np.ndarray = p) -> list[Any]:
-                return wire.encode_act(run, pub, seq, drops, name, d, p, lead=lead, unwatched=uw)
-
-            self._sender.send(build, len(d))
+        self._send_rows(s.name, *s.take())
 
     # -- metrics ----------------------------------------------------------------------------
     def log_row(self, names: tuple[str, ...], row: list[float], *, index: int = 0, step: int | None = None) -> None:
@@ -336,9 +421,24 @@ class Attachment:
             if not self.env_steps:  # an env step's rows are part of its unwatched step
                 self._sender.drops += 1
             return
+        if self._legacy:
+            return self._log_row_legacy(names, row, index, step)
+        if len(row) != len(names):
+            raise ValueError(f"a metric row has {len(row)} values for {len(names)} names")
         m = self._metrics.get(names)
         if m is None:
             m = self._metrics[names] = _MetricRows()
+        if not m.pos and self._due == math.inf:
+            self._due = time.monotonic() + self._flush_s
+        m.values += row
+        m.pos += (self.step if step is None else step, index)
+        if len(m.pos) >= 2 * self.flush_rows:
+            self.flush()
+
+    def _log_row_legacy(self, names: tuple[str, ...], row: list[float], index: int, step: int | None) -> None:
+        m = self._metrics.get(names)
+        if m is None:
+            m = self._metrics[names] = _LegacyMetricRows()
         if not m.rows:
             m.t0 = time.monotonic()
         m.rows.append(row)
@@ -356,10 +456,15 @@ class Attachment:
         if merged:
             self.log_row(tuple(merged), [float(v) for v in merged.values()], step=step)
 
-    def _flush_metrics(self, names: tuple[str, ...], m: _MetricRows) -> None:
-        data = np.array(m.rows, dtype=np.float64).reshape(len(m.rows), len(names))
+    def _flush_metrics(self, names: tuple[str, ...], m: Any) -> None:
+        if self._legacy:
+            data = np.array(m.rows, dtype=np.float64).reshape(len(m.rows), len(names))
+            m.rows = []
+        else:
+            data = np.array(m.values, dtype=np.float64).reshape(-1, len(names))
+            m.values = []
         pos = np.array(m.pos, dtype=np.int64).reshape(-1, 2)
-        m.rows, m.pos = [], []
+        m.pos = []
         if not np.isfinite(data).all():
             bad = [names[j] for j in np.nonzero(~np.isfinite(data).all(axis=0))[0]]
             log.warning("metrics %s had NaN/Inf values; sent as 0", bad)
@@ -370,7 +475,10 @@ class Attachment:
         )
 
     def end_episode(self, index: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
-        """Record an episode end (the env wrappers call this); sent on the next ``advance()``."""
+        """Record an episode end (the env wrappers call this); sent with the step's metric rows,
+        at most ``flush_ms`` later (on the next ``advance()`` with the legacy path)."""
+        if not self._episodes and self._due == math.inf:
+            self._due = time.monotonic() + self._flush_s
         self._episodes.append([self.step, index, ret, length, float(terminated), float(truncated)])
 
     def _flush_episodes(self) -> None:
@@ -395,14 +503,17 @@ class Attachment:
         self.step += n
         if self._control is not None:
             self._control.step()
-        if self._episodes:
-            self._flush_episodes()
-        if self._metrics:
-            now = time.monotonic()
-            for m in self._metrics.values():
-                if m.rows and now - m.t0 >= self._flush_s:
-                    self.flush()
-                    break
+        if self._legacy:
+            if self._episodes:
+                self._flush_episodes()
+            if self._metrics:
+                now = time.monotonic()
+                for m in self._metrics.values():
+                    if m.rows and now - m.t0 >= self._flush_s:
+                        self.flush()
+                        break
+        elif time.monotonic() >= self._due:
+            self.flush()
 
     # -- language models --------------------------------------------------------------------
     def tokens(
@@ -514,11 +625,15 @@ class Attachment:
 
     def flush(self) -> None:
         """Send everything buffered now."""
+        self._due = math.inf
         for s in self._taps.values():
-            if s.arrays:
-                self._flush_tap(s)
+            if self._legacy:
+                if s.arrays:
+                    self._flush_tap(s)
+            else:
+                s.flush()
         for names, m in self._metrics.items():
-            if m.rows:
+            if m.pos:
                 self._flush_metrics(names, m)
         if self._episodes:
             self._flush_episodes()

@@ -56,6 +56,17 @@ def _space_columns(space: Any, prefix: str, names: Sequence[str] | None) -> list
 def _values(x: Any) -> list:
     """A step's observation or action as a flat list of numbers."""
     if type(x) is np.ndarray:
+        if x.ndim == 1:
+            return x.tolist()
+        return [x.item()] if x.ndim == 0 else x.reshape(-1).tolist()
+    if isinstance(x, (int, float, bool, np.number)):
+        return [x]
+    return np.asarray(x, dtype=np.float64).reshape(-1).tolist()
+
+
+def _values_legacy(x: Any) -> list:
+    """:func:`_values` before issue 19, for the legacy capture path only (see agent_side.attachment)."""
+    if type(x) is np.ndarray:
         return x.reshape(-1).tolist()
     if isinstance(x, (int, float, bool, np.number)):
         return [x]
@@ -93,7 +104,7 @@ class StepLogger:
             raise ValueError(f"metric names collide: {self.names}")
         self.ep_return = [0.0] * n_envs
         self.ep_length = [0] * n_envs
-        self._warned = False
+        self._values = _values_legacy if getattr(handle, "_legacy", False) else _values
 
     def log_one(self, i: int, obs: Any, action: Any, reward: float, terminated: bool, truncated: bool, info: Mapping) -> None:
         """Env ``i``'s step result; call :meth:`done` after all envs of the step are logged."""
@@ -101,9 +112,10 @@ class StepLogger:
         reward = float(reward)
         if h.connected:
             try:
-                row = _values(obs) if self.obs_cols else []
+                values = self._values
+                row = values(obs) if self.obs_cols else []
                 if self.act_cols:
-                    row += _values(action)
+                    row += values(action)
                 row += (reward, float(terminated), float(truncated))
                 if self.metrics:
                     si = StepInfo(obs, action, reward, bool(terminated), bool(truncated), info, i)

@@ -1,4 +1,5 @@
-"""Taps: a module name plus a site, ``in`` or ``out`` (``mlp_extractor.policy_net.0:in``).
+"""Taps: a module name plus a site, ``in`` or ``out`` (``mlp_extractor.policy_net.0:in``), and
+what a tap holds while it waits to be sent (:class:`TapBuffer`).
 
 A language model's tap may also be a TransformerLens hook name (``blocks.3.hook_resid_post``, an
 SAELens SAE's ``hook_name``): on a ``HookedTransformer`` it is the hook point module itself, on a
@@ -9,18 +10,38 @@ input is its output, so ``:in`` and ``:out`` name the same tap), and its rows ar
 
 from __future__ import annotations
 
+import copy
 import difflib
+import inspect
+import math
+import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from agent_side import hooknames
 
-__all__ = ["TapSpec", "TapError", "parse_tap", "resolve", "resolve_tap", "first_tensor", "as_rows", "tensor_hook"]
+__all__ = [
+    "TapSpec",
+    "TapError",
+    "TapBuffer",
+    "parse_tap",
+    "resolve",
+    "resolve_tap",
+    "first_tensor",
+    "as_rows",
+    "tensor_hook",
+    "wrap_forward",
+    "FLUSH_BYTES",
+]
 
 SITES = ("in", "out")
+SENDABLE = (torch.float16, torch.float32, torch.float64)  # sent as they are; other dtypes as float32
+FLUSH_BYTES = 4 * 1024 * 1024  # a frame holds about this much at most (big language-model forwards)
 
 
 class TapError(ValueError):
@@ -170,3 +191,219 @@ def tensor_hook(module: torch.nn.Module, site: str, fn: Callable[[torch.Tensor],
         return new if isinstance(out, torch.Tensor) else (new, *out[1:])
 
     return module.register_forward_hook(post)
+
+
+Emit = Callable[[np.ndarray, np.ndarray, list[int]], None]
+
+
+class TapBuffer:
+    """One tap's pending rows: a preallocated [rows, width] tensor that each forward's value is
+    copied into with one ``copy_`` (the copy: an in-place op on the value afterwards cannot touch
+    what was captured), and each forward's step. Arrays, positions and frames are made only when
+    the buffer is sent (:meth:`flush`, which hands ``emit`` the rows, their (step, index)
+    positions and the leading shape of one forward).
+
+    A forward of the same shape and dtype as the one before takes the short path (a shape check
+    and a copy into a view made once per slot); anything else (a new width, rank, dtype, batch
+    size, a tensor that requires grad, one on another device) goes the general way, which starts a
+    new frame when the kind of forward changes, and gives a forward too big for a frame a copy of
+    its own.
+    """
+
+    __slots__ = (
+        "name",
+        "per_position",
+        "flush_rows",
+        "flush_s",
+        "emit",
+        "data",
+        "dtype",
+        "width",
+        "lead",
+        "cap",
+        "rows",
+        "steps",
+        "counts",
+        "shape",
+        "r",
+        "room",
+        "slots",
+        "slots_shape",
+        "calls",
+        "due",
+    )
+
+    def __init__(self, name: str, *, per_position: bool, flush_rows: int, flush_s: float, emit: Emit) -> None:
+        self.name = name
+        self.per_position = per_position
+        self.flush_rows = max(1, int(flush_rows))
+        self.flush_s = flush_s
+        self.emit = emit
+        self.data: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None
+        self.width = -1
+        self.lead: list[int] = []
+        self.cap = 0  # rows the buffer holds
+        self.rows = 0  # rows pending
+        self.steps: list[int] = []  # per pending forward
+        self.counts: list[int] | None = None  # rows per pending forward; None while each has ``r``
+        self.shape: torch.Size | None = None  # the forward shape of the short path (None: the general one)
+        self.r = 0  # rows of one such forward
+        self.room = -1  # the short path takes a forward while rows <= room
+        self.slots: list[torch.Tensor] = []  # views of data, one per forward of slots_shape
+        self.slots_shape: torch.Size | None = None
+        self.calls = 0  # forwards seen: the step of a tap used without env steps
+        self.due = math.inf  # when the oldest pending row must go out
+
+    def put(self, t: torch.Tensor, step: int) -> bool:
+        """Copy one forward's value in; True when the buffer is full or its oldest row is due."""
+        k = len(self.steps)
+        if t.shape == self.shape and t.dtype is self.dtype and self.rows <= self.room and not t.requires_grad:
+            if k == 0:
+                self.due = time.monotonic() + self.flush_s
+            slots = self.slots
+            (slots[k] if k < len(slots) else self._slot(k)).copy_(t)
+            self.steps.append(step)
+            self.rows += self.r
+            return self.rows > self.room or time.monotonic() >= self.due
+        return self._put(t, step)
+
+    def _slot(self, k: int) -> torch.Tensor:
+        """The view forward ``k`` of the frame is copied into (made once, kept while the shape is)."""
+        assert self.data is not None and self.shape is not None
+        while len(self.slots) <= k:
+            j = len(self.slots)
+            self.slots.append(self.data[j * self.r : (j + 1) * self.r].view(self.shape))
+        return self.slots[k]
+
+    def _put(self, t: torch.Tensor, step: int) -> bool:
+        if t.requires_grad:
+            t = t.detach()
+        flat, lead = (t, []) if t.dim() == 2 else as_rows(t, per_position=self.per_position)
+        n, width = flat.shape
+        if n == 0 or width == 0:
+            return False
+        dtype = t.dtype if t.dtype in SENDABLE else torch.float32
+        if self.steps and (width != self.width or dtype is not self.dtype or lead != self.lead or self.rows + n > self.cap):
+            self.flush()  # a frame holds one kind of forward, and at most cap rows
+        if self.data is None or width != self.width or dtype is not self.dtype:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self.cap = max(1, min(self.flush_rows, FLUSH_BYTES // (width * itemsize)))
+            self.data = torch.empty(self.cap, width, dtype=dtype)
+            self.width, self.dtype = width, dtype
+            self.slots, self.slots_shape, self.shape = [], None, None
+        self.lead = lead
+        if n > self.cap:  # one forward bigger than a frame: a copy of its own, sent now
+            data = flat.to(device="cpu", dtype=dtype).numpy().copy()
+            pos = np.zeros((n, 2), dtype=np.int64)
+            pos[:, 0] = step
+            pos[:, 1] = np.arange(n)
+            self.emit(data, pos, list(lead))
+            return False
+        if not self.steps:
+            self.due = time.monotonic() + self.flush_s
+            self.shape, self.r, self.room = t.shape, n, self.cap - n
+            if t.shape != self.slots_shape:
+                self.slots, self.slots_shape = [], t.shape
+        elif self.shape is not None and t.shape != self.shape:  # another batch size: no short path until sent
+            self.counts, self.shape = [self.r] * len(self.steps), None
+        self.data[self.rows : self.rows + n].copy_(flat)  # copy_ casts and moves to the CPU as it copies
+        self.steps.append(step)
+        if self.counts is not None:
+            self.counts.append(n)
+        self.rows += n
+        return self.rows > self.cap - n or time.monotonic() >= self.due
+
+    def flush(self) -> None:
+        """Hand the pending rows to ``emit`` (a copy: the buffer is refilled at once) and empty it."""
+        if not self.steps:
+            return
+        assert self.data is not None
+        n = self.rows
+        data = self.data[:n].numpy().copy()
+        steps = np.array(self.steps, dtype=np.int64)
+        pos = np.zeros((n, 2), dtype=np.int64)
+        if self.counts is None and self.r == 1:  # one row per forward: the common RL case
+            pos[:, 0] = steps
+        else:
+            counts = np.full(len(steps), self.r, dtype=np.int64) if self.counts is None else np.array(self.counts)
+            pos[:, 0] = np.repeat(steps, counts)
+            pos[:, 1] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.rows, self.steps, self.counts, self.due = 0, [], None, math.inf
+        self.emit(data, pos, list(self.lead))
+
+
+def _plain_forward(module: torch.nn.Module, prev: Any) -> Any:
+    """What a copied or unpickled module gets for a wrapped forward: the forward it had before."""
+    return prev if prev is not None else types.MethodType(type(module).forward, module)
+
+
+class _Forward:
+    """A module's forward that hands its output to ``fn``: what an ``:out`` tap puts on a module.
+
+    Torch runs a module with any forward hook down its general call path, about a microsecond a
+    module more than the hook-free one; an instance ``forward`` keeps the fast path. It runs
+    before the module's forward hooks (a steer at ``:out`` edits what it returns after the tap
+    has it). A copy or a pickle of the module gets the plain forward back, never this one.
+    """
+
+    __slots__ = ("inner", "prev", "fn", "owner")
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[[Any], None]) -> None:
+        self.prev = module.__dict__.get("forward")  # someone's instance forward (accelerate's), kept underneath
+        self.inner = module.forward
+        self.fn: Callable[[Any], None] | None = fn
+        self.owner = id(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        fn = self.fn
+        if fn is not None:
+            fn(out)
+        return out
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) finds (generate(), tokens)
+        return inspect.signature(self.inner)
+
+    def __getattr__(self, name: str) -> Any:  # __func__, __self__, __name__ of the forward it wraps
+        if name in _Forward.__slots__:  # not set yet (a bare copy): never recurse
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if self.prev is not None:
+            return copy.deepcopy(self.prev, memo)
+        new = memo.get(self.owner)  # deepcopy holds the new module there before copying its attributes
+        return self if new is None else types.MethodType(type(new).forward, new)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _plain_forward, (self.inner.__self__ if self.prev is None else None, self.prev)
+
+
+class _ForwardHandle:
+    """Takes a :class:`_Forward` off again, leaving the module as it was."""
+
+    def __init__(self, module: torch.nn.Module, wrapper: _Forward) -> None:
+        self.module, self.wrapper = module, wrapper
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.wrapper:
+            if self.wrapper.prev is None:
+                del d["forward"]
+            else:
+                d["forward"] = self.wrapper.prev
+        # else someone wrapped the forward over ours since: ours stays in their chain, passing through
+        self.wrapper.fn = None
+
+
+def wrap_forward(module: torch.nn.Module, fn: Callable[[Any], None]) -> Any:
+    """Call ``fn(output)`` after each forward of ``module``; a handle with ``remove()``.
+
+    An instance ``forward`` where the module takes one, else (a scripted module) a forward hook."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return module.register_forward_hook(lambda _m, _a, out: fn(out))
+    wrapper = _Forward(module, fn)
+    module.forward = wrapper  # type: ignore[method-assign]
+    return _ForwardHandle(module, wrapper)
