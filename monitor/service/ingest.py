@@ -141,6 +141,7 @@ class Monitor:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.recorders: dict[str, Recorder] = {}
         self._record_req: dict[str, dict[str, Any]] = {}
+        self._record_asked: dict[str, dict[str, Any]] = {}  # requests for runs not here yet, as of the last flush
         self.encoders = Encoders()
         self.auto = AutoTrainer(auto_train, store) if auto_train is not None else None
         self.filer = JobFiler(store.r) if file_jobs else None
@@ -282,6 +283,11 @@ class Monitor:
                 self._kept_profiles.pop(frame.run, None)
                 self.runs[frame.run] = st
                 self.control.now_serving(frame.run)
+                if frame.run in self._record_asked:  # a recording asked for before the run came here
+                    try:
+                        self._start_recording(frame.run, self._record_asked[frame.run])
+                    except redis.RedisError as e:  # the recorder runs; its state is written at the next flush
+                        self._warn_store(f"cannot mark the recording of {frame.run!r} started: {e}")
             if isinstance(frame, CtlFrame):
                 return True
             self._alerts_ended.discard(frame.run)
@@ -496,6 +502,7 @@ class Monitor:
         """Start recordings that were asked for, report progress, close the finished ones; fail,
         with a reason, one whose monitor is gone (no health key)."""
         requests = self.store.record_requests()
+        asked: dict[str, dict[str, Any]] = {}
         orphans = [r for r, q in requests.items() if q.get("state") == "recording" and q.get("monitor") != self.ident]
         if orphans:
             alive = {h.get("id") for h in self.store.health() if h.get("kind") == "monitor"}
@@ -510,18 +517,14 @@ class Monitor:
                     self.store.set_record(run, requests[run])
                     log.warning("recording of run %r failed: %s", run, why)
         for run, req in requests.items():
-            # taken by the monitor serving the run (with several, only that one records it)
-            if req.get("state") == "requested" and run not in self.recorders and run in self.runs:
-                if self.data_dir is None:
-                    self.store.set_record(run, {**req, "state": "failed", "error": "this monitor has no --data-dir"})
-                    continue
-                folder = self.data_dir / "recordings" / f"{run.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-                self.recorders[run] = Recorder(folder, run, max_steps=int(req["steps"]))
-                self._record_req[run] = req
-                self.store.set_record(
-                    run, {**req, "state": "recording", "path": str(folder), "recorded": 0, "monitor": self.ident}
-                )
-                log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
+            # taken by the monitor serving the run (with several, only that one records it); one for a
+            # run not here yet is taken at the run's first frame here, so it starts from that frame
+            if req.get("state") == "requested" and run not in self.recorders:
+                if run in self.runs:
+                    self._start_recording(run, req)
+                else:
+                    asked[run] = req
+        self._record_asked = asked
         for run, rec in list(self.recorders.items()):
             st = self.runs.get(run)
             quiet = st is not None and rec.steps > 0 and time.time() - st.last_seen > RECORD_IDLE_S  # the run ended early
@@ -547,6 +550,17 @@ class Monitor:
                         "monitor": self.ident,
                     },
                 )
+
+    def _start_recording(self, run: str, req: dict[str, Any]) -> None:
+        self._record_asked.pop(run, None)
+        if self.data_dir is None:
+            self.store.set_record(run, {**req, "state": "failed", "error": "this monitor has no --data-dir"})
+            return
+        folder = self.data_dir / "recordings" / f"{run.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.recorders[run] = Recorder(folder, run, max_steps=int(req["steps"]))
+        self._record_req[run] = req
+        self.store.set_record(run, {**req, "state": "recording", "path": str(folder), "recorded": 0, "monitor": self.ident})
+        log.info("recording run %r for %d steps into %s", run, int(req["steps"]), folder)
 
     def _warn_store(self, message: str) -> None:
         now = time.monotonic()
