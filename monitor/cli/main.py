@@ -96,6 +96,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         return 2
     pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
+    lease_s = _lease_s(args.lease_s)  # before Redis: a bad flag is named whether or not Redis is there
     store = s.store()
     auto = None
     if args.auto_train:
@@ -126,7 +127,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         steering=not args.no_steering,
         evict_idle_s=args.evict_idle_s if args.evict_idle_s > 0 else None,
         alert_idle_s=args.alert_idle_s if args.alert_idle_s > 0 else None,
-        lease_s=_lease_s(args.lease_s),
+        lease_s=lease_s,
         **monitor_limits(args),
     )
     server = None

@@ -27,6 +27,19 @@ def test_status_without_redis_says_what_to_do(tmp_path: Path) -> None:
     assert r.returncode == 2 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_bad_cluster_url_or_lease_is_one_line_and_exit_2() -> None:
+    r = _cli("status", "--redis", "redis+cluster://127.0.0.1:7000,nohost")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "interlatent: Redis Cluster URL 'redis+cluster://127.0.0.1:7000,nohost': seed node 'nohost' is not host:port"
+    ]
+    r = _cli("monitor", "--redis", "redis+cluster://127.0.0.1:1", "--lease-s", "-1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "interlatent: --lease-s must be a positive number of seconds, got -1.0"
+    ]
+    r = _cli("status", "--redis", "redis+cluster://127.0.0.1:1")
+    assert r.returncode == 2 and "cannot reach Redis" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_up_runs_embedded_redis_and_monitor_and_state_survives_restart(tmp_path: Path) -> None:
     ep = free_endpoint()
     env = {"INTERLATENT_REDIS_URL": "", "INTERLATENT_ENDPOINT": ep, "INTERLATENT_DATA_DIR": str(tmp_path)}
