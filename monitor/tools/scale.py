@@ -30,7 +30,7 @@ from typing import Any
 from monitor.store.embedded import free_port
 from monitor.store.records import Store, connect
 
-__all__ = ["MonitorTier", "bench_scale", "cpu_seconds"]
+__all__ = ["MonitorTier", "bench_scale", "cpu_seconds", "paced_forwards"]
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,26 @@ def _agent(endpoints: list[str], run: str, seconds: float, rate_hz: float, batch
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
     att = attach(net, [_TAP], run=run, endpoint=endpoints, connect_wait_s=10.0)
-    x = torch.randn(batch, width)
-    period, forwards = 1.0 / rate_hz, 0
     t0 = time.monotonic()
+    forwards = paced_forwards(net, torch.randn(batch, width), 1.0 / rate_hz, lambda: time.monotonic() >= t0 + seconds)
+    elapsed = time.monotonic() - t0
+    att.detach()
+    q.put({"run": run, "rows": forwards * batch, "seconds": elapsed, "drops": att.counters().get("drops", 0)})
+
+
+def paced_forwards(net: Any, x: Any, period_s: float, done: Any) -> int:
+    """Call ``net(x)`` once every ``period_s`` (no drift: against the start) until ``done()``; the count."""
+    import torch
+
+    forwards, t0 = 0, time.monotonic()
     with torch.no_grad():
-        while (now := time.monotonic()) < t0 + seconds:
+        while not done():
             net(x)
             forwards += 1
-            sleep = t0 + forwards * period - time.monotonic()
-            if sleep > 0:
-                time.sleep(sleep)
-    att.detach()
-    q.put({"run": run, "rows": forwards * batch, "seconds": now - t0, "drops": att.counters().get("drops", 0)})
+            wait = t0 + forwards * period_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+    return forwards
 
 
 def _redis_nodes(client: Any) -> list[tuple[int, int]]:

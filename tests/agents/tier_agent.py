@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from agent_side import attach
+from monitor.tools.scale import paced_forwards
 
 PERIOD_S = 0.005
 
@@ -24,15 +24,7 @@ def main() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     att = attach(net, ["0:out"], run=run, flush_rows=8, flush_ms=20)
-    x = torch.randn(1, 8)
-    forwards, t0 = 0, time.monotonic()
-    with torch.no_grad():
-        while not stop.exists():
-            net(x)
-            forwards += 1
-            wait = t0 + forwards * PERIOD_S - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+    forwards = paced_forwards(net, torch.randn(1, 8), PERIOD_S, stop.exists)
     att.detach()
     out.write_text(json.dumps({**att.counters(), "forwards": forwards}))
 
