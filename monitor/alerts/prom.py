@@ -108,6 +108,17 @@ class MonitorCollector(Collector):
             "memory held by records waiting for Redis",
             value=outbox.pending_bytes if outbox is not None else 0,
         )
+        leases = getattr(mon, "leases", None)
+        yield GaugeMetricFamily(
+            "interlatent_leases_held", "runs this monitor holds the lease of (serves)", value=len(leases.held) if leases else 0
+        )
+        events = CounterMetricFamily(
+            "interlatent_lease_events", "lease acquisitions, releases, losses and handovers", labels=["event"]
+        )
+        counts = _copy(leases.counts) if leases is not None else {}
+        for ev in sorted({"acquired", "released", "lost", "handed_over", "refused", "renewed", *counts}):
+            events.add_metric([ev], counts.get(ev, 0))
+        yield events
         yield from self._alerts()
         yield from self._webhooks()
         encoders = getattr(mon, "encoders", None)

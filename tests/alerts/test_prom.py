@@ -62,6 +62,8 @@ def test_every_series_is_there_from_the_start_and_counts_up(store: Store) -> Non
         assert m["interlatent_transcoders_broken"] == ("gauge", {(): 0.0})
         assert m["interlatent_alerts_unstored"] == ("counter", {(): 0.0})
         assert m["interlatent_run_drops"] == ("counter", {}) and m["interlatent_run_gaps"][0] == "counter"
+        assert m["interlatent_leases_held"] == ("gauge", {(): 0.0})
+        assert m["interlatent_lease_events"][1][(("event", "lost"),)] == 0.0
 
         x = np.zeros((3, 2), np.float32)
         x[1:, 1] = 1.0  # channel 1 fires at step 1 and is still firing
@@ -70,6 +72,7 @@ def test_every_series_is_there_from_the_start_and_counts_up(store: Store) -> Non
         wait_until(lambda: mon.sink.receivers[0].failed == 1, what="the POST given up")
         m = _scrape(port)
         assert m["interlatent_frames"][1] == {(): 2.0} and m["interlatent_rows"][1] == {(): 3.0}
+        assert m["interlatent_leases_held"][1] == {(): 1.0} and m["interlatent_lease_events"][1][(("event", "acquired"),)] == 1.0
         fired = zero | {("hot", "firing"): 1.0}
         assert m["interlatent_alerts"][1] == {(("rule", r), ("state", s)): v for (r, s), v in fired.items()}
         assert m["interlatent_alerts_active"][1][(("rule", "hot"), ("state", "firing"))] == 1.0
