@@ -53,6 +53,7 @@ __all__ = ["Sender", "COPY_THRESHOLD", "SETTLE_MIN_S"]
 log = logging.getLogger(__name__)
 
 COPY_THRESHOLD = 64 * 1024  # larger messages are sent zero-copy
+MAX_FAILOVER_S = 86_400.0  # a day: past that a dead monitor's runs would never move
 SETTLE_MIN_S = 0.5  # the least time an earlier monitor must stay connected before the run moves back
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
@@ -107,8 +108,10 @@ class Sender:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("a Sender needs at least one endpoint")
-        if not failover_s >= 0:
-            raise ValueError(f"failover_s must be >= 0, got {failover_s}")
+        if isinstance(failover_s, bool) or not isinstance(failover_s, int | float) or not 0 <= failover_s <= MAX_FAILOVER_S:
+            raise ValueError(
+                f"failover_s (or $INTERLATENT_FAILOVER_S) must be a number of seconds in [0, {MAX_FAILOVER_S:g}], got {failover_s!r}"
+            )
         self.failover_s = float(failover_s)
         self.settle_s = max(SETTLE_MIN_S, self.failover_s / 3)
         self.run = run

@@ -32,7 +32,7 @@ from monitor.cli.runs import add_parsers as add_runs_parsers
 from monitor.cli.steer import add_parsers as add_steer_parsers
 from monitor.cli.train import cmd_import, cmd_inspect, cmd_judge, cmd_report, cmd_train, cmd_transcoders
 from monitor.experiments.agents import TRAIN_STEPS
-from monitor.service.leases import LEASE_S
+from monitor.service.leases import LEASE_S, lease_problem
 from monitor.store.records import ConfigError
 
 log = logging.getLogger("interlatent")
@@ -77,9 +77,10 @@ def cmd_up(args: argparse.Namespace, s: Settings) -> int:
         services.stop()
 
 
-def _lease_s(v: float) -> float:
-    if not 0 < v < float("inf"):
-        raise ConfigError(f"--lease-s must be a positive number of seconds, got {v}")
+def _lease_s(v: float, flush_ms: float) -> float:
+    why = lease_problem(v, flush_ms / 1000.0)
+    if why is not None:
+        raise ConfigError(f"--lease-s {why}")
     return v
 
 
@@ -96,7 +97,7 @@ def cmd_monitor(args: argparse.Namespace, s: Settings) -> int:
         return 2
     pin_threads(1)
     cfg = None if args.no_analytics else AnalyticsConfig(window_steps=args.window_steps, ew_alpha=args.ew_alpha, top_k=args.top_k)
-    lease_s = _lease_s(args.lease_s)  # before Redis: a bad flag is named whether or not Redis is there
+    lease_s = _lease_s(args.lease_s, args.flush_ms)  # before Redis: a bad flag is named whether or not Redis is there
     store = s.store()
     auto = None
     if args.auto_train:

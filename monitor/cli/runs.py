@@ -80,10 +80,17 @@ def monitor_limits(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _served_by(ident: str, where: dict[str, str]) -> str:
+    if ident in where:
+        return f"; served by {printable(where[ident])} ({printable(ident)})"
+    return f"; last written by {printable(ident)}, no longer running"
+
+
 def print_status(st: dict[str, Any]) -> None:
     """The text of `interlatent status`: every name escaped."""
     mon = st["monitor"]
     n = len(mon.get("instances", []))
+    where = {i.get("id"): i.get("endpoint", "?") for i in mon.get("instances", [])}
     line = f"monitor: {'alive' if mon['alive'] else 'not running'}" + (f" ({n} instances)" if n > 1 else "")
     if mon["rejected"]:
         line += f"; rejected {printable(mon['rejected'])}"
@@ -102,7 +109,7 @@ def print_status(st: dict[str, Any]) -> None:
             f"last seen {r['last_seen_s']:.1f}s ago"
             + (f"; lost {lost}" if lost else "")
             + (f"; {r['early_dropped']} rows before metrics let go" if r.get("early_dropped") else "")
-            + (f"; served by {printable(r['monitor'])}" if n > 1 and r.get("monitor") else "")
+            + (_served_by(r.get("monitor", ""), where) if n > 1 and r.get("monitor") else "")
         )
         for tap, t in r["taps"].items():
             print(f"  {printable(tap):<40} width {t['width']:>6}  rows {t['rows']:>10}")

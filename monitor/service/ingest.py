@@ -47,7 +47,7 @@ from monitor.service.autotrain import AutoTrain, AutoTrainer
 from monitor.service.curve import monitor_keypair
 from monitor.service.encoding import Encoders
 from monitor.service.filing import JobFiler
-from monitor.service.leases import LEASE_S, LeaseLost, Leases
+from monitor.service.leases import LEASE_S, LeaseLost, Leases, lease_problem
 from monitor.service.persist import load_run, write_run
 from monitor.service.runstate import OUTBOX_BYTES, RECENT_ROWS, Outbox, RejectFrame, RunState
 from monitor.service.steering import ControlChannel
@@ -73,6 +73,14 @@ def _next_port_free(endpoint: str) -> bool:
     """Whether the port after ``tcp://host:port`` can be bound now."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     return port.isdigit() and port_free(int(port) + 1, host.strip("[]") or "127.0.0.1")
+
+
+def _bad_port(endpoint: str) -> str | None:
+    """The port of a ``tcp://`` endpoint when it is a number past 65535 (ZeroMQ would take it modulo 65536)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    port = endpoint.rpartition(":")[2]
+    return port if port.isdigit() and int(port) > 65535 else None
 
 
 def _active_alerts(store: Store) -> list[dict[str, Any]]:
@@ -123,6 +131,12 @@ class Monitor:
         allow_keys: Path | None = None,
         lease_s: float = LEASE_S,
     ) -> None:
+        why = lease_problem(lease_s, flush_ms / 1000.0)
+        if why is not None:
+            raise ConfigError(f"lease_s {why}")
+        bad_port = _bad_port(endpoint)
+        if bad_port is not None:
+            raise ConfigError(f"cannot bind the data endpoint {endpoint}: port {bad_port} is not in 0-65535")
         self.store = store
         self._retain_s = retain_days * 86400.0 if retain_days else None  # an ended run's keys go this long after its last frame
         self._next_sweep = 0.0

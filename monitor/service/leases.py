@@ -29,12 +29,26 @@ import redis
 from monitor.store import keys
 from monitor.store.records import Store
 
-__all__ = ["Leases", "LeaseLost", "LEASE_S", "LEASES_MAXLEN", "lease_history"]
+__all__ = ["Leases", "LeaseLost", "LEASE_S", "LEASES_MAXLEN", "lease_history", "lease_problem"]
 
 log = logging.getLogger(__name__)
 
 LEASES_MAXLEN = 100_000
 LEASE_S = 5.0  # a run's lease lives this long unless renewed: how soon a dead monitor's runs can move
+LEASE_FLUSHES = 3  # a lease lives at least this many flushes: it is renewed at every write
+LEASE_MAX_S = 86_400.0
+
+
+def lease_problem(lease_s: float, flush_s: float) -> str | None:
+    """Why ``lease_s`` cannot be a monitor's lease with flushes every ``flush_s``, or None."""
+    if not (LEASE_FLUSHES * flush_s <= lease_s * (1 + 1e-9) and lease_s <= LEASE_MAX_S):  # False for nan too
+        return (
+            f"must be at least {LEASE_FLUSHES} flushes ({LEASE_FLUSHES * flush_s:g} s: it is renewed at each) and at most "
+            f"{LEASE_MAX_S:g} s (a killed monitor's runs wait that long), got {lease_s:g}"
+        )
+    return None
+
+
 WRITER_FIELD = "monitor"  # the run's counters hash: the id of the monitor that wrote it last
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Store",
     "connect",
     "is_cluster",
+    "redact",
     "ConfigError",
     "resolve_redis_url",
     "EPISODES_MAXLEN",
@@ -53,18 +54,32 @@ def resolve_redis_url(url: str | None, data_dir: Path | None) -> str:
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in auth:
+        return url
+    return f"{scheme}://{auth.partition(':')[0]}:***@{hosts}"
+
+
 def _cluster_client(url: str) -> Any:
     """A Redis Cluster client for ``redis+cluster://[user:password@]host:port,host:port,...``
     (``rediss+cluster`` for TLS): the seed nodes, from which redis-py learns the rest."""
     scheme, _, rest = url.partition("://")
     auth, at, hosts = rest.rpartition("@")
-    hosts = hosts.split("/", 1)[0].split("?", 1)[0]
+    hosts, slash, tail = hosts.partition("/")
+    hosts, q, query = hosts.partition("?")
+    if (slash and tail not in ("", "0")) or q or "?" in tail:
+        raise ConfigError(
+            f"Redis Cluster URL {redact(url)!r}: a cluster has one database and takes no options; give host:port,host:port"
+        )
     user, _, password = auth.partition(":") if at else ("", "", "")
     nodes = []
     for item in hosts.split(","):
         host, colon, port = item.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"Redis Cluster URL {url!r}: seed node {item.strip()!r} is not host:port")
+            raise ConfigError(f"Redis Cluster URL {redact(url)!r}: seed node {item.strip()!r} is not host:port")
         nodes.append(ClusterNode(host.strip("[]"), int(port)))
     return redis.RedisCluster(
         startup_nodes=nodes,
@@ -80,19 +95,36 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, redis.RedisCluster)
 
 
+def _cluster_enabled(client: redis.Redis) -> bool:
+    try:
+        return str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.ResponseError:  # INFO renamed or refused (a managed Redis): nothing to warn about
+        return False
+
+
 def connect(url: str) -> redis.Redis:
     """A client for ``url`` that has answered a PING, or a :class:`ConfigError` saying what to do.
-    ``redis+cluster://h1:p1,h2:p2`` is a Redis Cluster (redis-py's cluster client, same API)."""
+    ``redis+cluster://h1:p1,h2:p2`` is a Redis Cluster (redis-py's cluster client, same API); a
+    plain URL that reaches a cluster node is refused with that advice."""
+    cluster = url.partition("://")[0] in CLUSTER_SCHEMES
     try:
-        if url.partition("://")[0] in CLUSTER_SCHEMES:
+        if cluster:
             client = _cluster_client(url)
         else:
             client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         client.ping()
+        if not cluster and _cluster_enabled(client):
+            client.close()
+            raise ConfigError(
+                f"{redact(url)} is a node of a Redis Cluster: use redis+cluster://host:port,host:port,... (its seed nodes)"
+            )
     except ConfigError:
         raise
-    except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError, IndexError) as e:
-        raise ConfigError(f"cannot reach Redis at {url}: {e}; is `interlatent up` running?") from e
+    except ValueError as e:  # redis-py's own words on a URL it cannot read, and the schemes it knows
+        raise ConfigError(f"Redis URL {redact(url)!r}: {e} (or redis+cluster:// for a Redis Cluster)") from e
+    except (redis.RedisError, redis.exceptions.RedisClusterException, IndexError) as e:
+        hint = "are its seed nodes up?" if cluster else "is `interlatent up` running?"
+        raise ConfigError(f"cannot reach Redis at {redact(url)}: {e}; {hint}") from e
     return client
 
 

@@ -190,6 +190,8 @@ def _one(
         redis_cpu = [cpu_seconds(pid) - c for (_, pid), c in zip(masters, rcpu0, strict=True)]
         commands = _commands(store.r) - cmd0
         served = {r["run"]: r.get("monitor", "") for r in store.status()["runs"]}
+        pids = {p.pid for p in tier.procs}
+        idents = [h["id"] for h in store.health() if h.get("kind") == "monitor" and h.get("pid") in pids]
     store.r.close()
     run_s = sum(r["seconds"] for r in reports) / len(reports)
     return {
@@ -200,7 +202,7 @@ def _one(
         "received_rows_per_s": got / run_s,
         "received_vs_offered": got / offered if offered else 0.0,
         "agent_drops": sum(r["drops"] for r in reports),
-        "runs_per_monitor": sorted(list(served.values()).count(m) for m in set(served.values())),
+        "runs_per_monitor": sorted(list(served.values()).count(m) for m in idents),  # idle monitors too, as 0
         "monitor_cpu_s": [round(c, 2) for c in mon_cpu],
         "rows_per_monitor_cpu_s": got / sum(mon_cpu) if sum(mon_cpu) > 0 else 0.0,
         "redis_cpu_s": [round(c, 2) for c in redis_cpu],

@@ -136,3 +136,18 @@ def test_an_idle_run_keeps_its_lease_by_renewal_alone(store: Store) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("lease_s", [0.1, 1e300, float("nan"), float("inf"), -1.0])
+def test_a_lease_that_cannot_outlive_its_renewals_or_outlives_a_day_is_refused(store: Store, lease_s: float) -> None:
+    from monitor.store.records import ConfigError
+
+    with pytest.raises(ConfigError, match="lease_s must be at least 3 flushes"):
+        Monitor(store, endpoint="tcp://127.0.0.1:0", steering=False, lease_s=lease_s)
+
+
+def test_a_port_zeromq_would_wrap_is_refused(store: Store) -> None:
+    from monitor.store.records import ConfigError
+
+    with pytest.raises(ConfigError, match="port 99999 is not in 0-65535"):
+        Monitor(store, endpoint="tcp://127.0.0.1:99999", steering=False)

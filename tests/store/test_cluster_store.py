@@ -143,3 +143,17 @@ def test_the_explainer_works_its_jobs_on_a_cluster(redis_cluster: LocalCluster) 
     (e,) = explanations(store.r, "c{p}")
     assert e["label"] == "high angle" and store.r.scard(keys.explain_pending("c{p}")) == 0
     store.r.close()
+
+
+def test_a_plain_url_to_a_cluster_node_and_passwords_in_errors(redis_cluster: LocalCluster) -> None:
+    port = redis_cluster.nodes[0].port
+    with pytest.raises(ConfigError, match=r"is a node of a Redis Cluster: use redis\+cluster://"):
+        connect(f"redis://127.0.0.1:{port}/0")
+    for url in ("redis+cluster://u:s3cret@127.0.0.1:1", "redis://u:s3cret@127.0.0.1:1/0"):
+        with pytest.raises(ConfigError) as e:
+            connect(url)
+        assert "s3cret" not in str(e.value) and "u:***@" in str(e.value)
+    for url in (f"redis+cluster://127.0.0.1:{port}/3", f"redis+cluster://127.0.0.1:{port}?db=1"):
+        with pytest.raises(ConfigError, match="a cluster has one database"):
+            connect(url)
+    connect(f"redis+cluster://127.0.0.1:{port}/0").close()  # database 0, the only one, may be named
