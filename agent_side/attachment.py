@@ -1,17 +1,19 @@
 """``attach()``: the one call a user adds to their agent.
 
 Each ``:out`` tap wraps its module's forward (torch's hooked call path costs about a microsecond a
-module, a wrapper almost nothing) and each ``:in`` tap gets a forward pre-hook, first among the
-module's pre-hooks; either copies the value with one ``copy_`` into the tap's preallocated buffer
-(:class:`agent_side.taps.TapBuffer`) and returns. Both see the value before any steer at the same
-tap edits it. A buffer goes out as one frame when it holds ``flush_rows`` rows or its oldest row
-is ``flush_ms`` old, with every other stream's pending rows, so the sends come few and together
-(metric rows and episode ends wait for the same). The hooks are on the model only while a monitor
-is connected: with nobody listening, torch runs its hook-free fast path and the agent pays nothing
-but a counter. Nothing here blocks the agent, but ``attach()`` itself, which waits
-up to ``connect_wait_s`` (default 1 s, ``$INTERLATENT_CONNECT_WAIT_S``) for a monitor that
-already listens, so a run started against a live monitor streams from its first step; a refused
-connection (nobody listens) ends the wait at once.
+module more, a wrapped forward almost nothing); each ``:in`` tap gets a forward pre-hook, first
+among the module's pre-hooks, or, on the first module of an ``nn.Sequential``, the Sequential's
+wrapped forward takes the input (:func:`agent_side.taps.wrap_first_input`). Either copies the
+value into the tap's buffer (:class:`agent_side.taps.TapBuffer`) and returns; both see the value
+before a steer at the same tap edits it. A buffer goes out as one frame when it holds
+``flush_rows`` rows or its oldest row is ``flush_ms`` old, with every other stream's pending rows,
+so the sends come few and together (metric rows and episode ends wait for the same). The hooks
+are on the model only while a monitor is connected: with nobody listening, torch runs its
+hook-free fast path and the agent pays nothing but a counter. Nothing here blocks the agent, but
+``attach()`` itself, which waits up to ``connect_wait_s`` (default 1 s,
+``$INTERLATENT_CONNECT_WAIT_S``) for a monitor that already listens, so a run started against a
+live monitor streams from its first step; a refused connection (nobody listens) ends the wait at
+once.
 
 Steps the agent runs with no monitor connected are counted as ``unwatched`` (once a step, in
 every frame's header), not as drops: nothing of them was built. A connection that comes in the
@@ -38,7 +40,19 @@ from agent_side.control import Controller, greeting, load_agent_key, load_monito
 from agent_side.lm import TokenTracker, token_rows
 from agent_side.routing import DEFAULT_FAILOVER_S, endpoints_from_env, parse_endpoints, rendezvous
 from agent_side.sender import Sender
-from agent_side.taps import FLUSH_BYTES, SENDABLE, TapBuffer, TapSpec, as_rows, first_tensor, parse_tap, resolve_tap, wrap_forward
+from agent_side.taps import (
+    FLUSH_BYTES,
+    SENDABLE,
+    TapBuffer,
+    TapSpec,
+    as_rows,
+    first_tensor,
+    parse_tap,
+    resolve_tap,
+    sequential_parent,
+    wrap_first_input,
+    wrap_forward,
+)
 from agent_side.wire import DEFAULT_ENDPOINT
 
 __all__ = ["attach", "Attachment", "DEFAULT_ENDPOINT"]
@@ -60,15 +74,30 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
-class _MetricRows:
+class MetricRows:
     """One set of metric names' pending rows: flat lists of values and of (step, index) pairs,
-    made arrays when sent (appending Python floats costs less than writing numpy cells)."""
+    made arrays when sent (appending Python floats costs less than writing numpy cells). The env
+    wrappers add to theirs directly (:meth:`Attachment.metric_rows`)."""
 
-    __slots__ = ("values", "pos")
+    __slots__ = ("owner", "width", "values", "pos")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Attachment, width: int) -> None:
+        self.owner = owner
+        self.width = width
         self.values: list[float] = []
         self.pos: list[int] = []
+
+    def add(self, row: list[float], step: int, index: int) -> None:
+        """One row of ``width`` values at (step, index); sends everything once full."""
+        if len(row) != self.width:
+            raise ValueError(f"a metric row has {len(row)} values for {self.width} names")
+        a = self.owner
+        if not self.pos and a._due == math.inf:
+            a._due = time.monotonic() + a._flush_s
+        self.values += row
+        self.pos += (step, index)
+        if len(self.pos) >= 2 * a.flush_rows:
+            a.flush()
 
 
 # -- the capture path before issue 19 (hooks on both sites, a numpy copy per forward, a list per
@@ -202,7 +231,9 @@ class Attachment:
         }
         # a replica nn.DataParallel makes shares its module's attributes, so an instance forward
         # would run the original's: hooks only there
-        self._hooks_only = any(isinstance(m, torch.nn.DataParallel) for m in module.modules())
+        self._hooks_only = any(isinstance(m, (torch.nn.DataParallel, torch.jit.ScriptModule)) for m in module.modules())
+        # an :in tap on the first module of an nn.Sequential: its input is the Sequential's
+        self._parents = {str(s): sequential_parent(module, s, m) for s, m in self._targets}
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._episodes: list[list[float]] = []
         self._due = math.inf  # when the oldest pending metric row or episode end must go out
@@ -280,17 +311,22 @@ class Attachment:
                         self._handles.append(mod.register_forward_hook(self._post_hook(name)))
                     continue
                 capture = self._capture_to(self._taps[name])
-                if spec.site == "in":
+                parent = self._parents[name]
+                if spec.site == "in" and parent is not None and not self._hooks_only:
+                    self._handles.append(wrap_first_input(parent, mod, capture))  # before the module's pre-hooks
+                elif spec.site == "in":
                     # first among the module's pre-hooks: the tap sees the input before a steer edits it
                     self._handles.append(mod.register_forward_pre_hook(_in_hook(capture), with_kwargs=True, prepend=True))
                 elif self._hooks_only:
-                    self._handles.append(mod.register_forward_hook(lambda _m, _a, out, capture=capture: capture(out)))
+                    self._handles.append(
+                        mod.register_forward_hook(lambda _m, _a, out, capture=capture: capture(out), prepend=True)
+                    )
                 else:
                     self._handles.append(wrap_forward(mod, capture))
             self._handles.extend(add() for add in self._extra_hooks)
 
     def _disarm(self) -> None:
-        for h in self._handles:
+        for h in reversed(self._handles):  # last on, first off: wrapped forwards unwind in order
             h.remove()
         self._handles = []
 
@@ -304,13 +340,13 @@ class Attachment:
                 t = value if type(value) is torch.Tensor else first_tensor(value)
                 if t is None:
                     return
-                if self.env_steps:
-                    step = self.step
-                else:
-                    step = b.calls
-                b.calls += 1
-                if b.put(t, step):
+                if b.put(t, self.step if self.env_steps else b.calls):
                     self.flush()  # every stream at once: back-to-back sends are cheap, lone ones are not
+                elif b.due < self._due:  # rows pending that the next advance() does not know of
+                    if self.env_steps:
+                        self._due = b.due
+                    elif time.monotonic() >= b.due:  # no env steps to send them: the forwards do
+                        self.flush()
             except Exception:
                 self._failed(b.name)
 
@@ -423,17 +459,15 @@ class Attachment:
             return
         if self._legacy:
             return self._log_row_legacy(names, row, index, step)
-        if len(row) != len(names):
-            raise ValueError(f"a metric row has {len(row)} values for {len(names)} names")
+        m = self._metrics.get(names) or self.metric_rows(names)
+        m.add(row, self.step if step is None else step, index)
+
+    def metric_rows(self, names: tuple[str, ...]) -> MetricRows:
+        """The pending rows of this set of metric names (the env wrappers add to them directly)."""
         m = self._metrics.get(names)
         if m is None:
-            m = self._metrics[names] = _MetricRows()
-        if not m.pos and self._due == math.inf:
-            self._due = time.monotonic() + self._flush_s
-        m.values += row
-        m.pos += (self.step if step is None else step, index)
-        if len(m.pos) >= 2 * self.flush_rows:
-            self.flush()
+            m = self._metrics[names] = MetricRows(self, len(names))
+        return m
 
     def _log_row_legacy(self, names: tuple[str, ...], row: list[float], index: int, step: int | None) -> None:
         m = self._metrics.get(names)

@@ -104,7 +104,9 @@ class StepLogger:
             raise ValueError(f"metric names collide: {self.names}")
         self.ep_return = [0.0] * n_envs
         self.ep_length = [0] * n_envs
-        self._values = _values_legacy if getattr(handle, "_legacy", False) else _values
+        self._legacy = bool(getattr(handle, "_legacy", False))
+        self._values = _values_legacy if self._legacy else _values
+        self._rows: Any = None  # the handle's MetricRows for these names, once a row was logged
 
     def log_one(self, i: int, obs: Any, action: Any, reward: float, terminated: bool, truncated: bool, info: Mapping) -> None:
         """Env ``i``'s step result; call :meth:`done` after all envs of the step are logged."""
@@ -120,9 +122,15 @@ class StepLogger:
                 if self.metrics:
                     si = StepInfo(obs, action, reward, bool(terminated), bool(truncated), info, i)
                     row += [float(fn(si)) for fn in self.metrics.values()]
-                if len(row) != len(self.names):
-                    raise ValueError(f"a step row has {len(row)} values for {len(self.names)} metric names")
-                h.log_row(self.names, row, index=i)
+                if self._legacy:
+                    if len(row) != len(self.names):
+                        raise ValueError(f"a step row has {len(row)} values for {len(self.names)} metric names")
+                    h.log_row(self.names, row, index=i)
+                else:
+                    rows = self._rows
+                    if rows is None:
+                        rows = self._rows = h.metric_rows(self.names)
+                    rows.add(row, h.step, i)  # checks the row's width
             except Exception:  # a user metric or an odd observation must not break env.step
                 h._failed("step metrics")
         # else: nothing is built, and the step is counted unwatched by advance()
@@ -180,7 +188,7 @@ class MetricsWrapper(gymnasium.Wrapper):
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.logger.log_one(0, self._obs, action, reward, terminated, truncated, info)
-        self.logger.done()
+        self.logger.handle.advance()
         self._obs = obs
         return obs, reward, terminated, truncated, info
 

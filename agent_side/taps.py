@@ -36,6 +36,8 @@ __all__ = [
     "as_rows",
     "tensor_hook",
     "wrap_forward",
+    "wrap_first_input",
+    "sequential_parent",
     "FLUSH_BYTES",
 ]
 
@@ -197,41 +199,21 @@ Emit = Callable[[np.ndarray, np.ndarray, list[int]], None]
 
 
 class TapBuffer:
-    """One tap's pending rows: a preallocated [rows, width] tensor that each forward's value is
-    copied into with one ``copy_`` (the copy: an in-place op on the value afterwards cannot touch
-    what was captured), and each forward's step. Arrays, positions and frames are made only when
-    the buffer is sent (:meth:`flush`, which hands ``emit`` the rows, their (step, index)
-    positions and the leading shape of one forward).
+    """One tap's pending rows: a private copy of each forward's value and its step, joined into
+    one frame's rows and (step, index) positions only when the buffer is sent (:meth:`flush`,
+    which hands them to ``emit`` with the leading shape of one forward).
 
-    A forward of the same shape and dtype as the one before takes the short path (a shape check
-    and a copy into a view made once per slot); anything else (a new width, rank, dtype, batch
-    size, a tensor that requires grad, one on another device) goes the general way, which starts a
-    new frame when the kind of forward changes, and gives a forward too big for a frame a copy of
-    its own.
+    The copy (an in-place op on the value afterwards cannot touch what was captured) is one
+    ``t.numpy().copy()``: inside a running agent, with its caches cold, that costs about 1 µs
+    where a ``copy_`` into a preallocated tensor costs about 1.7 µs (torch's dispatch). A
+    forward of the same shape and dtype as the one before, on the CPU and needing no grad, takes
+    that short path; anything else (a new width, rank, dtype, batch size, a value that needs grad
+    or lives on another device) goes the general way, which starts a new frame when the kind of
+    forward changes, and sends a forward too big for a frame on its own.
     """
 
-    __slots__ = (
-        "name",
-        "per_position",
-        "flush_rows",
-        "flush_s",
-        "emit",
-        "data",
-        "dtype",
-        "width",
-        "lead",
-        "cap",
-        "rows",
-        "steps",
-        "counts",
-        "shape",
-        "r",
-        "room",
-        "slots",
-        "slots_shape",
-        "calls",
-        "due",
-    )
+    __slots__ = ("name", "per_position", "flush_rows", "flush_s", "emit", "arrays", "steps", "counts", "rows")
+    __slots__ += ("shape", "dtype", "r", "room", "width", "lead", "cap", "calls", "due")
 
     def __init__(self, name: str, *, per_position: bool, flush_rows: int, flush_s: float, emit: Emit) -> None:
         self.name = name
@@ -239,42 +221,31 @@ class TapBuffer:
         self.flush_rows = max(1, int(flush_rows))
         self.flush_s = flush_s
         self.emit = emit
-        self.data: torch.Tensor | None = None
+        self.arrays: list[np.ndarray] = []  # per pending forward: its value (short path) or its rows
+        self.steps: list[int] = []
+        self.counts: list[int] | None = None  # rows per pending forward; None while each has ``r``
+        self.rows = 0
+        self.shape: torch.Size | None = None  # the shape of this frame's forwards (None: they differ)
         self.dtype: torch.dtype | None = None
+        self.r = 0  # rows of one forward of that shape
+        self.room = -1  # the short path takes a forward while rows <= room
         self.width = -1
         self.lead: list[int] = []
-        self.cap = 0  # rows the buffer holds
-        self.rows = 0  # rows pending
-        self.steps: list[int] = []  # per pending forward
-        self.counts: list[int] | None = None  # rows per pending forward; None while each has ``r``
-        self.shape: torch.Size | None = None  # the forward shape of the short path (None: the general one)
-        self.r = 0  # rows of one such forward
-        self.room = -1  # the short path takes a forward while rows <= room
-        self.slots: list[torch.Tensor] = []  # views of data, one per forward of slots_shape
-        self.slots_shape: torch.Size | None = None
+        self.cap = 0  # rows a frame holds
         self.calls = 0  # forwards seen: the step of a tap used without env steps
         self.due = math.inf  # when the oldest pending row must go out
 
     def put(self, t: torch.Tensor, step: int) -> bool:
-        """Copy one forward's value in; True when the buffer is full or its oldest row is due."""
-        k = len(self.steps)
-        if t.shape == self.shape and t.dtype is self.dtype and self.rows <= self.room and not t.requires_grad:
-            if k == 0:
+        """Copy one forward's value in; True when the buffer is full (``due`` says when it is old)."""
+        self.calls += 1
+        if t.shape == self.shape and t.dtype is self.dtype and self.rows <= self.room and t.is_cpu and not t.requires_grad:
+            if not self.steps:
                 self.due = time.monotonic() + self.flush_s
-            slots = self.slots
-            (slots[k] if k < len(slots) else self._slot(k)).copy_(t)
+            self.arrays.append(t.numpy().copy())
             self.steps.append(step)
             self.rows += self.r
-            return self.rows > self.room or time.monotonic() >= self.due
+            return self.rows > self.room
         return self._put(t, step)
-
-    def _slot(self, k: int) -> torch.Tensor:
-        """The view forward ``k`` of the frame is copied into (made once, kept while the shape is)."""
-        assert self.data is not None and self.shape is not None
-        while len(self.slots) <= k:
-            j = len(self.slots)
-            self.slots.append(self.data[j * self.r : (j + 1) * self.r].view(self.shape))
-        return self.slots[k]
 
     def _put(self, t: torch.Tensor, step: int) -> bool:
         if t.requires_grad:
@@ -286,41 +257,40 @@ class TapBuffer:
         dtype = t.dtype if t.dtype in SENDABLE else torch.float32
         if self.steps and (width != self.width or dtype is not self.dtype or lead != self.lead or self.rows + n > self.cap):
             self.flush()  # a frame holds one kind of forward, and at most cap rows
-        if self.data is None or width != self.width or dtype is not self.dtype:
+        if width != self.width or dtype is not self.dtype:
             itemsize = torch.empty((), dtype=dtype).element_size()
             self.cap = max(1, min(self.flush_rows, FLUSH_BYTES // (width * itemsize)))
-            self.data = torch.empty(self.cap, width, dtype=dtype)
             self.width, self.dtype = width, dtype
-            self.slots, self.slots_shape, self.shape = [], None, None
         self.lead = lead
-        if n > self.cap:  # one forward bigger than a frame: a copy of its own, sent now
-            data = flat.to(device="cpu", dtype=dtype).numpy().copy()
+        rows = flat.to(device="cpu", dtype=dtype).numpy().copy()
+        if n > self.cap:  # one forward bigger than a frame: sent on its own, now
             pos = np.zeros((n, 2), dtype=np.int64)
             pos[:, 0] = step
             pos[:, 1] = np.arange(n)
-            self.emit(data, pos, list(lead))
+            self.emit(rows, pos, list(lead))
             return False
         if not self.steps:
             self.due = time.monotonic() + self.flush_s
-            self.shape, self.r, self.room = t.shape, n, self.cap - n
-            if t.shape != self.slots_shape:
-                self.slots, self.slots_shape = [], t.shape
+            # the short path takes the next forwards of this shape (a 0-d value has no rows to join)
+            self.shape, self.r, self.room = (t.shape if t.dim() else None), n, self.cap - n
         elif self.shape is not None and t.shape != self.shape:  # another batch size: no short path until sent
             self.counts, self.shape = [self.r] * len(self.steps), None
-        self.data[self.rows : self.rows + n].copy_(flat)  # copy_ casts and moves to the CPU as it copies
+        self.arrays.append(rows if self.shape is None else rows.reshape(t.shape))  # as the short path keeps them
         self.steps.append(step)
         if self.counts is not None:
             self.counts.append(n)
         self.rows += n
-        return self.rows > self.cap - n or time.monotonic() >= self.due
+        return self.rows > self.cap - n
 
     def flush(self) -> None:
-        """Hand the pending rows to ``emit`` (a copy: the buffer is refilled at once) and empty it."""
+        """Hand the pending rows to ``emit`` and empty the buffer."""
         if not self.steps:
             return
-        assert self.data is not None
-        n = self.rows
-        data = self.data[:n].numpy().copy()
+        n, width, arrays = self.rows, self.width, self.arrays
+        if self.counts is None:  # one shape: the values join as they are
+            data = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(n, width)
+        else:
+            data = np.concatenate([a.reshape(-1, width) for a in arrays])
         steps = np.array(self.steps, dtype=np.int64)
         pos = np.zeros((n, 2), dtype=np.int64)
         if self.counts is None and self.r == 1:  # one row per forward: the common RL case
@@ -329,7 +299,7 @@ class TapBuffer:
             counts = np.full(len(steps), self.r, dtype=np.int64) if self.counts is None else np.array(self.counts)
             pos[:, 0] = np.repeat(steps, counts)
             pos[:, 1] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.rows, self.steps, self.counts, self.due = 0, [], None, math.inf
+        self.arrays, self.steps, self.counts, self.rows, self.due = [], [], None, 0, math.inf
         self.emit(data, pos, list(self.lead))
 
 
@@ -396,6 +366,87 @@ class _ForwardHandle:
                 d["forward"] = self.wrapper.prev
         # else someone wrapped the forward over ours since: ours stays in their chain, passing through
         self.wrapper.fn = None
+
+
+class _Relay:
+    """Whether the parent's wrapper already took the input its first child is about to get."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
+
+
+class _ParentInput(_Forward):
+    """An ``nn.Sequential``'s forward that hands its input (its first child's) to ``fn`` first."""
+
+    __slots__ = ("relay",)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self.fn
+        if fn is not None and args:
+            fn(args[0])
+            self.relay.pending = True
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.relay.pending = False
+
+
+class _ChildInput(_Forward):
+    """The first child's forward: hands its input to ``fn`` when the parent did not (a direct call)."""
+
+    __slots__ = ("relay",)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        relay, fn = self.relay, self.fn
+        if relay.pending:
+            relay.pending = False
+        elif fn is not None:
+            fn(args[0] if args else first_tensor(kwargs))
+        return self.inner(*args, **kwargs)
+
+
+class _Handles:
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in reversed(self.handles):
+            h.remove()
+
+
+def sequential_parent(root: torch.nn.Module, spec: TapSpec, module: torch.nn.Module) -> torch.nn.Module | None:
+    """The ``nn.Sequential`` (running Sequential's own forward) whose first child, called once a
+    forward, is the ``:in`` tap's module: its input is that child's, so a wrapper on it can take
+    the place of a pre-hook on the child. None for any other tap."""
+    if spec.site != "in":
+        return None
+    parent_name = spec.module.rpartition(".")[0]
+    try:
+        parent = root.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    if not isinstance(parent, torch.nn.Sequential) or type(parent).forward is not torch.nn.Sequential.forward:
+        return None
+    children = list(parent)
+    if not children or children[0] is not module or sum(c is module for c in children) != 1:
+        return None
+    return parent
+
+
+def wrap_first_input(parent: torch.nn.Module, child: torch.nn.Module, fn: Callable[[Any], None]) -> Any:
+    """Call ``fn(input)`` for each forward of ``child``, the first module of the Sequential ``parent``
+    (:func:`sequential_parent`), without a pre-hook: ``parent``'s wrapped forward takes the input
+    before ``child`` and its pre-hooks see it (so before a steer at ``child``'s ``:in``); a call of
+    ``child`` on its own is taken by ``child``'s wrapped forward (after its pre-hooks). A handle
+    with ``remove()``. Both forwards must take an instance ``forward`` (no scripted modules)."""
+    relay = _Relay()
+    outer, inner = _ParentInput(parent, fn), _ChildInput(child, fn)
+    outer.relay = inner.relay = relay
+    child.forward = inner  # type: ignore[method-assign]
+    parent.forward = outer  # type: ignore[method-assign]
+    return _Handles(_ForwardHandle(child, inner), _ForwardHandle(parent, outer))
 
 
 def wrap_forward(module: torch.nn.Module, fn: Callable[[Any], None]) -> Any:

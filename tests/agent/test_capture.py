@@ -122,6 +122,36 @@ def test_a_tap_sees_the_value_before_a_steer_at_the_same_tap(peer: Peer, steer_f
     np.testing.assert_allclose(rows_of(frames, "1:out")[0], h.numpy(), rtol=1e-6)
 
 
+def test_the_first_module_of_a_sequential_is_tapped_through_it_and_when_called_alone(peer: Peer) -> None:
+    """An :in tap on a Sequential's first module takes the Sequential's input (no pre-hook on
+    the module); a call of that module on its own is still captured, once; a module that is a
+    Sequential's first twice over is hooked as usual."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    model = nn.Sequential(inner, nn.Linear(3, 2))
+    shared = nn.Linear(2, 2)
+    twice = nn.Sequential(shared, shared)
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    tap = attached(model, ["0.0:in", "0:in", "1:in"], peer)
+    assert not inner[0]._forward_pre_hooks and not inner._forward_pre_hooks  # wrapped forwards instead
+    assert model[1]._forward_pre_hooks  # not a first module: a pre-hook
+    with torch.no_grad():
+        model(xs[0])
+        inner[0](xs[1])  # on its own
+        inner(xs[2])  # through its own Sequential only
+    frames = received(peer, tap)
+    rows, pos = rows_of(frames, "0.0:in")
+    np.testing.assert_array_equal(rows, torch.cat(xs).numpy())
+    np.testing.assert_array_equal(pos[:, 0], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(rows_of(frames, "0:in")[0], torch.cat([xs[0], xs[2]]).numpy())
+    other = agent_side.attach(twice, ["0:in"], run="twice", endpoint=peer.endpoint)
+    try:
+        assert other.wait_for_monitor(10)
+        assert shared._forward_pre_hooks  # called twice a forward: the Sequential's input is only the first call's
+    finally:
+        other.detach()
+
+
 def test_a_capture_that_fails_is_counted_and_never_raised(peer: Peer) -> None:
     model = nn.Sequential(nn.Identity())
     good = [torch.full((1, 4), float(i)) for i in range(4)]
@@ -271,7 +301,11 @@ def _buffer(**kwargs) -> tuple[TapBuffer, list[tuple[np.ndarray, np.ndarray, lis
 
 def test_a_sent_frame_is_never_overwritten_by_the_rows_after_it() -> None:
     buf, sent = _buffer()
-    due = [buf.put(torch.full((1, 3), float(k)), k) for k in range(20)]
+    x = torch.zeros(1, 3)
+    due = []
+    for k in range(20):
+        x.fill_(float(k))  # one tensor, edited in place between forwards
+        due.append(buf.put(x, k))
     assert due.index(True) == 7  # full at flush_rows; the caller sends, else the next forward does
     buf.flush()
     buf.flush()  # nothing pending: nothing sent
@@ -307,4 +341,3 @@ def test_values_that_need_grad_or_another_dtype_are_copied_detached() -> None:
     buf.flush()
     assert [(d.dtype, len(d)) for d, _, _ in sent] == [(np.float32, 4), (np.float64, 2)]  # bfloat16 went as float32
     np.testing.assert_allclose(sent[0][0][:2], (w * 2).detach().numpy())
-    assert (w * 2).grad_fn is not None and buf.data is not None and not buf.data.requires_grad
