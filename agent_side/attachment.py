@@ -546,7 +546,7 @@ class Attachment:
                     if m.rows and now - m.t0 >= self._flush_s:
                         self.flush()
                         break
-        elif time.monotonic() >= self._due:
+        elif self._due != math.inf and time.monotonic() >= self._due:
             self.flush()
 
     # -- language models --------------------------------------------------------------------
