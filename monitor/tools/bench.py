@@ -261,7 +261,7 @@ class _Tokenizer:
         return [f"t{i}" for i in ids]
 
 
-def bench_suite(*, rounds: int = 7, steps: int = 100_000, sac_steps: int = 3000, tokens: int = 64) -> dict[str, Any]:
+def bench_suite(*, rounds: int = 7, steps: int = 100_000, sac_steps: int = 2000, tokens: int = 64) -> dict[str, Any]:
     """The realistic suite, each plain vs attached to a live monitor (the path before issue 19 and
     now), interleaved round by round: an SB3 SAC actor (2x256) on Pendulum with both hidden layers
     tapped, and a GPT-2-small-shaped model (random weights, from a config) generating ``tokens``
@@ -287,7 +287,7 @@ def bench_suite(*, rounds: int = 7, steps: int = 100_000, sac_steps: int = 3000,
         return {
             "threads": torch.get_num_threads(),
             "sac": _suite_sac(live_ep, rounds=rounds, steps=min(sac_steps, steps)),
-            "gpt2": _suite_gpt2(live_ep, rounds=max(3, rounds), tokens=tokens),
+            "gpt2": _suite_gpt2(live_ep, rounds=max(3, rounds // 3), tokens=tokens),
             "memory": _suite_memory(live_ep, services.children["monitor"].pid, steps=steps),
         }
 
