@@ -17,15 +17,8 @@ def cmd_bench(args: argparse.Namespace, s: Settings) -> int:
     from monitor.tools import bench
 
     pin_threads(args.threads)
-    if args.what == "hook" and args.suite:
-        res = {"suite": bench.bench_suite(rounds=args.rounds, steps=args.steps or 100_000)}
-        if not args.json:
-            _print_suite_table(res["suite"])
-    elif args.what == "hook":
-        res = {
-            "hook": bench.bench_hook(rounds=args.rounds, steps=args.steps or 3000, breakdown=args.breakdown),
-            "ingest": bench.bench_ingest(),
-        }
+    if args.what == "hook":
+        res = {"hook": bench.bench_hook(rounds=args.rounds, steps=args.steps), "ingest": bench.bench_ingest()}
         if not args.json:
             _print_hook_table(res)
     elif args.what == "alerts":
@@ -112,74 +105,27 @@ def _print_stats_table(st: dict[str, Any]) -> None:
     )
 
 
-_PEER_NAMES = {"no_monitor": "no monitor", "sink": "bare sink", "monitor": "live monitor"}
-_PATH_NAMES = {"before": "before #19", "after": "now"}
-
-
-def _ratio(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
-
-
-def _added(a: dict[str, float]) -> str:
-    return f"{a['median']:.1f} [{a['min']:.1f}, {a['max']:.1f}]"
-
-
 def _print_hook_table(res: dict[str, Any]) -> None:
     h, i = res["hook"], res["ingest"]
+    sps = h["steps_per_s"]
     print(
         f"SB3 PPO CartPole predict+step, {h['rounds']} interleaved rounds of {h['steps_per_round']} steps, "
-        f"torch threads {h['threads']}, taps {', '.join(h['taps'])}; plain {h['plain_steps_per_s']:,.0f} steps/s "
-        f"({h['plain_us_per_step']:.1f} us a step)"
+        f"torch threads {h['threads']}, taps {', '.join(h['taps'])}"
     )
-    print(f"  {'attached, path':<30}{'steps/s':>9}   {'ratio (median [min, max])':<27}{'added us/step (median [min, max])':>34}")
-    for peer in ("no_monitor", "sink", "monitor"):
-        for path in ("before", "after"):
-            v = h[path][peer]
-            name = f"{_PEER_NAMES[peer]}, {_PATH_NAMES[path]}"
-            print(f"  {name:<30}{v['steps_per_s']:>9,.0f}   {_ratio(v['ratio']):<27}{_added(v['added_us_per_step']):>34}")
-    if "breakdown" in h:
-        b = h["breakdown"]
-        print("  per component, us a step (median of per-round differences, against a bare sink):")
-        print(f"    {'':<20}{'before #19':>12}{'now':>8}")
-        for key, label in (
-            ("hook_dispatch", "hook dispatch"),
-            ("capture", "capture"),
-            ("metric_row", "metric row"),
-            ("wrapper_layer", "wrapper layer"),
-            ("batching_sending", "batching/sending"),
-            ("total_us", "total"),
-        ):
-            print(f"    {label:<20}{b['before'][key]:>12.1f}{b['after'][key]:>8.1f}")
+    print(f"  {'variant':<24}{'steps/s':>10}{'ratio (median [min, max])':>30}{'added us/step':>15}")
+    print(f"  {'plain':<24}{sps['plain']:>10.0f}{'1.000':>12}{'':>18}{'0':>15}")
+    us = h["overhead_us_per_step"]
+    for name, key, var in (
+        ("attached, no monitor", "ratio_no_monitor", "attached_no_monitor"),
+        ("attached, bare sink", "ratio_sink", "attached_sink"),
+        ("attached, live monitor", "ratio_monitor", "attached_monitor"),
+    ):
+        r = h[key]
+        print(f"  {name:<24}{sps[var]:>10.0f}{r['median']:>12.3f} [{r['min']:.3f}, {r['max']:.3f}]{us[var]:>15.1f}")
     print(f"monitor ingest, {i['width']}-wide {i['dtype']} rows, {i['rows_per_frame']} rows/frame:")
     print(f"  bare decode        {i['decode_rows_per_s']:>12,.0f} rows/s")
     print(f"  monitor in-process {i['monitor_rows_per_s']:>12,.0f} rows/s ({i['monitor_vs_decode']:.2f} of decode)")
     print(f"  over a socket      {i['socket_rows_per_s']:>12,.0f} rows/s")
-
-
-def _print_suite_table(su: dict[str, Any]) -> None:
-    sac, gpt, mem = su["sac"], su["gpt2"], su["memory"]
-    print(f"realistic suite, plain vs attached to a live monitor, torch threads {su['threads']}")
-    print(
-        f"  SB3 SAC actor 2x256 on Pendulum, taps {', '.join(sac['taps'])}: {sac['rounds']} rounds of "
-        f"{sac['steps_per_round']} steps, plain {sac['plain_us_per_step']:.1f} us a step"
-    )
-    for path in ("before", "after"):
-        print(f"    {_PATH_NAMES[path]:<12} ratio {_ratio(sac[path]['ratio'])}   added {_added(sac[path]['added_us'])} us a step")
-    print(
-        f"  GPT-2-small-shaped (12 x 768, random weights) generating {gpt['tokens']} tokens, batch 1, "
-        f"taps {gpt['taps']}, tokens named: {gpt['rounds']} rounds, plain {gpt['plain_ms_per_token']:.2f} ms a token"
-    )
-    for path in ("before", "after"):
-        print(
-            f"    {_PATH_NAMES[path]:<12} ratio {_ratio(gpt[path]['ratio'])}   added {_added(gpt[path]['added_us'])} us a token"
-        )
-    print(f"  agent RSS over {mem['steps']:,} CartPole steps, each variant a process of its own (MB):")
-    print(f"    {'variant':<12}{'start':>9}{'end':>9}{'peak':>9}{'peak vs unhooked':>18}{'sent':>8}{'drops':>9}")
-    for name, v in mem["variants"].items():
-        print(
-            f"    {name:<12}{v['start_mb']:>9.1f}{v['end_mb']:>9.1f}{v['peak_mb']:>9.1f}{v['peak_vs_unhooked_mb']:>+18.1f}"
-            f"{v['sent']:>8}{v['drops']:>9}"
-        )
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -194,15 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.Argu
     sp.add_argument("--json", action="store_true", help="print only the JSON line")
     sp.add_argument("--rounds", type=int, default=9)
     sp.add_argument("--alerts", type=int, default=3000, help="alerts: spikes planted per variant")
-    sp.add_argument(
-        "--steps", type=int, default=None, help="hook: steps a round (3000); with --suite: the memory check's steps (100000)"
-    )
-    sp.add_argument(
-        "--suite", action="store_true", help="hook: the realistic suite (SAC Pendulum, a GPT-2-shaped generate, RSS) instead"
-    )
-    sp.add_argument(
-        "--breakdown", action="store_true", help="hook: also the per-component breakdown, before and after, in the same rounds"
-    )
+    sp.add_argument("--steps", type=int, default=3000)
     sp.add_argument("--agents", type=int, default=12, help="scale: agent processes")
     sp.add_argument("--seconds", type=float, default=8.0, help="scale: how long each configuration runs")
     sp.add_argument("--rate-hz", type=float, default=100.0, help="scale: forwards per second per agent (32 rows each)")

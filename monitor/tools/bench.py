@@ -12,8 +12,6 @@ work in-process, and end to end over a socket from a sending process.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
 import statistics
 import tempfile
 import time
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bench_hook", "bench_suite", "bench_ingest", "bench_alerts"]
+__all__ = ["bench_hook", "bench_ingest", "bench_alerts"]
 
 INGEST_WIDTH = 64
 INGEST_ROWS = 64  # rows per frame (the agent sends up to 256; smaller frames are the harder case)
@@ -68,67 +66,11 @@ def _ratios(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-PATHS = ("before", "after")  # the capture path before issue 19 (Attachment(_legacy=True)) and now
-PEERS = ("no_monitor", "sink", "monitor")
-# the breakdown's variants against a bare sink (see _components)
-STAGES = ("dispatch", "capture")
-
-
-class _SendClock:
-    """Time the agent spends sending (``flush()``, and the old path's lone episode frames), put on
-    an attachment for a breakdown round; calls inside one another are timed once."""
-
-    def __init__(self, tap: Any) -> None:
-        self.s = 0.0
-        self._depth = 0
-        for name in ("flush", "_flush_episodes"):
-            setattr(tap, name, self._timed(getattr(tap, name)))
-
-    def _timed(self, fn: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if self._depth:
-                return fn(*args, **kwargs)
-            self._depth += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.s += time.perf_counter() - t0
-                self._depth -= 1
-
-        return run
-
-
-def _pass_wrapper(env: Any) -> Any:
-    """A gymnasium wrapper with the env wrapper's shape and no logging: its layer alone."""
+def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300) -> dict[str, Any]:
+    """Steps/s of plain, attached-no-monitor and attached-with-monitor loops, interleaved."""
     import gymnasium as gym
 
-    class Passthrough(gym.Wrapper):
-        def reset(self, **kwargs: Any) -> Any:
-            obs, info = self.env.reset(**kwargs)
-            self._obs = obs
-            return obs, info
-
-        def step(self, action: Any) -> Any:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self._obs = obs
-            return obs, reward, terminated, truncated, info
-
-    return Passthrough(env)
-
-
-def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300, breakdown: bool = False) -> dict[str, Any]:
-    """Steps/s of the plain loop and of the attached one with no monitor, a bare sink and a live
-    monitor, for the capture path before issue 19 and now, all interleaved round by round.
-
-    ``breakdown`` adds, per path and against a bare sink, the capture mechanism paused (torch's
-    dispatch of the hooks or wrapped forwards, the capture returning at once) and the captures
-    without the env wrapper, a pass-through gymnasium wrapper on the plain loop, and the time each
-    attached round spent sending; see :func:`_components`.
-    """
-    import gymnasium as gym
-
-    from agent_side.attachment import Attachment
+    import agent_side
     from monitor.store.embedded import EmbeddedRedis, free_port
     from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
     from monitor.tools.services import Services
@@ -137,34 +79,13 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300, breakdo
     live_ep = f"tcp://127.0.0.1:{free_port()}"
     dead_ep = f"tcp://127.0.0.1:{free_port()}"  # nobody binds it
     sink_ep = f"tcp://127.0.0.1:{free_port()}"
-    peer_ep = {"no_monitor": dead_ep, "sink": sink_ep, "monitor": live_ep}
-    send_s: dict[str, list[float]] = {}  # per breakdown variant and round: seconds spent sending, a step
+    plain, nomon, sunk, live = [], [], [], []
 
-    def attached(path: str, peer: str, stage: str | None = None) -> float:
-        ep = peer_ep[peer]
-        with Attachment(model.policy, DEMO_TAPS, run=f"bench-{path}-{peer}", endpoint=ep, _legacy=path == "before") as tap:
-            if ep != dead_ep and not tap.wait_for_monitor(10):
-                raise RuntimeError(f"benchmark peer at {ep} did not connect")
-            tap.paused = stage == "dispatch"
-            clock = _SendClock(tap) if breakdown and peer == "sink" else None
-            env = gym.make("CartPole-v1")
-            if stage is None:
-                env = tap.wrap(env, obs_names=CARTPOLE_OBS)
-            rate = _loop(model, env, steps)
-            if clock is not None:
-                send_s.setdefault(f"{path}/{stage or peer}", []).append(clock.s / steps)
-            return rate
-
-    variants: dict[str, Any] = {"plain": lambda: _loop(model, gym.make("CartPole-v1"), steps)}
-    if breakdown:
-        variants["wrapper_layer"] = lambda: _loop(model, _pass_wrapper(gym.make("CartPole-v1")), steps)
-    for path in PATHS:
-        for peer in PEERS:
-            variants[f"{path}/{peer}"] = lambda path=path, peer=peer: attached(path, peer)
-        if breakdown:
-            for stage in STAGES:
-                variants[f"{path}/{stage}"] = lambda path=path, stage=stage: attached(path, "sink", stage)
-    sps = {k: [] for k in variants}
+    def attached(endpoint: str, run: str) -> float:
+        with agent_side.attach(model.policy, DEMO_TAPS, run=run, endpoint=endpoint) as tap:
+            if endpoint != dead_ep and not tap.wait_for_monitor(10):
+                raise RuntimeError(f"benchmark peer at {endpoint} did not connect")
+            return _loop(model, tap.wrap(gym.make("CartPole-v1"), obs_names=CARTPOLE_OBS), steps)
 
     sink = mp.get_context("spawn").Process(target=_sink, args=(sink_ep,), daemon=True)
     sink.start()
@@ -181,297 +102,38 @@ def bench_hook(*, rounds: int = 7, steps: int = 2000, warmup: int = 300, breakdo
                 explainer=False,
                 extra_monitor_args=["--metrics-port", "-1"],
             ):
-                _loop(model, gym.make("CartPole-v1"), warmup)
+                env = gym.make("CartPole-v1")
+                _loop(model, env, warmup)
                 for _ in range(rounds):
-                    for name, run in variants.items():
-                        sps[name].append(run())
+                    plain.append(_loop(model, env, steps))
+                    nomon.append(attached(dead_ep, "bench-nomon"))
+                    sunk.append(attached(sink_ep, "bench-sink"))
+                    live.append(attached(live_ep, "bench-live"))
     finally:
         _stop_sink(sink_ep)
         sink.join(timeout=10)
         if sink.is_alive():
             sink.kill()
-    plain = sps["plain"]
-    out: dict[str, Any] = {
+    return {
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "steps_per_round": steps,
         "taps": DEMO_TAPS,
-        "plain_steps_per_s": statistics.median(plain),
-        "plain_us_per_step": 1e6 / statistics.median(plain),
+        "steps_per_s": {
+            "plain": statistics.median(plain),
+            "attached_no_monitor": statistics.median(nomon),
+            "attached_sink": statistics.median(sunk),
+            "attached_monitor": statistics.median(live),
+        },
+        # the same cost in absolute terms: what an agent with a heavier step would pay
+        "overhead_us_per_step": {
+            k: round(1e6 * (1 / statistics.median(v) - 1 / statistics.median(plain)), 1)
+            for k, v in (("attached_no_monitor", nomon), ("attached_sink", sunk), ("attached_monitor", live))
+        },
+        "ratio_no_monitor": _ratios([b / a for a, b in zip(plain, nomon, strict=True)]),
+        "ratio_sink": _ratios([b / a for a, b in zip(plain, sunk, strict=True)]),
+        "ratio_monitor": _ratios([c / a for a, c in zip(plain, live, strict=True)]),
     }
-    for path in PATHS:
-        out[path] = {
-            peer: {
-                "steps_per_s": statistics.median(sps[f"{path}/{peer}"]),
-                # the median over rounds of the per-round difference: what an agent with a heavier step would pay
-                "added_us_per_step": _added_us(plain, sps[f"{path}/{peer}"]),
-                "ratio": _ratios([b / a for a, b in zip(plain, sps[f"{path}/{peer}"], strict=True)]),
-            }
-            for peer in PEERS
-        }
-    if breakdown:
-        out["breakdown"] = _components(sps, send_s)
-    return out
-
-
-def _added_us(base: list[float], other: list[float]) -> dict[str, float]:
-    """µs a step ``other`` adds over ``base``, per round (steps/s, interleaved): median, min, max."""
-    return {k: round(v, 2) for k, v in _ratios([1e6 / b - 1e6 / a for a, b in zip(base, other, strict=True)]).items()}
-
-
-def _components(sps: dict[str, list[float]], send_s: dict[str, list[float]]) -> dict[str, Any]:
-    """Per path, what each part of the attached loop adds a step against a bare sink (µs, median
-    over rounds of per-round figures, each round's variants run back to back):
-
-    - hook dispatch: the taps' mechanism on, its capture returning at once (``paused``), - plain;
-    - capture: the captures without the env wrapper, - hook dispatch, - that round's sending;
-    - wrapper layer: a pass-through gymnasium wrapper on the plain loop, - plain;
-    - metric row: the whole attached loop, - the captures variant, - wrapper layer, - the extra
-      sending (the env wrapper's rows and episode ends);
-    - batching/sending: the time the whole attached loop spent in ``flush()`` (and, on the old
-      path, in sending each episode end on its own).
-    """
-    us = {k: [1e6 / x for x in v] for k, v in sps.items()}
-    sent = {k: [1e6 * x for x in v] for k, v in send_s.items()}
-    layer = [w - p for w, p in zip(us["wrapper_layer"], us["plain"], strict=True)]
-    out: dict[str, Any] = {}
-    for path in PATHS:
-        d, c, full = us[f"{path}/dispatch"], us[f"{path}/capture"], us[f"{path}/sink"]
-        c_sent, full_sent = sent[f"{path}/capture"], sent[f"{path}/sink"]
-        parts = {
-            "hook_dispatch": [a - p for a, p in zip(d, us["plain"], strict=True)],
-            "capture": [a - b - s for a, b, s in zip(c, d, c_sent, strict=True)],
-            "wrapper_layer": layer,
-            "metric_row": [f - a - w - (fs - cs) for f, a, w, fs, cs in zip(full, c, layer, full_sent, c_sent, strict=True)],
-            "batching_sending": full_sent,
-        }
-        out[path] = {k: round(statistics.median(v), 2) for k, v in parts.items()}
-        out[path]["total_us"] = _added_us(sps["plain"], sps[f"{path}/sink"])["median"]
-    return out
-
-
-SAC_TAPS = ["actor.latent_pi.1:out", "actor.latent_pi.3:out"]  # both hidden layers of the 2x256 actor
-GPT2_LAYERS = 12
-
-
-class _Tokenizer:
-    """Token names without a download: what track_tokens() needs of a tokenizer."""
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [f"t{i}" for i in ids]
-
-
-def bench_suite(*, rounds: int = 7, steps: int = 100_000, sac_steps: int = 2000, tokens: int = 64) -> dict[str, Any]:
-    """The realistic suite, each plain vs attached to a live monitor (the path before issue 19 and
-    now), interleaved round by round: an SB3 SAC actor (2x256) on Pendulum with both hidden layers
-    tapped, and a GPT-2-small-shaped model (random weights, from a config) generating ``tokens``
-    tokens, batch 1, with the residual stream tapped after every layer and its tokens named; then
-    the agent's RSS over ``steps`` CartPole steps with a live, a stalled (SIGSTOP) and no monitor,
-    beside the unhooked agent's, each in a process of its own."""
-    from monitor.store.embedded import EmbeddedRedis, free_port
-    from monitor.tools.services import Services
-
-    live_ep = f"tcp://127.0.0.1:{free_port()}"
-    with (
-        tempfile.TemporaryDirectory(prefix="il-bench-") as tmp,
-        EmbeddedRedis(Path(tmp), persist=False, write_url=False) as url,
-        Services(
-            data_dir=Path(tmp),
-            redis_url=url,
-            endpoint=live_ep,
-            log_dir=Path(tmp),
-            explainer=False,
-            extra_monitor_args=["--metrics-port", "-1"],
-        ) as services,
-    ):
-        return {
-            "threads": torch.get_num_threads(),
-            "sac": _suite_sac(live_ep, rounds=rounds, steps=min(sac_steps, steps)),
-            "gpt2": _suite_gpt2(live_ep, rounds=max(3, rounds // 3), tokens=tokens),
-            "memory": _suite_memory(live_ep, services.children["monitor"].pid, steps=steps),
-        }
-
-
-def _side_by_side(plain: list[float], variants: dict[str, list[float]], per: int) -> dict[str, Any]:
-    """Seconds per round of plain and attached variants: ratio of rates and µs added per step."""
-    out: dict[str, Any] = {"plain_s": statistics.median(plain)}
-    for name, ts in variants.items():
-        out[name] = {
-            "ratio": _ratios([p / t for p, t in zip(plain, ts, strict=True)]),
-            "added_us": {
-                k: round(v, 1) for k, v in _ratios([1e6 * (t - p) / per for p, t in zip(plain, ts, strict=True)]).items()
-            },
-        }
-    return out
-
-
-def _suite_sac(endpoint: str, *, rounds: int, steps: int) -> dict[str, Any]:
-    import gymnasium as gym
-    from stable_baselines3 import SAC
-
-    from agent_side.attachment import Attachment
-
-    model = SAC(
-        "MlpPolicy", gym.make("Pendulum-v1"), policy_kwargs={"net_arch": [256, 256]}, buffer_size=1000, seed=0, device="cpu"
-    )
-
-    def timed(env: Any) -> float:
-        return steps / _loop(model, env, steps)
-
-    def attached(path: str) -> float:
-        with Attachment(model.policy, SAC_TAPS, run=f"bench-sac-{path}", endpoint=endpoint, _legacy=path == "before") as tap:
-            if not tap.wait_for_monitor(10):
-                raise RuntimeError(f"the benchmark monitor at {endpoint} did not connect")
-            return timed(tap.wrap(gym.make("Pendulum-v1")))
-
-    timed(gym.make("Pendulum-v1"))  # warm up
-    plain: list[float] = []
-    att: dict[str, list[float]] = {p: [] for p in PATHS}
-    for _ in range(rounds):
-        plain.append(timed(gym.make("Pendulum-v1")))
-        for path in PATHS:
-            att[path].append(attached(path))
-    return {
-        "steps_per_round": steps,
-        "rounds": rounds,
-        "taps": SAC_TAPS,
-        "plain_us_per_step": 1e6 * statistics.median(plain) / steps,
-        **_side_by_side(plain, att, steps),
-    }
-
-
-def _suite_gpt2(endpoint: str, *, rounds: int, tokens: int) -> dict[str, Any]:
-    import transformers
-
-    from agent_side.attachment import Attachment
-
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=GPT2_LAYERS, n_embd=768, n_head=12)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, 16))
-    taps = [f"blocks.{i}.hook_resid_post" for i in range(GPT2_LAYERS)]
-
-    def generate() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        assert out.shape[1] == prompt.shape[1] + tokens
-        return time.perf_counter() - t0
-
-    def attached(path: str) -> float:
-        with Attachment(model, taps, run=f"bench-gpt2-{path}", endpoint=endpoint, _legacy=path == "before") as tap:
-            if not tap.wait_for_monitor(10):
-                raise RuntimeError(f"the benchmark monitor at {endpoint} did not connect")
-            tap.track_tokens(_Tokenizer())
-            return generate()
-
-    generate()  # warm up
-    plain: list[float] = []
-    att: dict[str, list[float]] = {p: [] for p in PATHS}
-    for _ in range(rounds):
-        plain.append(generate())
-        for path in PATHS:
-            att[path].append(attached(path))
-    return {
-        "tokens": tokens,
-        "rounds": rounds,
-        "taps": f"{taps[0]} .. {taps[-1]}",
-        "plain_ms_per_token": 1e3 * statistics.median(plain) / tokens,
-        **_side_by_side(plain, att, tokens),
-    }
-
-
-MEMORY_VARIANTS = ("unhooked", "no_monitor", "monitor", "stalled")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _memory_agent(variant: str, endpoint: str, steps: int, threads: int, ready: Any, go: Any, results: Any) -> None:
-    """One agent process: the CartPole loop for ``steps`` steps, its RSS sampled as it goes."""
-    import gymnasium as gym
-
-    import agent_side
-    from monitor.store.embedded import free_port
-    from monitor.tools.demo import CARTPOLE_OBS, DEMO_TAPS, make_ppo
-
-    torch.set_num_threads(threads)
-    model = make_ppo()
-    tap = None
-    env = gym.make("CartPole-v1")
-    if variant != "unhooked":
-        ep = f"tcp://127.0.0.1:{free_port()}" if variant == "no_monitor" else endpoint  # nobody binds it
-        tap = agent_side.attach(model.policy, DEMO_TAPS, run=f"bench-mem-{variant}", endpoint=ep)
-        if variant != "no_monitor" and not tap.wait_for_monitor(10):
-            raise RuntimeError(f"the benchmark monitor at {endpoint} did not connect")
-        env = tap.wrap(env, obs_names=CARTPOLE_OBS)
-    _loop(model, env, 2000)  # warm: buffers allocated, frames sent
-    start = _rss_mb()
-    ready.set()
-    go.wait(30)
-    peak, obs = start, env.reset(seed=0)[0]
-    for i in range(steps):
-        action, _ = model.predict(obs, deterministic=True)
-        obs, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            obs, _ = env.reset()
-        if i % 1000 == 0:
-            peak = max(peak, _rss_mb())
-    end = _rss_mb()
-    counters = tap.counters() if tap is not None else {}
-    results.put(
-        {
-            "variant": variant,
-            "start_mb": start,
-            "end_mb": end,
-            "peak_mb": max(peak, end),
-            "sent": counters.get("sent", 0),
-            "drops": counters.get("drops", 0),
-        }
-    )
-    if tap is not None:
-        tap.detach(linger_ms=0)
-
-
-def _suite_memory(endpoint: str, monitor_pid: int, *, steps: int) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    out: dict[str, Any] = {"steps": steps, "taps": "the CartPole bench's", "variants": {}}
-    for variant in MEMORY_VARIANTS:
-        ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
-        p = ctx.Process(
-            target=_memory_agent, args=(variant, endpoint, steps, torch.get_num_threads(), ready, go, results), daemon=True
-        )
-        p.start()
-        stopped = False
-        try:
-            if not ready.wait(120):
-                raise RuntimeError(f"the {variant} agent did not start")
-            if variant == "stalled":
-                os.kill(monitor_pid, signal.SIGSTOP)  # the monitor stops reading; the agent goes on sending
-                stopped = True
-            go.set()
-            res = results.get(timeout=max(120.0, steps * 0.01))
-        finally:
-            if stopped:
-                os.kill(monitor_pid, signal.SIGCONT)
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        out["variants"][variant] = res
-    base = out["variants"]["unhooked"]
-    for res in out["variants"].values():
-        res["peak_vs_unhooked_mb"] = round(res["peak_mb"] - base["peak_mb"], 1)
-        res["growth_mb"] = round(res["end_mb"] - res["start_mb"], 1)
-    return out
 
 
 def _frames(n: int) -> list[list[bytes]]:
