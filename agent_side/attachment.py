@@ -52,7 +52,6 @@ from agent_side.taps import (
     sequential_parent,
     wrap_first_input,
     wrap_forward,
-    wrapping_works,
 )
 from agent_side.wire import DEFAULT_ENDPOINT
 
@@ -232,14 +231,11 @@ class Attachment:
         }
         # a replica nn.DataParallel makes shares its module's attributes, so an instance forward
         # would run the original's: hooks only there
-        self._hooks_only = not wrapping_works() or any(
-            isinstance(m, (torch.nn.DataParallel, torch.jit.ScriptModule)) for m in module.modules()
-        )
+        self._hooks_only = any(isinstance(m, (torch.nn.DataParallel, torch.jit.ScriptModule)) for m in module.modules())
         # an :in tap on the first module of an nn.Sequential: its input is the Sequential's
         self._parents = {str(s): sequential_parent(module, s, m) for s, m in self._targets}
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._episodes: list[list[float]] = []
-        self._tokens: list[Callable[[str, int, int, int], list[Any]]] = []  # token frames waiting for the rows
         self._due = math.inf  # when the oldest pending metric row or episode end must go out
         self._handles: list[Any] = []
         self._arm_lock = threading.Lock()
@@ -356,16 +352,8 @@ class Attachment:
 
         return capture
 
-    def _send_tokens(self) -> None:
-        builds, self._tokens = self._tokens, []
-        for build in builds:
-            self._sender.send(build, 1)
-
     def _send_rows(self, name: str, data: np.ndarray, pos: np.ndarray, lead: list[int]) -> None:
-        """Send a tap's rows as frames of about FLUSH_BYTES at most (one huge forward goes in pieces),
-        after the token frames of their steps."""
-        if self._tokens:
-            self._send_tokens()
+        """Send a tap's rows as frames of about FLUSH_BYTES at most (one huge forward goes in pieces)."""
         run = self.run
         step = max(1, FLUSH_BYTES // max(1, data[0].nbytes))
         for i in range(0, len(data), step):
@@ -579,16 +567,12 @@ class Attachment:
         if not self._sender.connected:
             return  # the forward's step is counted unwatched
         run, step = self.run, self.step
-
-        def build(pub: str, seq: int, drops: int, uw: int) -> list[Any]:
-            return wire.encode_tok(run, pub, seq, drops, step, rows, context=n_ctx, start=start, unwatched=uw)
-
-        if self._legacy:
-            self._sender.send(build, 1)
-        else:  # sent with the rows (before any of them), not alone: a lone send costs tens of µs
-            if not self._tokens and self._due == math.inf:
-                self._due = time.monotonic() + self._flush_s
-            self._tokens.append(build)
+        self._sender.send(
+            lambda pub, seq, drops, uw: wire.encode_tok(
+                run, pub, seq, drops, step, rows, context=n_ctx, start=start, unwatched=uw
+            ),
+            1,
+        )
         for i in range(len(rows) * length):
             self.log_row(("token_pos",), [float(start + i % length)], index=i)
 
@@ -676,8 +660,6 @@ class Attachment:
     def flush(self) -> None:
         """Send everything buffered now."""
         self._due = math.inf
-        if self._tokens:
-            self._send_tokens()
         for s in self._taps.values():
             if self._legacy:
                 if s.arrays:

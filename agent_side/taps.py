@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
 import inspect
 import math
-import sys
 import time
 import types
 from collections.abc import Callable
@@ -321,36 +319,13 @@ def _plain_forward(module: torch.nn.Module, prev: Any) -> Any:
     return prev if prev is not None else types.MethodType(type(module).forward, module)
 
 
-def _torch_call_codes() -> frozenset[types.CodeType]:
-    """The code a module's ``__call__`` runs its forward from (``Module._call_impl`` and the
-    closures in it), so a wrapped forward can tell a call of the module from a direct call of
-    ``module.forward(x)``, which runs no hook (and a wrapped forward takes nothing from)."""
-    code = getattr(getattr(torch.nn.Module, "_call_impl", None), "__code__", None)
-    found: set[types.CodeType] = set()
-    stack = [code] if isinstance(code, types.CodeType) else []
-    while stack:
-        c = stack.pop()
-        found.add(c)
-        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return frozenset(found)
-
-
-_CALL_CODES = _torch_call_codes()
-
-
-def _called_by_torch() -> bool:
-    """Whether the wrapped forward calling this was called by its module's ``__call__``."""
-    return sys._getframe(2).f_code in _CALL_CODES
-
-
 class _Forward:
     """A module's forward that hands its output to ``fn``: what an ``:out`` tap puts on a module.
 
     Torch runs a module with any forward hook down its general call path, about a microsecond a
     module more than the hook-free one; an instance ``forward`` keeps the fast path. It runs
     before the module's forward hooks (a steer at ``:out`` edits what it returns after the tap
-    has it), and like them only when the module is called: ``module.forward(x)`` streams nothing.
-    A copy or a pickle of the module gets the plain forward back, never this one.
+    has it). A copy or a pickle of the module gets the plain forward back, never this one.
     """
 
     __slots__ = ("inner", "prev", "fn", "owner")
@@ -364,7 +339,7 @@ class _Forward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
         fn = self.fn
-        if fn is not None and _called_by_torch():
+        if fn is not None:
             fn(out)
         return out
 
@@ -420,7 +395,7 @@ class _ParentInput(_Forward):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fn = self.fn
-        if fn is not None and args and _called_by_torch():
+        if fn is not None and args:
             fn(args[0])
             self.relay.pending = True
         try:
@@ -438,7 +413,7 @@ class _ChildInput(_Forward):
         relay, fn = self.relay, self.fn
         if relay.pending:
             relay.pending = False
-        elif fn is not None and _called_by_torch():
+        elif fn is not None:
             fn(args[0] if args else first_tensor(kwargs))
         return self.inner(*args, **kwargs)
 
@@ -485,34 +460,11 @@ def wrap_first_input(parent: torch.nn.Module, child: torch.nn.Module, fn: Callab
     return _Handles(_ForwardHandle(child, inner), _ForwardHandle(parent, outer))
 
 
-@functools.cache
-def wrapping_works() -> bool:
-    """Whether this torch calls an instance ``forward`` as a wrapped forward expects (checked once
-    on a module of its own); where not, taps fall back to hooks."""
-    seen: list[Any] = []
-    m = torch.nn.Identity()
-    handle = _ForwardHandle(m, _Forward(m, seen.append))
-    m.forward = handle.wrapper  # type: ignore[method-assign]
-    try:
-        x = torch.zeros(1)
-        m(x)
-        m.forward(x)
-        with_hook = m.register_forward_hook(lambda *_: None)  # torch's general call path too
-        m(x)
-        with_hook.remove()
-    except Exception:
-        return False
-    finally:
-        handle.remove()
-    return len(seen) == 2 and "forward" not in vars(m)
-
-
 def wrap_forward(module: torch.nn.Module, fn: Callable[[Any], None]) -> Any:
-    """Call ``fn(output)`` after each call of ``module``; a handle with ``remove()``.
+    """Call ``fn(output)`` after each forward of ``module``; a handle with ``remove()``.
 
-    An instance ``forward`` where the module takes one, else (a scripted module, or a torch whose
-    call path :func:`wrapping_works` does not recognise) a forward hook."""
-    if isinstance(module, torch.jit.ScriptModule) or not wrapping_works():
+    An instance ``forward`` where the module takes one, else (a scripted module) a forward hook."""
+    if isinstance(module, torch.jit.ScriptModule):
         return module.register_forward_hook(lambda _m, _a, out: fn(out))
     wrapper = _Forward(module, fn)
     module.forward = wrapper  # type: ignore[method-assign]

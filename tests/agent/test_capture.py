@@ -152,22 +152,6 @@ def test_the_first_module_of_a_sequential_is_tapped_through_it_and_when_called_a
         other.detach()
 
 
-def test_calling_a_modules_forward_directly_streams_nothing(peer: Peer) -> None:
-    """``module.forward(x)`` runs no hook, and so no tap (the demo rolls out with it to stream
-    nothing); calling the modules streams as before."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
-    x, y = torch.randn(2, 4), torch.randn(1, 4)
-    tap = attached(model, ["0:in", "1:out"], peer)
-    with torch.no_grad():
-        direct = model[1].forward(model[0].forward(x))
-        torch.testing.assert_close(direct, torch.tanh(x @ model[0].weight.T + model[0].bias))
-        called = model(y)
-    frames = received(peer, tap)
-    np.testing.assert_array_equal(rows_of(frames, "0:in")[0], y.numpy())
-    np.testing.assert_allclose(rows_of(frames, "1:out")[0], called.numpy(), rtol=1e-6)
-
-
 def test_a_capture_that_fails_is_counted_and_never_raised(peer: Peer) -> None:
     model = nn.Sequential(nn.Identity())
     good = [torch.full((1, 4), float(i)) for i in range(4)]
@@ -270,35 +254,6 @@ def test_episode_ends_travel_with_the_metric_rows(peer: Peer) -> None:
     assert len(eps) < len(ends)
     met = [f for f in frames if isinstance(f, wire.MetFrame)]
     assert sum(f.rows for f in met) == 300 and rows_of(frames, "0:out")[0].shape == (300, 2)
-
-
-def test_token_frames_go_with_the_rows_and_before_them(peer: Peer) -> None:
-    """A generate() with its tokens named: one token frame per forward, each ahead of the first
-    rows of its step though it now waits to go out with the rows."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=64)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    tap = attached(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], peer, flush_ms=10_000)
-
-    class Names:
-        def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-            return [f"t{i}" for i in ids]
-
-    tap.track_tokens(Names())
-    prompt = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
-        )
-    frames = received(peer, tap)
-    toks = {f.step: k for k, f in enumerate(frames) if isinstance(f, wire.TokFrame)}
-    assert sorted(toks) == list(range(6))  # the prompt pass and five cached steps (the sixth token needs no forward)
-    for k, f in enumerate(frames):
-        if isinstance(f, wire.ActFrame):
-            assert all(toks[s] < k for s in set(f.pos[:, 0].tolist()))
-    rows, pos = rows_of(frames, "blocks.1.hook_resid_post")
-    assert rows.shape == (4 + 5, 16) and pos[:, 0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5]
 
 
 def _cartpole_frames(legacy: bool) -> list[wire.Frame]:
